@@ -1,0 +1,167 @@
+"""Datasets, the synthetic shapes world, and prompt templates.
+
+Every dataset here yields rows in VLM-R1's REC schema, so the synthetic world exercises the same
+loading path as RefCOCO:
+
+    {"image": "train/000001.png", "problem": "...", "solution": [x1, y1, x2, y2],
+     "normalized_solution": [...0-1000...], "width": W, "height": H}
+
+`image` is relative to an image root; `solution` is in original-image pixels.
+"""
+
+import json
+import os
+import random
+
+from PIL import Image, ImageDraw
+
+# ---------------------------------------------------------------------------------------------
+# Prompt templates (VLM-R1's REC question and its think/answer suffix)
+# ---------------------------------------------------------------------------------------------
+REC_QUESTION = "Please provide the bounding box coordinate of the region this sentence describes: {caption}."
+THINK_SUFFIX = (
+    " First output the thinking process in <think> </think> tags and then output the final answer"
+    " in <answer> </answer> tags. Output the final answer in JSON format."
+)
+
+
+def build_messages(problem):
+    """One user turn holding the image and the problem text plus the think/answer instruction."""
+    return [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": problem + THINK_SUFFIX}]}]
+
+
+# ---------------------------------------------------------------------------------------------
+# Real-format reader: VLM-R1 REC JSONL rows with an image root
+# ---------------------------------------------------------------------------------------------
+def load_jsonl(path, image_root):
+    """Read VLM-R1-style JSONL rows; resolve `image` against `image_root`. Errors name file and line."""
+    rows = []
+    with open(path) as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
+            for key in ("image", "problem", "solution"):
+                if key not in row:
+                    raise ValueError(f"{path}:{lineno}: missing key '{key}'")
+            image = row["image"][0] if isinstance(row["image"], list) else row["image"]
+            row["image_path"] = image if os.path.isabs(image) else os.path.join(image_root or "", image)
+            rows.append(row)
+    if not rows:
+        raise ValueError(f"{path}: no rows")
+    return rows
+
+
+def load_image(path):
+    """Open an image as RGB (grayscale, palette, RGBA and CMYK all converted)."""
+    with Image.open(path) as im:
+        return im.convert("RGB")
+
+
+# ---------------------------------------------------------------------------------------------
+# The synthetic shapes world
+# ---------------------------------------------------------------------------------------------
+# Each image holds 2-3 objects with distinct (colour, shape) pairs on a background whose colour
+# encodes position (red grows left to right, blue top to bottom). The gradient matters: a tiny
+# vision tower learns where a patch is from its colour far faster than from positional encodings.
+# Distractors often share the target's colour or its shape, so the phrase decides the answer.
+COLORS = {"red": (220, 40, 40), "green": (40, 190, 60), "blue": (40, 80, 230), "yellow": (235, 215, 40),
+          "purple": (150, 60, 200), "white": (250, 250, 250)}
+SHAPES = ("circle", "square", "triangle")
+# Colour-shape pairs that never appear in the train/test splits; the "ood" split asks only for these.
+OOD_PAIRS = {("red", "triangle"), ("green", "circle"), ("blue", "square"), ("yellow", "triangle"),
+             ("purple", "square"), ("white", "circle")}
+IMAGE_SIZE = 128
+SPLIT_SEEDS = {"train": 0, "test": 1_000_003, "ood": 2_000_003}
+
+
+def _background(size):
+    im = Image.new("RGB", (size, size))
+    px = im.load()
+    for y in range(size):
+        for x in range(size):
+            px[x, y] = (40 + 120 * x // size, 90, 40 + 120 * y // size)
+    return im
+
+
+def _draw(draw, shape, box, color):
+    x1, y1, x2, y2 = box
+    if shape == "circle":
+        draw.ellipse(box, fill=color)
+    elif shape == "square":
+        draw.rectangle(box, fill=color)
+    else:
+        draw.polygon([((x1 + x2) / 2, y1), (x2, y2), (x1, y2)], fill=color)
+
+
+def synthetic_rows(split, n, seed=0, size=IMAGE_SIZE):
+    """Yield (PIL image, row) pairs of the synthetic REC world; deterministic in (split, n, seed)."""
+    rng = random.Random(SPLIT_SEEDS[split] + seed)
+    all_pairs = [(c, s) for c in COLORS for s in SHAPES]
+    in_dist = [p for p in all_pairs if p not in OOD_PAIRS]
+    bg = _background(size)
+    for i in range(n):
+        target = rng.choice(sorted(OOD_PAIRS) if split == "ood" else in_dist)
+        # distractors: one sharing the colour or the shape when possible, then any other pair
+        similar = [p for p in in_dist if p != target and (p[0] == target[0] or p[1] == target[1])]
+        others = [rng.choice(similar)]
+        if rng.random() < 0.5:
+            others.append(rng.choice([p for p in in_dist if p not in (target, others[0])]))
+        objects, boxes = [target] + others, []
+        for _ in objects:
+            for _try in range(50):  # rejection-sample a box that does not overlap the others
+                w = rng.randint(size // 6, size // 3)
+                x1, y1 = rng.randint(0, size - w - 1), rng.randint(0, size - w - 1)
+                box = [x1, y1, x1 + w, y1 + w]
+                if all(box[2] < b[0] or b[2] < box[0] or box[3] < b[1] or b[3] < box[1] for b in boxes):
+                    break
+            boxes.append(box)
+        im = bg.copy()
+        draw = ImageDraw.Draw(im)
+        for (color, shape), box in zip(objects, boxes):
+            _draw(draw, shape, box, COLORS[color])
+        caption = f"the {target[0]} {target[1]}"
+        box = boxes[0]
+        yield im, {
+            "image": f"{split}/{i:06d}.png",
+            "problem": REC_QUESTION.format(caption=caption),
+            "solution": box,
+            "normalized_solution": [round(v * 1000 / size) for v in box],
+            "width": size,
+            "height": size,
+            "caption": caption,
+        }
+
+
+def make_synthetic(root, split, n, seed=0):
+    """Write `n` synthetic images under `root/split/` and `root/split.jsonl`; reuse them if present."""
+    path = os.path.join(root, f"{split}-{n}-{seed}.jsonl")
+    if os.path.exists(path):
+        return path
+    os.makedirs(os.path.join(root, split), exist_ok=True)
+    tmp = path + f".tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        for im, row in synthetic_rows(split, n, seed):
+            row["image"] = f"{split}/{seed}-{row['image'].split('/')[1]}"
+            im.save(os.path.join(root, row["image"]))
+            f.write(json.dumps(row) + "\n")
+    os.replace(tmp, path)
+    return path
+
+
+def synthetic_vocab():
+    """Every word the synthetic world and the templates can produce (for the tiny tokenizer)."""
+    words = set((REC_QUESTION + THINK_SUFFIX).replace(".", " ").replace(":", " ").split())
+    words |= set(COLORS) | set(SHAPES) | {"the", "is", "at", "left", "right", "top", "bottom", "center"}
+    return sorted(words)
+
+
+def box_words(box, width, height):
+    """A short description of where a box is ("top left"), used in the tiny model's think text."""
+    cx, cy = (box[0] + box[2]) / 2 / width, (box[1] + box[3]) / 2 / height
+    horiz = "left" if cx < 1 / 3 else "right" if cx > 2 / 3 else "center"
+    vert = "top" if cy < 1 / 3 else "bottom" if cy > 2 / 3 else "center"
+    return f"{vert} {horiz}"

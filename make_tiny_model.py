@@ -1,0 +1,118 @@
+"""Build the offline default model: a tiny Qwen2.5-VL (the real HF architecture, ~2M parameters)
+with a word-level tokenizer, Qwen's special tokens and chat template, and an image-only processor;
+then warm-start it with a short supervised run on the synthetic REC world (sft.py).
+
+    python make_tiny_model.py --out checkpoints/tiny-qwen2.5-vl-rec --sft-steps 3000 --seed 0
+
+The committed checkpoint was made by exactly this command (see README). `--arch qwen2_vl` builds the
+same thing as a Qwen2-VL (used by the tests, random weights, 0-1000 coordinates).
+"""
+
+import argparse
+import json
+import os
+
+import torch
+from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers
+from transformers import (
+    PreTrainedTokenizerFast,
+    Qwen2_5_VLConfig,
+    Qwen2_5_VLForConditionalGeneration,
+    Qwen2VLConfig,
+    Qwen2VLForConditionalGeneration,
+    Qwen2VLImageProcessorPil,
+)
+
+import data
+
+SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
+           "<|image_pad|>", "<|video_pad|>", "<unk>"]
+TAGS = ["<think>", "</think>", "<answer>", "</answer>"]
+# Qwen2-VL's chat template, reduced to what a single image + text turn needs.
+CHAT_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
+    "{% if message['content'] is string %}{{ message['content'] }}{% else %}"
+    "{% for c in message['content'] %}{% if c['type'] == 'image' %}<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif c['type'] == 'text' %}{{ c['text'] }}{% endif %}{% endfor %}{% endif %}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+INPUT_PIXELS = 112 * 112  # the processor resizes the 128x128 synthetic images to 112x112 (4x4 merged tokens)
+
+
+def build_tokenizer():
+    """Word-level tokenizer: words, integers 0..1000 and punctuation are one token each."""
+    words = data.synthetic_vocab() + ["user", "assistant", "system", "I", "a", "an"]
+    punct = list("[]{}(),.:;\"'-+_/")
+    vocab = {t: i for i, t in enumerate(SPECIAL + TAGS + [str(n) for n in range(1001)] + punct + words)}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.WhitespaceSplit(),
+        pre_tokenizers.Split(Regex(r"\d+|[A-Za-z]+|[^\sA-Za-z\d]"), behavior="isolated"),
+    ])
+    tok.decoder = decoders.WordPiece(prefix="##", cleanup=False)  # joins tokens with single spaces
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in SPECIAL])
+    tok.add_tokens([AddedToken(t, special=False, normalized=False) for t in TAGS])
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>", unk_token="<unk>",
+        chat_template=CHAT_TEMPLATE, padding_side="left",
+    )
+
+
+def build_model(tokenizer, arch="qwen2_5_vl", seed=0):
+    torch.manual_seed(seed)
+    ids = {k: tokenizer.convert_tokens_to_ids(t) for k, t in [
+        ("image_token_id", "<|image_pad|>"), ("video_token_id", "<|video_pad|>"),
+        ("vision_start_token_id", "<|vision_start|>"), ("vision_end_token_id", "<|vision_end|>")]}
+    text = dict(vocab_size=len(tokenizer), hidden_size=128, intermediate_size=384, num_hidden_layers=3,
+                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
+                rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [4, 6, 6]},
+                bos_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+                pad_token_id=tokenizer.pad_token_id)
+    if arch == "qwen2_5_vl":
+        vision = dict(depth=2, hidden_size=64, intermediate_size=128, num_heads=2, out_hidden_size=128,
+                      fullatt_block_indexes=[1], window_size=112, patch_size=14, spatial_merge_size=2,
+                      temporal_patch_size=2)
+        config = Qwen2_5_VLConfig(text_config=text, vision_config=vision, **ids)
+        model = Qwen2_5_VLForConditionalGeneration(config)
+    else:
+        vision = dict(depth=2, embed_dim=64, hidden_size=128, mlp_ratio=2, num_heads=2, patch_size=14,
+                      spatial_merge_size=2, temporal_patch_size=2)
+        config = Qwen2VLConfig(text_config=text, vision_config=vision, **ids)
+        model = Qwen2VLForConditionalGeneration(config)
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    return model
+
+
+def build_image_processor():
+    return Qwen2VLImageProcessorPil(min_pixels=56 * 56, max_pixels=INPUT_PIXELS)
+
+
+def save(model, tokenizer, image_processor, out):
+    os.makedirs(out, exist_ok=True)
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    image_processor.save_pretrained(out)
+    with open(os.path.join(out, "chat_template.json"), "w") as f:
+        json.dump({"chat_template": CHAT_TEMPLATE}, f)
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", default="checkpoints/tiny-qwen2.5-vl-rec", help="where to write the checkpoint")
+    p.add_argument("--arch", default="qwen2_5_vl", choices=["qwen2_5_vl", "qwen2_vl"], help="HF architecture")
+    p.add_argument("--sft-steps", type=int, default=3000, help="supervised warm-start steps (0: random weights)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the weights and the SFT data order")
+    a = p.parse_args()
+    tokenizer, image_processor = build_tokenizer(), build_image_processor()
+    model = build_model(tokenizer, a.arch, a.seed)
+    save(model, tokenizer, image_processor, a.out)
+    print(f"built {a.arch} with {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters -> {a.out}")
+    if a.sft_steps > 0:
+        import sft
+
+        sft.main(["--model", a.out, "--output-dir", a.out, "--steps", str(a.sft_steps), "--seed", str(a.seed)])
+
+
+if __name__ == "__main__":
+    main()
