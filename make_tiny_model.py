@@ -111,7 +111,8 @@ def main():
     if a.sft_steps > 0:
         import sft
 
-        sft.main(["--model", a.out, "--output-dir", a.out, "--steps", str(a.sft_steps), "--seed", str(a.seed)])
+        sft.main(["--model", a.out, "--output-dir", a.out, "--steps", str(a.sft_steps), "--seed", str(a.seed),
+                  "--lr", "1e-3", "--gradient-checkpointing", "false"])
 
 
 if __name__ == "__main__":

@@ -1,0 +1,399 @@
+"""GRPO for vision-language models, in one file, in the order the algorithm runs.
+
+    python grpo_vlm.py --task rec                      # tiny offline model + synthetic world
+    python grpo_vlm.py --task rec --model PATH --train-data rows.jsonl --image-root DIR
+
+Equations (../shared/REFERENCE.md):
+  (1) r_i = sum_k w_k R_k(o_i, gt)                              -> compute_rewards
+  (2) A_i = (r_i - mean(r_group)) / (std(r_group) + eps)        -> group_advantages
+  (3) rho_t = exp(logp_theta - logp_old)                        -> grpo_loss
+  (4) L_t = -min(rho_t A, clip(rho_t, 1-eps_low, 1+eps_high) A) -> grpo_loss
+  (5) KL_t = exp(ref - logp) - (ref - logp) - 1  (k3)           -> grpo_loss
+  (6) aggregation: per-sequence / token-mean / Dr. GRPO         -> token_weights
+"""
+
+import copy
+import json
+import math
+import os
+import random
+import sys
+import time
+from dataclasses import dataclass, fields
+
+import torch
+from torch.utils.checkpoint import checkpoint
+
+import data
+import rewards
+
+TINY_MODEL = os.path.join(os.path.dirname(os.path.abspath(__file__)), "checkpoints", "tiny-qwen2.5-vl-rec")
+
+
+@dataclass
+class Args:
+    task: str = "rec"
+    """task: rec (referring expression comprehension)"""
+    model: str = ""
+    """HF hub id or local path of a Qwen2-VL / Qwen2.5-VL model; empty: the shipped tiny model"""
+    train_data: str = ""
+    """VLM-R1 JSONL rows; empty: the synthetic shapes world"""
+    image_root: str = ""
+    """folder that the `image` paths of --train-data are relative to"""
+    output_dir: str = "runs/rec"
+    """where metrics.jsonl and the final checkpoint go"""
+    steps: int = 100
+    """optimizer steps (each on one rollout batch when mu=1)"""
+    seed: int = 0
+    """seed of prompt order, sampling and init"""
+    prompts_per_step: int = 4
+    """B: prompts per step; a step samples B * G completions"""
+    num_generations: int = 8
+    """G: completions sampled per prompt"""
+    max_completion_length: int = 32
+    """maximum new tokens per completion"""
+    temperature: float = 1.0
+    """T: sampling temperature, also applied to every log-prob"""
+    beta: float = 0.04
+    """weight of the k3 KL to the frozen reference model (0: no reference model is loaded)"""
+    eps_low: float = 0.2
+    """lower clip range of the ratio"""
+    eps_high: float = 0.2
+    """upper clip range of the ratio (0.28 is DAPO's clip-higher)"""
+    mu: int = 1
+    """optimisation passes per rollout batch"""
+    loss_agg: str = "grpo"
+    """token aggregation: grpo (per-sequence mean), token (token mean), drgrpo (sum / (N * max_len))"""
+    scale_rewards: str = "group"
+    """advantage std scaling: group, batch or none (Dr. GRPO)"""
+    lr: float = 1e-4
+    """AdamW learning rate"""
+    max_grad_norm: float = 1.0
+    """gradient clipping norm"""
+    micro_batch_size: int = 16
+    """completions per forward/backward; gradients accumulate to the full B * G batch"""
+    gradient_checkpointing: bool = True
+    """recompute activations in backward to save memory"""
+    reward_weights: str = ""
+    """comma list name=w overriding the task's reward weights, e.g. iou=1,format=0.5"""
+    coord_space: str = "auto"
+    """box coordinates the model emits: auto, abs_resized (Qwen2.5-VL), norm1000 (Qwen2-VL), abs_original"""
+    logp_chunk: int = 1024
+    """tokens per chunk when computing log-probs (the [tokens, vocab] logits never exist at once)"""
+    sample_every: int = 20
+    """print a few sample completions every N steps"""
+    train_size: int = 2000
+    """number of synthetic training images"""
+
+
+def parse_args(argv=None):
+    args, argv = Args(), list(sys.argv[1:] if argv is None else argv)
+    types = {f.name: f.type for f in fields(Args)}
+    if "-h" in argv or "--help" in argv:
+        for f in fields(Args):
+            print(f"  --{f.name.replace('_', '-'):24s} {f.type.__name__:6s} default={getattr(args, f.name)!r}")
+        sys.exit(0)
+    while argv:
+        key = argv.pop(0)
+        name = key.lstrip("-").replace("-", "_")
+        if not key.startswith("--") or name not in types:
+            sys.exit(f"error: unknown argument {key} (see --help)")
+        value = argv.pop(0) if argv else sys.exit(f"error: {key} needs a value")
+        cast = (lambda v: v.lower() in ("1", "true", "yes")) if types[name] is bool else types[name]
+        setattr(args, name, cast(value))
+    return args
+
+
+# ---------------------------------------------------------------------------------------------
+# Model and processor. We never use AutoProcessor: it can silently return only the tokenizer, and
+# Qwen2.5-VL's processor needs torchvision for videos. Tokenizer + image-only processor suffice.
+# ---------------------------------------------------------------------------------------------
+def load_policy(path, device="cpu"):
+    from transformers import AutoConfig, AutoModelForImageTextToText, AutoTokenizer, Qwen2VLImageProcessorPil
+    from transformers.utils import cached_file
+
+    dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
+    try:
+        import flash_attn  # noqa: F401
+
+        attn = "flash_attention_2" if device.startswith("cuda") else "sdpa"
+    except ImportError:
+        attn = "sdpa"
+    config = AutoConfig.from_pretrained(path)
+    model = AutoModelForImageTextToText.from_pretrained(path, dtype=dtype, attn_implementation=attn).to(device)
+    tokenizer = AutoTokenizer.from_pretrained(path, padding_side="left")
+    if tokenizer.chat_template is None:  # real Qwen checkpoints keep it beside the processor
+        with open(cached_file(path, "chat_template.json")) as f:
+            tokenizer.chat_template = json.load(f)["chat_template"]
+    image_processor = Qwen2VLImageProcessorPil.from_pretrained(path)
+    return model, tokenizer, image_processor, config
+
+
+def default_coord_space(config):
+    return {"qwen2_vl": "norm1000", "qwen2_5_vl": "abs_resized"}.get(config.model_type, "abs_original")
+
+
+def vision_token_ids(tokenizer):
+    names = ["<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "<|vision_end|>"]
+    return [i for i in tokenizer.convert_tokens_to_ids(names) if i is not None and i != tokenizer.unk_token_id]
+
+
+def encode_prompts(rows, tokenizer, image_processor, device="cpu"):
+    """Chat template + image -> left-padded prompt ids with <|image_pad|> expanded to the image's tokens."""
+    images = [data.load_image(r["image_path"]) for r in rows]
+    vis = image_processor(images=images, return_tensors="pt")
+    grid = vis["image_grid_thw"]
+    merge = image_processor.merge_size
+    texts = []
+    for r, g in zip(rows, grid):
+        text = tokenizer.apply_chat_template(data.build_messages(r["problem"]), tokenize=False,
+                                             add_generation_prompt=True)
+        texts.append(text.replace("<|image_pad|>", "<|image_pad|>" * int(g.prod() // merge**2), 1))
+    enc = tokenizer(texts, return_tensors="pt", padding=True, padding_side="left", add_special_tokens=False)
+    # input size the processor resized each image to (the coordinate space of Qwen2.5-VL answers)
+    patch = image_processor.patch_size
+    sizes = [(int(g[2]) * patch, int(g[1]) * patch) for g in grid]
+    return {"input_ids": enc["input_ids"].to(device), "attention_mask": enc["attention_mask"].to(device),
+            "pixel_values": vis["pixel_values"].to(device), "image_grid_thw": grid.to(device)}, sizes
+
+
+def repeat_images(pixel_values, image_grid_thw, G):
+    """Repeat each image's patch rows G times, in the order of input_ids.repeat_interleave(G)."""
+    per_image = pixel_values.split(image_grid_thw.prod(-1).tolist())
+    return torch.cat([p for p in per_image for _ in range(G)]), image_grid_thw.repeat_interleave(G, 0)
+
+
+# ---------------------------------------------------------------------------------------------
+# Group sampling: G completions per prompt, batched, with the KV cache of HF generate.
+# ---------------------------------------------------------------------------------------------
+@torch.no_grad()
+def sample_group(model, prompt, G, max_new_tokens, temperature, eos_id, pad_id, suppress, greedy=False):
+    ids = prompt["input_ids"].repeat_interleave(G, 0)
+    mask = prompt["attention_mask"].repeat_interleave(G, 0)
+    pixel_values, grid = repeat_images(prompt["pixel_values"], prompt["image_grid_thw"], G)
+    was_training = model.training
+    model.eval()
+    out = model.generate(
+        input_ids=ids, attention_mask=mask, pixel_values=pixel_values, image_grid_thw=grid,
+        mm_token_type_ids=mm_types(ids, model.config.image_token_id), max_new_tokens=max_new_tokens,
+        do_sample=not greedy, temperature=temperature if not greedy else None, top_p=1.0, top_k=0,
+        eos_token_id=eos_id, pad_token_id=pad_id, suppress_tokens=suppress,
+    )
+    model.train(was_training)
+    completion = out[:, ids.shape[1]:]
+    if completion.shape[1] < max_new_tokens:  # generation stopped early: pad to a fixed width
+        completion = torch.nn.functional.pad(completion, (0, max_new_tokens - completion.shape[1]), value=pad_id)
+    return completion
+
+
+def mm_types(input_ids, image_token_id):
+    """Modality of each token (0 text, 1 image). Without it MRoPE silently falls back to 1-D positions."""
+    return (input_ids == image_token_id).int()
+
+
+def completion_mask(completion_ids, eos_id):
+    """Mask from lengths: tokens up to and including the first EOS (pad may equal EOS)."""
+    is_eos = completion_ids == eos_id
+    L = completion_ids.shape[1]
+    first_eos = torch.where(is_eos.any(1), is_eos.int().argmax(1), torch.full_like(is_eos[:, 0], L, dtype=torch.long))
+    lengths = (first_eos + 1).clamp(max=L)
+    return (torch.arange(L, device=completion_ids.device)[None] < lengths[:, None]).float()
+
+
+# ---------------------------------------------------------------------------------------------
+# (1) Rewards: r_i = sum_k w_k R_k(o_i, gt); each component is also returned for logging.
+# ---------------------------------------------------------------------------------------------
+def compute_rewards(texts, gts, weights):
+    components = {k: torch.tensor([rewards.REWARDS[k](t, gt) for t, gt in zip(texts, gts)]) for k in weights}
+    total = sum(w * components[k] for k, w in weights.items())
+    return total, components
+
+
+# ---------------------------------------------------------------------------------------------
+# (2) Group-normalized advantages. ddof=1 (unbiased std) and eps=1e-4, as TRL.
+# ---------------------------------------------------------------------------------------------
+def group_advantages(r, G, scale="group", eps=1e-4):
+    rg = r.view(-1, G)
+    centered = rg - rg.mean(1, keepdim=True)
+    if scale == "group":
+        centered = centered / (rg.std(1, keepdim=True, unbiased=True) + eps)
+    elif scale == "batch":
+        centered = centered / (r.std(unbiased=True) + eps)
+    elif scale != "none":
+        raise ValueError(f"scale_rewards must be group, batch or none, not {scale!r}")
+    # a group whose rewards are all equal carries no signal: exactly 0, never NaN or rounding noise
+    centered = centered * (rg.amax(1, keepdim=True) > rg.amin(1, keepdim=True))
+    return centered.reshape(-1)
+
+
+# ---------------------------------------------------------------------------------------------
+# Log-probs of completion tokens only, at temperature T, in chunks of tokens. Each chunk's
+# [chunk, vocab] logits are recomputed in backward (checkpoint), so only log-probs are kept.
+# ---------------------------------------------------------------------------------------------
+def _chunk_logps(h, y, lm_head, T):
+    logits = lm_head(h).float() / T
+    return logits.log_softmax(-1).gather(-1, y[:, None]).squeeze(-1)
+
+
+def chunked_logps(hidden, lm_head, targets, T, chunk):
+    h, y = hidden.reshape(-1, hidden.shape[-1]), targets.reshape(-1)
+    out = [checkpoint(_chunk_logps, hc, yc, lm_head, T, use_reentrant=False) if torch.is_grad_enabled()
+           else _chunk_logps(hc, yc, lm_head, T) for hc, yc in zip(h.split(chunk), y.split(chunk))]
+    return torch.cat(out).view_as(targets)
+
+
+def completion_logps(model, prompt_ids, prompt_mask, pixel_values, grid, completion_ids, comp_mask, T, chunk):
+    """log pi(o_t | q, o_<t) / T for every completion token; the forward sees the images."""
+    input_ids = torch.cat([prompt_ids, completion_ids], 1)
+    attention_mask = torch.cat([prompt_mask, comp_mask.to(prompt_mask.dtype)], 1)
+    types = mm_types(input_ids, model.config.image_token_id)
+    types[:, prompt_ids.shape[1]:] = 0  # zeros over the completion
+    hidden = model.model(input_ids=input_ids, attention_mask=attention_mask, pixel_values=pixel_values,
+                         image_grid_thw=grid, mm_token_type_ids=types).last_hidden_state
+    L = completion_ids.shape[1]
+    hidden = hidden[:, -L - 1:-1]  # position t predicts token t+1: keep only completion positions
+    return chunked_logps(hidden, model.lm_head, completion_ids, T, chunk)
+
+
+# ---------------------------------------------------------------------------------------------
+# (6) Aggregation as per-token weights over the *full* batch, so that k micro-batches of
+# sum(loss_t * w_t) add up to exactly the full-batch loss (gradient accumulation is exact).
+# ---------------------------------------------------------------------------------------------
+def token_weights(mask, mode):
+    N, L = mask.shape
+    if mode == "grpo":  # mean over each completion's tokens, then mean over completions
+        return mask / mask.sum(1, keepdim=True).clamp(min=1) / N
+    if mode == "token":  # sum over all tokens / tokens in the batch
+        return mask / mask.sum().clamp(min=1)
+    if mode == "drgrpo":  # sum over all tokens / (num completions * max_completion_length)
+        return mask / (N * L)
+    raise ValueError(f"loss_agg must be grpo, token or drgrpo, not {mode!r}")
+
+
+# ---------------------------------------------------------------------------------------------
+# (3)-(5) Clipped surrogate with k3 KL, per token.
+# ---------------------------------------------------------------------------------------------
+def grpo_loss(logps, old_logps, ref_logps, advantages, weights, eps_low, eps_high, beta):
+    ratio = torch.exp(logps - old_logps)  # (3); exactly 1 when old_logps = logps.detach()
+    A = advantages[:, None]
+    clipped = torch.clamp(ratio, 1 - eps_low, 1 + eps_high)
+    per_token = -torch.min(ratio * A, clipped * A)  # (4)
+    kl = torch.zeros_like(logps)
+    if beta > 0:
+        delta = ref_logps - logps
+        kl = torch.exp(delta) - delta - 1  # (5) k3 estimator, >= 0
+        per_token = per_token + beta * kl
+    loss = (per_token * weights).sum()
+    mask = (weights > 0).float()
+    clip_frac = ((((ratio < 1 - eps_low) & (A < 0)) | ((ratio > 1 + eps_high) & (A > 0))).float() * mask).sum()
+    return loss, {"kl_sum": (kl.detach() * mask).sum().item(), "clip_sum": clip_frac.item()}
+
+
+# ---------------------------------------------------------------------------------------------
+# The training loop
+# ---------------------------------------------------------------------------------------------
+def load_rows(args):
+    if args.train_data:
+        return data.load_jsonl(args.train_data, args.image_root)
+    root = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "synthetic")
+    return data.load_jsonl(data.make_synthetic(root, "train", args.train_size, args.seed), root)
+
+
+def ground_truths(rows, sizes, coord_space):
+    return [{"solution": r["solution"], "width": r.get("width") or data.load_image(r["image_path"]).width,
+             "height": r.get("height") or data.load_image(r["image_path"]).height,
+             "input_width": w, "input_height": h, "coord_space": coord_space} for r, (w, h) in zip(rows, sizes)]
+
+
+def train(args):
+    torch.manual_seed(args.seed)
+    rng = random.Random(args.seed)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model, tokenizer, image_processor, config = load_policy(args.model or TINY_MODEL, device)
+    coord_space = default_coord_space(config) if args.coord_space == "auto" else args.coord_space
+    weights = dict(rewards.TASK_REWARDS[args.task])
+    for item in filter(None, args.reward_weights.split(",")):
+        k, w = item.split("=")
+        if k not in rewards.REWARDS:
+            sys.exit(f"error: unknown reward {k!r}; known: {sorted(rewards.REWARDS)}")
+        weights[k] = float(w)
+    ref_model = None
+    if args.beta > 0:  # frozen copy of the policy, same class, no grads
+        ref_model = copy.deepcopy(model).eval().requires_grad_(False)
+    if args.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr, weight_decay=0.0)
+    rows = load_rows(args)
+    eos_id, pad_id = tokenizer.eos_token_id, tokenizer.pad_token_id
+    suppress = vision_token_ids(tokenizer)
+    G, T = args.num_generations, args.temperature
+    os.makedirs(args.output_dir, exist_ok=True)
+    log = open(os.path.join(args.output_dir, "metrics.jsonl"), "w")
+    print(f"GRPO {args.task}: {len(rows)} prompts, B={args.prompts_per_step} G={G} T={T} beta={args.beta} "
+          f"coords={coord_space} weights={weights} device={device}", flush=True)
+    for step in range(1, args.steps + 1):
+        t0 = time.time()
+        batch = rng.sample(rows, args.prompts_per_step)
+        prompt, sizes = encode_prompts(batch, tokenizer, image_processor, device)
+        completion_ids = sample_group(model, prompt, G, args.max_completion_length, T, eos_id, pad_id, suppress)
+        mask = completion_mask(completion_ids, eos_id)
+        texts = [tokenizer.decode(c[: int(m.sum())], skip_special_tokens=True) for c, m in zip(completion_ids, mask)]
+        gts = [gt for gt in ground_truths(batch, sizes, coord_space) for _ in range(G)]
+        r, components = compute_rewards(texts, gts, weights)
+        advantages = group_advantages(r, G, args.scale_rewards).to(device)
+        prompt_ids = prompt["input_ids"].repeat_interleave(G, 0)
+        prompt_mask = prompt["attention_mask"].repeat_interleave(G, 0)
+        pixel_values, grid = repeat_images(prompt["pixel_values"], prompt["image_grid_thw"], G)
+        w = token_weights(mask, args.loss_agg)
+        mbs = [slice(i, i + args.micro_batch_size) for i in range(0, len(completion_ids), args.micro_batch_size)]
+        patches = grid.prod(-1)
+
+        def inputs(s):
+            start = int(patches[: s.start].sum())
+            stop = int(patches[: s.stop].sum())
+            return prompt_ids[s], prompt_mask[s], pixel_values[start:stop], grid[s], completion_ids[s], mask[s]
+
+        with torch.no_grad():  # old and reference log-probs, stored at rollout time
+            old = [completion_logps(model, *inputs(s), T, args.logp_chunk) for s in mbs] if args.mu > 1 else None
+            ref = [completion_logps(ref_model, *inputs(s), T, args.logp_chunk) for s in mbs] if ref_model else None
+        stats = {"kl_sum": 0.0, "clip_sum": 0.0}
+        for _ in range(args.mu):
+            for j, s in enumerate(mbs):
+                logps = completion_logps(model, *inputs(s), T, args.logp_chunk)
+                old_logps = old[j] if old is not None else logps.detach()
+                ref_logps = ref[j] if ref is not None else None
+                loss, st = grpo_loss(logps, old_logps, ref_logps, advantages[s], w[s], args.eps_low,
+                                     args.eps_high, args.beta)
+                loss.backward()
+                for k in stats:
+                    stats[k] += st[k] / args.mu
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        n_tok = mask.sum().item()
+        m = {"step": step, "reward": r.mean().item(), **{f"reward_{k}": v.mean().item() for k, v in components.items()},
+             "reward_std": r.std().item(), "kl": stats["kl_sum"] / n_tok, "clip_frac": stats["clip_sum"] / n_tok,
+             "completion_len": mask.sum(1).mean().item(), "grad_norm": float(grad_norm), "seconds": time.time() - t0}
+        log.write(json.dumps(m) + "\n")
+        log.flush()
+        comp = " ".join(f"{k}={components[k].mean():.3f}" for k in components)
+        print(f"step {step}/{args.steps} reward={m['reward']:.3f} {comp} kl={m['kl']:.4f} "
+              f"clip={m['clip_frac']:.3f} len={m['completion_len']:.1f} {m['seconds']:.2f}s", flush=True)
+        if args.sample_every and (step % args.sample_every == 0 or step == 1):
+            for i in range(0, min(2 * G, len(texts)), G):
+                print(f"  [{batch[i // G]['problem'][-40:]}] gt={batch[i // G]['solution']} -> {texts[i]!r} "
+                      f"r={r[i]:.2f}", flush=True)
+    log.close()
+    final = os.path.join(args.output_dir, "final")
+    model.save_pretrained(final)
+    tokenizer.save_pretrained(final)
+    image_processor.save_pretrained(final)
+    with open(os.path.join(final, "chat_template.json"), "w") as f:
+        json.dump({"chat_template": tokenizer.chat_template}, f)
+    print(f"saved {final}", flush=True)
+    return final
+
+
+if __name__ == "__main__":
+    train(parse_args())

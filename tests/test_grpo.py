@@ -1,0 +1,171 @@
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+import grpo_vlm as g  # noqa: E402
+import make_tiny_model as mtm  # noqa: E402
+import rewards  # noqa: E402
+
+
+def test_advantages_zero_mean_and_equal_rewards_zero():
+    r = torch.tensor([1.0, 0.0, 0.5, 0.2, 0.3, 0.3, 0.3, 0.3])
+    A = g.group_advantages(r, 4)
+    assert torch.allclose(A.view(2, 4)[0].mean(), torch.tensor(0.0), atol=1e-6)
+    assert torch.equal(A.view(2, 4)[1], torch.zeros(4))
+    assert not torch.isnan(A).any()
+    for scale in ("batch", "none"):
+        assert torch.allclose(g.group_advantages(r, 4, scale).view(2, 4).mean(1), torch.zeros(2), atol=1e-6)
+
+
+def test_ratio_one_and_reinforce_gradient():
+    logits = torch.randn(3, 5, 7, requires_grad=True)
+    y = torch.randint(0, 7, (3, 5))
+    logps = logits.log_softmax(-1).gather(-1, y[..., None]).squeeze(-1)
+    A = torch.tensor([1.0, -0.5, 0.2])
+    mask = torch.ones(3, 5)
+    w = g.token_weights(mask, "grpo")
+    loss, st = g.grpo_loss(logps, logps.detach(), None, A, w, 0.2, 0.2, 0.0)
+    grad = torch.autograd.grad(loss, logits, retain_graph=True)[0]
+    reinforce = -(logps * A[:, None] * w).sum()
+    grad_ref = torch.autograd.grad(reinforce, logits)[0]
+    assert torch.allclose(grad, grad_ref, atol=1e-7)
+    assert st["clip_sum"] == 0
+
+
+def test_clipping_zeroes_gradient_outside_band():
+    logps = torch.tensor([[0.0, 0.0, 0.0, 0.0]], requires_grad=True)
+    old = torch.log(torch.tensor([[1 / 1.5, 1 / 1.1, 1 / 0.5, 1 / 0.9]]))  # ratios 1.5, 1.1, 0.5, 0.9
+    w = torch.ones(1, 4)
+    for A, outside in ((1.0, [0]), (-1.0, [2])):
+        loss, _ = g.grpo_loss(logps, old, None, torch.tensor([A]), w, 0.2, 0.2, 0.0)
+        grad = torch.autograd.grad(loss, logps)[0][0]
+        ratio = torch.exp(logps - old)[0].detach()
+        for t in range(4):
+            expect = 0.0 if t in outside else -A * ratio[t]
+            assert abs(grad[t].item() - expect) < 1e-6
+
+
+def test_k3_kl_nonnegative_zero_at_reference():
+    logps = torch.randn(4, 6, requires_grad=True)
+    ref = torch.randn(4, 6)
+    w = torch.ones(4, 6)
+    zeroA = torch.zeros(4)
+    _, st = g.grpo_loss(logps, logps.detach(), ref, zeroA, w, 0.2, 0.2, 1.0)
+    assert st["kl_sum"] >= 0
+    at_ref = ref.clone().requires_grad_(True)
+    loss, st = g.grpo_loss(at_ref, at_ref.detach(), ref, zeroA, w, 0.2, 0.2, 1.0)
+    assert abs(st["kl_sum"]) < 1e-7
+    assert torch.allclose(torch.autograd.grad(loss, at_ref)[0], torch.zeros(4, 6))
+
+
+def test_chunked_logps_match_plain_and_use_temperature():
+    torch.manual_seed(0)
+    head = torch.nn.Linear(8, 50, bias=False)
+    h, y = torch.randn(3, 5, 8), torch.randint(0, 50, (3, 5))
+    for T in (1.0, 0.7):
+        plain = (head(h) / T).log_softmax(-1).gather(-1, y[..., None]).squeeze(-1)
+        assert torch.allclose(g.chunked_logps(h, head, y, T, 4), plain, atol=1e-5)
+    assert not torch.allclose(g.chunked_logps(h, head, y, 0.7, 4), g.chunked_logps(h, head, y, 1.0, 4))
+
+
+def test_mask_from_lengths_with_pad_equal_eos():
+    eos = 9
+    ids = torch.tensor([[1, 2, 9, 9, 9], [1, 9, 3, 9, 9], [1, 2, 3, 4, 5]])
+    m = g.completion_mask(ids, eos)
+    assert m.tolist() == [[1, 1, 1, 0, 0], [1, 1, 0, 0, 0], [1, 1, 1, 1, 1]]
+
+
+def test_aggregations_are_exact_under_accumulation():
+    torch.manual_seed(0)
+    x = torch.randn(8, 6, requires_grad=True)
+    mask = (torch.rand(8, 6) > 0.3).float()
+    mask[:, 0] = 1
+    A = torch.randn(8)
+    for mode in ("grpo", "token", "drgrpo"):
+        w = g.token_weights(mask, mode)
+        full = torch.autograd.grad(g.grpo_loss(x * 1, x.detach(), None, A, w, 0.2, 0.2, 0.0)[0], x)[0]
+        acc = torch.zeros_like(x)
+        for s in (slice(0, 2), slice(2, 4), slice(4, 8)):
+            acc += torch.autograd.grad(g.grpo_loss(x[s], x[s].detach(), None, A[s], w[s], 0.2, 0.2, 0.0)[0], x)[0]
+        assert torch.allclose(full, acc, atol=1e-7), mode
+
+
+@pytest.mark.parametrize("garbage", ["", "<answer></answer>", "<answer>[1e999, 2, 3]</answer>", "[[[",
+                                     "<answer>[" + "9" * 400 + ", 0, 1, 1]</answer>", None, 42,
+                                     "<think>x</think><answer>[5, 5, 1, 1]", "<answer>[5, 5, 1, 1]</answer>"])
+def test_rewards_total_on_garbage(garbage):
+    gt = {"solution": [0, 0, 10, 10], "width": 100, "height": 100, "input_width": 56, "input_height": 56,
+          "coord_space": "abs_resized"}
+    for name, f in rewards.REWARDS.items():
+        v = f(garbage, gt if name != "accuracy" else {"solution": "cat"})
+        assert v == 0.0
+
+
+def test_iou_rescales_resized_and_norm1000():
+    gt = {"solution": [20, 40, 60, 80], "width": 200, "height": 200, "input_width": 100, "input_height": 100}
+    text = "<think>x</think><answer>[10, 20, 30, 40]</answer>"
+    assert rewards.iou_reward(text, {**gt, "coord_space": "abs_resized"}) == pytest.approx(1.0)
+    assert rewards.iou_reward("<answer>[100, 200, 300, 400]</answer>", {**gt, "coord_space": "norm1000"}) == pytest.approx(1.0)
+    assert rewards.format_reward(text) == 1.0 and rewards.format_reward(text + " extra") == 0.0
+    assert rewards.accuracy_reward("<answer></answer>", {"solution": "cat"}) == 0.0
+
+
+@pytest.fixture(scope="module", params=["qwen2_5_vl", "qwen2_vl"])
+def tiny(request, tmp_path_factory):
+    out = str(tmp_path_factory.mktemp(request.param))
+    tok = mtm.build_tokenizer()
+    mtm.save(mtm.build_model(tok, request.param), tok, mtm.build_image_processor(), out)
+    return out
+
+
+def test_left_padding_and_identical_image_copies(tiny):
+    model, tok, ip, _ = g.load_policy(tiny)
+    rows = g.load_rows(g.Args(train_size=4))[:2]
+    rows[1] = dict(rows[1], problem=rows[1]["problem"] + " please please please")  # forces left padding of row 0
+    prompt, _ = g.encode_prompts(rows, tok, ip)
+    single, _ = g.encode_prompts(rows[:1], tok, ip)
+    comp = torch.tensor([tok.convert_tokens_to_ids(["<think>", "red", "</think>"]) + [tok.eos_token_id]])
+    mask = g.completion_mask(comp, tok.eos_token_id)
+    with torch.no_grad():
+        lp_pad = g.completion_logps(model, prompt["input_ids"][:1], prompt["attention_mask"][:1],
+                                    prompt["pixel_values"][: int(prompt["image_grid_thw"][0].prod())],
+                                    prompt["image_grid_thw"][:1], comp, mask, 1.0, 7)
+        lp_one = g.completion_logps(model, single["input_ids"], single["attention_mask"], single["pixel_values"],
+                                    single["image_grid_thw"], comp, mask, 1.0, 7)
+    assert prompt["attention_mask"][0, 0] == 0
+    assert torch.allclose(lp_pad, lp_one, atol=1e-5)
+    pv, grid = g.repeat_images(prompt["pixel_values"], prompt["image_grid_thw"], 3)
+    feats = model.model.get_image_features(pv, grid)
+    feats = feats.pooler_output if hasattr(feats, "pooler_output") else feats
+    assert torch.equal(feats[0], feats[1]) and torch.equal(feats[1], feats[2])
+    assert not torch.equal(feats[2], feats[3])
+
+
+def test_end_to_end_changes_every_parameter_and_eval_loads(tiny, tmp_path):
+    before = {k: v.clone() for k, v in g.load_policy(tiny)[0].state_dict().items()}
+    args = g.parse_args(["--model", tiny, "--steps", "2", "--output-dir", str(tmp_path), "--prompts-per-step", "2",
+                         "--num-generations", "4", "--max-completion-length", "8", "--train-size", "8",
+                         "--reward-weights", "format=0,iou=0", "--lr", "1e-2"])
+    # rewards of an untrained model are all 0; use a length-based reward so advantages are non-zero
+    g.rewards.REWARDS["len"] = lambda t, gt: float(len(t))
+    try:
+        args.reward_weights = "len=1"
+        final = g.train(args)
+    finally:
+        del g.rewards.REWARDS["len"]
+    after = g.load_policy(final)[0].state_dict()
+    unchanged = [k for k in before if torch.equal(before[k], after[k])]
+    assert not unchanged, unchanged
+    lines = open(os.path.join(tmp_path, "metrics.jsonl")).read().splitlines()
+    assert len(lines) == 2 and {"reward", "kl", "clip_frac", "completion_len", "seconds"} <= set(json.loads(lines[0]))
+    out = subprocess.run([sys.executable, os.path.join(ROOT, "eval.py"), "--model", final, "--n", "4", "--json",
+                          str(tmp_path / "e.json")], capture_output=True, text=True, cwd=ROOT)
+    assert out.returncode == 0, out.stderr
+    summary = json.load(open(tmp_path / "e.json"))
+    assert {"acc50", "miou", "format_rate", "center_error", "area_ratio"} <= set(summary)
