@@ -116,8 +116,10 @@ def test_iou_rescales_resized_and_norm1000():
     assert rewards.accuracy_reward("<answer></answer>", {"solution": "cat"}) == 0.0
 
 
-@pytest.fixture(scope="module", params=["qwen2_5_vl", "qwen2_vl"])
+@pytest.fixture(scope="module", params=["shipped", "qwen2_5_vl", "qwen2_vl"])
 def tiny(request, tmp_path_factory):
+    if request.param == "shipped":  # the committed, warm-started default model
+        return g.TINY_MODEL
     out = str(tmp_path_factory.mktemp(request.param))
     tok = mtm.build_tokenizer()
     mtm.save(mtm.build_model(tok, request.param), tok, mtm.build_image_processor(), out)
