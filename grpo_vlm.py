@@ -386,13 +386,19 @@ def train(args):
                       f"r={r[i]:.2f}", flush=True)
     log.close()
     final = os.path.join(args.output_dir, "final")
-    model.save_pretrained(final)
-    tokenizer.save_pretrained(final)
-    image_processor.save_pretrained(final)
-    with open(os.path.join(final, "chat_template.json"), "w") as f:
-        json.dump({"chat_template": tokenizer.chat_template}, f)
-    print(f"saved {final}", flush=True)
+    save_checkpoint(model, tokenizer, image_processor, final)
     return final
+
+
+def save_checkpoint(model, tokenizer, image_processor, out):
+    """Model + tokenizer + image processor + chat template: what load_policy and eval.py read."""
+    os.makedirs(out, exist_ok=True)
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    image_processor.save_pretrained(out)
+    with open(os.path.join(out, "chat_template.json"), "w") as f:
+        json.dump({"chat_template": tokenizer.chat_template}, f)
+    print(f"saved {out}", flush=True)
 
 
 if __name__ == "__main__":

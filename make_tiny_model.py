@@ -9,8 +9,6 @@ same thing as a Qwen2-VL (used by the tests, random weights, 0-1000 coordinates)
 """
 
 import argparse
-import json
-import os
 
 import torch
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers
@@ -89,12 +87,9 @@ def build_image_processor():
 
 
 def save(model, tokenizer, image_processor, out):
-    os.makedirs(out, exist_ok=True)
-    model.save_pretrained(out)
-    tokenizer.save_pretrained(out)
-    image_processor.save_pretrained(out)
-    with open(os.path.join(out, "chat_template.json"), "w") as f:
-        json.dump({"chat_template": CHAT_TEMPLATE}, f)
+    import grpo_vlm
+
+    grpo_vlm.save_checkpoint(model, tokenizer, image_processor, out)
 
 
 def main():

@@ -6,8 +6,6 @@ Targets are "<think> {caption} is at the {where} </think> <answer> [x1, y1, x2, 
 box in the model's coordinate space; the loss is the mean negative log-likelihood of target tokens.
 """
 
-import json
-import os
 import random
 import sys
 import time
@@ -53,12 +51,7 @@ def main(argv=None):
         opt.zero_grad(set_to_none=True)
         if step % 50 == 0 or step == 1:
             print(f"sft step {step}/{args.steps} loss={loss.item():.4f} {time.time() - t0:.0f}s", flush=True)
-    model.save_pretrained(args.output_dir)
-    tokenizer.save_pretrained(args.output_dir)
-    image_processor.save_pretrained(args.output_dir)
-    with open(os.path.join(args.output_dir, "chat_template.json"), "w") as f:
-        json.dump({"chat_template": tokenizer.chat_template}, f)
-    print(f"saved {args.output_dir}")
+    g.save_checkpoint(model, tokenizer, image_processor, args.output_dir)
 
 
 if __name__ == "__main__":
