@@ -14,7 +14,6 @@ Equations (../shared/REFERENCE.md):
 
 import copy
 import json
-import math
 import os
 import random
 import sys
