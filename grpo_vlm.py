@@ -149,9 +149,9 @@ def encode_prompts(rows, tokenizer, image_processor, device="cpu"):
                                              add_generation_prompt=True)
         texts.append(text.replace("<|image_pad|>", "<|image_pad|>" * int(g.prod() // merge**2), 1))
     enc = tokenizer(texts, return_tensors="pt", padding=True, padding_side="left", add_special_tokens=False)
-    # input size the processor resized each image to (the coordinate space of Qwen2.5-VL answers)
+    # (input w, input h, original w, original h): the resized input is Qwen2.5-VL's coordinate space
     patch = image_processor.patch_size
-    sizes = [(int(g[2]) * patch, int(g[1]) * patch) for g in grid]
+    sizes = [(int(g[2]) * patch, int(g[1]) * patch, im.width, im.height) for g, im in zip(grid, images)]
     return {"input_ids": enc["input_ids"].to(device), "attention_mask": enc["attention_mask"].to(device),
             "pixel_values": vis["pixel_values"].to(device), "image_grid_thw": grid.to(device)}, sizes
 
@@ -299,9 +299,8 @@ def load_rows(args):
 
 
 def ground_truths(rows, sizes, coord_space):
-    return [{"solution": r["solution"], "width": r.get("width") or data.load_image(r["image_path"]).width,
-             "height": r.get("height") or data.load_image(r["image_path"]).height,
-             "input_width": w, "input_height": h, "coord_space": coord_space} for r, (w, h) in zip(rows, sizes)]
+    return [{"solution": r["solution"], "width": W, "height": H, "input_width": w, "input_height": h,
+             "coord_space": coord_space} for r, (w, h, W, H) in zip(rows, sizes)]
 
 
 def train(args):
@@ -310,6 +309,8 @@ def train(args):
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model, tokenizer, image_processor, config = load_policy(args.model or TINY_MODEL, device)
     coord_space = default_coord_space(config) if args.coord_space == "auto" else args.coord_space
+    if args.task not in rewards.TASK_REWARDS:
+        sys.exit(f"error: --task {args.task!r} is not supported; choose from {sorted(rewards.TASK_REWARDS)}")
     weights = dict(rewards.TASK_REWARDS[args.task])
     for item in filter(None, args.reward_weights.split(",")):
         k, w = item.split("=")

@@ -95,4 +95,4 @@ def accuracy_reward(completion, gt):
 
 REWARDS = {"format": format_reward, "iou": iou_reward, "accuracy": accuracy_reward}
 # Reward weights w_k per task (r_i = sum_k w_k * R_k); override with --reward-weights.
-TASK_REWARDS = {"rec": {"iou": 1.0, "format": 1.0}, "cls": {"accuracy": 1.0, "format": 1.0}}
+TASK_REWARDS = {"rec": {"iou": 1.0, "format": 1.0}}

@@ -17,8 +17,8 @@ import grpo_vlm as g
 
 
 def target_text(row, gt):
-    s = g.rewards.to_original_pixels([1, 1, 1, 1], gt)  # original pixels per model unit
-    box = [round(v / f) for v, f in zip(row["solution"], [s[0], s[1], s[2], s[3]])]
+    scale = g.rewards.to_original_pixels([1, 1, 1, 1], gt)  # original pixels per model unit
+    box = [round(v / f) for v, f in zip(row["solution"], scale)]
     where = data.box_words(row["solution"], gt["width"], gt["height"])
     caption = row.get("caption", "the object")
     return f"<think> {caption} is at the {where} </think> <answer> [{box[0]}, {box[1]}, {box[2]}, {box[3]}] </answer>"
