@@ -64,10 +64,11 @@ def load_image(path):
 # ---------------------------------------------------------------------------------------------
 # The synthetic shapes world
 # ---------------------------------------------------------------------------------------------
-# Each image holds 2-3 objects with distinct (colour, shape) pairs on a background whose colour
-# encodes position (red grows left to right, blue top to bottom). The gradient matters: a tiny
+# Each image holds 2-3 objects, a quarter to two fifths of the image wide, with distinct (colour,
+# shape) pairs on a background whose colour encodes position (red grows left to right, blue top to
+# bottom). The gradient matters: a tiny
 # vision tower learns where a patch is from its colour far faster than from positional encodings.
-# Distractors often share the target's colour or its shape, so the phrase decides the answer.
+# A distractor always shares the target's colour or its shape, so the phrase decides the answer.
 COLORS = {"red": (220, 40, 40), "green": (40, 190, 60), "blue": (40, 80, 230), "yellow": (235, 215, 40),
           "purple": (150, 60, 200), "white": (250, 250, 250)}
 SHAPES = ("circle", "square", "triangle")
@@ -76,6 +77,7 @@ OOD_PAIRS = {("red", "triangle"), ("green", "circle"), ("blue", "square"), ("yel
              ("purple", "square"), ("white", "circle")}
 IMAGE_SIZE = 128
 SPLIT_SEEDS = {"train": 0, "test": 1_000_003, "ood": 2_000_003}
+WORLD_VERSION = 2  # part of the cache file names: bump it whenever the world changes
 
 
 def _background(size):
@@ -113,7 +115,7 @@ def synthetic_rows(split, n, seed=0, size=IMAGE_SIZE):
         objects, boxes = [target] + others, []
         for _ in objects:
             for _try in range(50):  # rejection-sample a box that does not overlap the others
-                w = rng.randint(size // 6, size // 3)
+                w = rng.randint(size // 4, size * 2 // 5)
                 x1, y1 = rng.randint(0, size - w - 1), rng.randint(0, size - w - 1)
                 box = [x1, y1, x1 + w, y1 + w]
                 if all(box[2] < b[0] or b[2] < box[0] or box[3] < b[1] or b[3] < box[1] for b in boxes):
@@ -133,19 +135,21 @@ def synthetic_rows(split, n, seed=0, size=IMAGE_SIZE):
             "width": size,
             "height": size,
             "caption": caption,
+            # every object, target first: lets eval.py tell "wrong object" from "imprecise box"
+            "objects": [{"label": f"{c} {s}", "box": b} for (c, s), b in zip(objects, boxes)],
         }
 
 
 def make_synthetic(root, split, n, seed=0):
     """Write `n` synthetic images under `root/split/` and `root/split.jsonl`; reuse them if present."""
-    path = os.path.join(root, f"{split}-{n}-{seed}.jsonl")
+    path = os.path.join(root, f"{split}-{n}-{seed}-v{WORLD_VERSION}.jsonl")
     if os.path.exists(path):
         return path
     os.makedirs(os.path.join(root, split), exist_ok=True)
     tmp = path + f".tmp{os.getpid()}"
     with open(tmp, "w") as f:
         for im, row in synthetic_rows(split, n, seed):
-            row["image"] = f"{split}/{seed}-{row['image'].split('/')[1]}"
+            row["image"] = f"{split}/v{WORLD_VERSION}-{seed}-{row['image'].split('/')[1]}"
             im.save(os.path.join(root, row["image"]))
             f.write(json.dumps(row) + "\n")
     os.replace(tmp, path)

@@ -1,9 +1,9 @@
 """Evaluate a checkpoint on REC with batched greedy decoding and one prompt for every model.
 
-    python eval.py --model PATH --task rec [--data JSONL --image-root DIR] [--split test] [--n 512] --json OUT
+    python eval.py --model PATH [PATH ...] --task rec [--data JSONL --image-root DIR] [--split test ood] [--n 512] --json OUT
 
-Writes a JSON summary (acc50, miou, format_rate, center_error, area_ratio) and per-sample
-predictions as JSONL beside it (OUT with .jsonl).
+Writes JSON summaries (acc50, miou, format_rate, center_error, area_ratio, right_object) and per-sample
+predictions as JSONL beside them (OUT with .jsonl), and prints a markdown table of every model x split.
 """
 
 import argparse
@@ -28,59 +28,165 @@ def box_metrics(pred, gt_box, width, height):
     return iou, center, area(pred) / max(area(gt_box), 1e-9)
 
 
-def evaluate(model_path, rows, batch_size=32, max_new_tokens=32, coord_space="auto"):
-    model, tokenizer, image_processor, config = g.load_policy(model_path)
-    space = g.default_coord_space(config) if coord_space == "auto" else coord_space
+def evaluate(model, tokenizer, image_processor, rows, coord_space, batch_size=64, max_new_tokens=64):
+    """Greedy-decode every row; return (summary, per-sample predictions)."""
     preds = []
     for i in range(0, len(rows), batch_size):
         batch = rows[i:i + batch_size]
-        prompt, sizes = g.encode_prompts(batch, tokenizer, image_processor)
+        prompt, sizes = g.encode_prompts(batch, tokenizer, image_processor, model.device.type)
         ids = g.sample_group(model, prompt, 1, max_new_tokens, 1.0, tokenizer.eos_token_id, tokenizer.pad_token_id,
                              g.vision_token_ids(tokenizer), greedy=True)
         mask = g.completion_mask(ids, tokenizer.eos_token_id)
-        for row, gt, c, m in zip(batch, g.ground_truths(batch, sizes, space), ids, mask):
+        for row, gt, c, m in zip(batch, g.ground_truths(batch, sizes, coord_space), ids, mask):
             text = tokenizer.decode(c[: int(m.sum())], skip_special_tokens=True)
             box = rewards.parse_box(text)
             pred = rewards.to_original_pixels(box, gt) if box else None
             iou, center, area = box_metrics(pred, gt["solution"], gt["width"], gt["height"]) if pred else (0.0, None, None)
+            # which object the box overlaps most (0 = the target), when the rows list the objects
+            ious = [rewards.box_iou(pred, o["box"]) for o in row.get("objects", [])] if pred else []
+            chosen = max(range(len(ious)), key=ious.__getitem__) if ious and max(ious) > 0 else None
             preds.append({"image": row["image"], "problem": row["problem"], "completion": text, "pred_box": pred,
                           "solution": row["solution"], "iou": iou, "format": rewards.format_reward(text),
-                          "center_error": center, "area_ratio": area})
+                          "center_error": center, "area_ratio": area, "chosen_object": chosen})
     parsed = [p for p in preds if p["pred_box"] is not None]
     mean = lambda xs: sum(xs) / len(xs) if xs else float("nan")  # noqa: E731
-    summary = {"model": model_path, "n": len(preds), "acc50": mean([p["iou"] >= 0.5 for p in preds]),
+    summary = {"n": len(preds), "acc50": mean([p["iou"] >= 0.5 for p in preds]),
                "miou": mean([p["iou"] for p in preds]), "format_rate": mean([p["format"] for p in preds]),
                "parsed_rate": len(parsed) / len(preds),
                "center_error": mean([p["center_error"] for p in parsed]),
-               "area_ratio": mean([p["area_ratio"] for p in parsed])}
+               "area_ratio": mean([p["area_ratio"] for p in parsed]),
+               # of the boxes that overlap some object, the share whose best-overlapping object is the target
+               "right_object": mean([p["chosen_object"] == 0 for p in parsed if p["chosen_object"] is not None])}
     return summary, preds
+
+
+def held_out(model, tokenizer, image_processor, coord_space, n, splits=("test", "ood")):
+    """Greedy metrics on the first n rows of each synthetic held-out split, as flat {split_metric: v}."""
+    was_training = model.training
+    model.eval()
+    out = {}
+    with torch.no_grad():
+        for split in splits:
+            summary, _ = evaluate(model, tokenizer, image_processor, synthetic_split(split, n), coord_space)
+            out.update({f"{split}_{k}": v for k, v in summary.items() if k != "n"})
+    model.train(was_training)
+    return out
+
+
+def synthetic_split(split, n):
+    root = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "synthetic")
+    return data.load_jsonl(data.make_synthetic(root, split, n), root)
+
+
+# ---------------------------------------------------------------------------------------------
+# Training curves as a PNG, drawn with Pillow (no plotting dependency for four line charts)
+# ---------------------------------------------------------------------------------------------
+PANELS = [("reward (moving average over 20 steps)", "reward"), ("held-out Acc@0.5", "acc50"),
+          ("held-out centre error (/ image diagonal)", "center_error"), ("held-out area ratio (pred / true)", "area_ratio")]
+COLOURS = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75)]
+
+
+def _series(rows, suffix):
+    """{name: [(step, value)]} for the keys that are (or end with) `suffix`; rewards are smoothed."""
+    out = {}
+    for key in sorted({k for r in rows for k in r}):
+        if suffix == "reward" and (key == "reward" or key.startswith("reward_")) and key != "reward_std":
+            pts = [(r["step"], r[key]) for r in rows if key in r]
+            out[key] = [(s, sum(v for _, v in pts[max(0, i - 19):i + 1]) / len(pts[max(0, i - 19):i + 1]))
+                        for i, (s, _) in enumerate(pts)]
+        elif suffix != "reward" and key.endswith("_" + suffix):
+            out[key] = [(r["step"], r[key]) for r in rows if key in r and r[key] == r[key]]  # drop NaN
+    return out
+
+
+def plot_metrics(metrics_path, png_path, width=1000, height=700):
+    from PIL import Image, ImageDraw
+
+    with open(metrics_path) as f:
+        rows = [json.loads(line) for line in f if line.strip()]
+    im = Image.new("RGB", (width, height), "white")
+    draw = ImageDraw.Draw(im)
+    pw, ph = width // 2, height // 2
+    for p, (title, suffix) in enumerate(PANELS):
+        x0, y0 = (p % 2) * pw + 55, (p // 2) * ph + 25
+        x1, y1 = (p % 2) * pw + pw - 15, (p // 2) * ph + ph - 45
+        draw.text((x0, y0 - 18), title, fill="black")
+        draw.rectangle([x0, y0, x1, y1], outline="black")
+        series = {k: v for k, v in _series(rows, suffix).items() if v}
+        if not series:
+            draw.text((x0 + 10, y0 + 10), "no data", fill="gray")
+            continue
+        steps = [s for v in series.values() for s, _ in v]
+        vals = [y for v in series.values() for _, y in v]
+        smin, smax = min(steps), max(max(steps), min(steps) + 1)
+        vmin, vmax = min(vals), max(vals)
+        pad = (vmax - vmin) * 0.05 or 0.5
+        vmin, vmax = vmin - pad, vmax + pad
+        X = lambda s: x0 + (x1 - x0) * (s - smin) / (smax - smin)  # noqa: E731
+        Y = lambda v: y1 - (y1 - y0) * (v - vmin) / (vmax - vmin)  # noqa: E731
+        for i in range(5):  # y ticks and grid
+            v = vmin + (vmax - vmin) * i / 4
+            draw.line([x0, Y(v), x1, Y(v)], fill=(225, 225, 225))
+            draw.text((x0 - 50, Y(v) - 6), f"{v:.3g}", fill="black")
+        for i in range(5):  # x ticks
+            s = smin + (smax - smin) * i / 4
+            draw.text((X(s) - 10, y1 + 4), f"{s:.0f}", fill="black")
+        draw.text(((x0 + x1) // 2 - 10, y1 + 18), "step", fill="black")
+        for j, (name, pts) in enumerate(series.items()):
+            colour = COLOURS[j % len(COLOURS)]
+            xy = [(X(s), Y(v)) for s, v in pts]
+            draw.line(xy, fill=colour, width=2) if len(xy) > 1 else None
+            for x, y in xy if len(xy) < 40 else []:
+                draw.ellipse([x - 2, y - 2, x + 2, y + 2], fill=colour)
+            draw.text((x0 + 8, y0 + 6 + 13 * j), name, fill=colour)
+    im.save(png_path)
+    print(f"saved {png_path}", flush=True)
+
+
+TABLE = [("Acc@0.5", "acc50"), ("mIoU", "miou"), ("centre err", "center_error"), ("area ratio", "area_ratio"),
+         ("right object", "right_object"), ("format", "format_rate")]
+
+
+def markdown_table(summaries):
+    lines = ["| model | split | " + " | ".join(h for h, _ in TABLE) + " |", "|---|---|" + "---|" * len(TABLE)]
+    for s in summaries:
+        lines.append(f"| {s['model']} | {s['split']} | " + " | ".join(f"{s[k]:.3f}" for _, k in TABLE) + " |")
+    return "\n".join(lines)
 
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default=g.TINY_MODEL, help="checkpoint path or hub id")
+    p.add_argument("--model", nargs="+", default=[g.TINY_MODEL], help="checkpoint paths or hub ids")
     p.add_argument("--task", default="rec", choices=["rec"], help="task to evaluate")
     p.add_argument("--data", default="", help="VLM-R1 JSONL; empty: the synthetic world's --split")
     p.add_argument("--image-root", default="", help="folder the JSONL image paths are relative to")
-    p.add_argument("--split", default="test", choices=["test", "ood", "train"], help="synthetic split")
+    p.add_argument("--split", nargs="+", default=["test"], choices=["test", "ood", "train"],
+                   help="synthetic splits: test (in-domain), ood (colour-shape pairs never seen in training)")
     p.add_argument("--n", type=int, default=512, help="number of samples (first n rows)")
-    p.add_argument("--batch-size", type=int, default=32, help="prompts per greedy generate call")
-    p.add_argument("--max-new-tokens", type=int, default=32, help="completion length limit")
-    p.add_argument("--json", default="eval.json", help="summary output; predictions go to the same name .jsonl")
+    p.add_argument("--batch-size", type=int, default=64, help="prompts per greedy generate call")
+    p.add_argument("--max-new-tokens", type=int, default=64, help="completion length limit")
+    p.add_argument("--json", default="eval.json", help="summaries output; predictions go to the same name .jsonl")
     a = p.parse_args()
-    if a.data:
-        rows = data.load_jsonl(a.data, a.image_root)[: a.n]
-    else:
-        root = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "synthetic")
-        rows = data.load_jsonl(data.make_synthetic(root, a.split, a.n), root)
-    with torch.no_grad():
-        summary, preds = evaluate(a.model, rows, a.batch_size, a.max_new_tokens)
+    splits = ["file"] if a.data else a.split
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    summaries, all_preds = [], []
+    for path in a.model:
+        model, tokenizer, image_processor, config = g.load_policy(path, device)
+        model.eval()
+        for split in splits:
+            rows = data.load_jsonl(a.data, a.image_root)[: a.n] if a.data else synthetic_split(split, a.n)
+            with torch.no_grad():
+                summary, preds = evaluate(model, tokenizer, image_processor, rows, g.default_coord_space(config),
+                                          a.batch_size, a.max_new_tokens)
+            summaries.append({"model": path, "split": split, **summary})
+            all_preds += [{"model": path, "split": split, **q} for q in preds]
+            print(json.dumps(summaries[-1]), flush=True)
     os.makedirs(os.path.dirname(os.path.abspath(a.json)), exist_ok=True)
     with open(a.json, "w") as f:
-        json.dump(summary, f, indent=2)
+        json.dump(summaries[0] if len(summaries) == 1 else summaries, f, indent=2)
     with open(os.path.splitext(a.json)[0] + ".jsonl", "w") as f:
-        f.writelines(json.dumps(p) + "\n" for p in preds)
-    print(json.dumps(summary, indent=2))
+        f.writelines(json.dumps(q) + "\n" for q in all_preds)
+    print(markdown_table(summaries))
 
 
 if __name__ == "__main__":

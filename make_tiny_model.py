@@ -9,6 +9,8 @@ same thing as a Qwen2-VL (used by the tests, random weights, 0-1000 coordinates)
 """
 
 import argparse
+import math
+import tempfile
 
 import torch
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers
@@ -56,27 +58,42 @@ def build_tokenizer():
     )
 
 
-def build_model(tokenizer, arch="qwen2_5_vl", seed=0):
+def init_number_codes(model, tokenizer, dims=32, scale=0.05):
+    """Give the integer tokens 0..1000 smooth value codes (sin/cos of n at periods 4..4000) in the first
+    `dims` embedding dimensions. With tied embeddings the same rows are the output head, so the logits
+    of all numbers are a smooth function of n: the model starts out able to put a bump of probability
+    around a value, and nearby coordinates share what is learned. Random rows (each number a separate
+    class) made SFT and RL both far slower."""
+    n = torch.arange(1001, dtype=torch.float32)[:, None]
+    periods = torch.logspace(math.log10(4), math.log10(4000), dims // 2)
+    angles = 2 * math.pi * n / periods
+    ids = tokenizer.convert_tokens_to_ids([str(i) for i in range(1001)])
+    with torch.no_grad():
+        model.get_input_embeddings().weight[ids, :dims] = scale * torch.cat([angles.sin(), angles.cos()], -1)
+
+
+def build_model(tokenizer, arch="qwen2_5_vl", seed=0, hidden=128, layers=3):
     torch.manual_seed(seed)
     ids = {k: tokenizer.convert_tokens_to_ids(t) for k, t in [
         ("image_token_id", "<|image_pad|>"), ("video_token_id", "<|video_pad|>"),
         ("vision_start_token_id", "<|vision_start|>"), ("vision_end_token_id", "<|vision_end|>")]}
-    text = dict(vocab_size=len(tokenizer), hidden_size=128, intermediate_size=384, num_hidden_layers=3,
+    text = dict(vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=3 * hidden, num_hidden_layers=layers,
                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
-                rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [4, 6, 6]},
+                rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [hidden // 32, 3 * hidden // 64, 3 * hidden // 64]},
                 bos_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
                 pad_token_id=tokenizer.pad_token_id)
     if arch == "qwen2_5_vl":
-        vision = dict(depth=2, hidden_size=64, intermediate_size=128, num_heads=2, out_hidden_size=128,
+        vision = dict(depth=2, hidden_size=64, intermediate_size=128, num_heads=2, out_hidden_size=hidden,
                       fullatt_block_indexes=[1], window_size=112, patch_size=14, spatial_merge_size=2,
                       temporal_patch_size=2)
-        config = Qwen2_5_VLConfig(text_config=text, vision_config=vision, **ids)
+        config = Qwen2_5_VLConfig(text_config=text, vision_config=vision, tie_word_embeddings=True, **ids)
         model = Qwen2_5_VLForConditionalGeneration(config)
     else:
-        vision = dict(depth=2, embed_dim=64, hidden_size=128, mlp_ratio=2, num_heads=2, patch_size=14,
+        vision = dict(depth=2, embed_dim=64, hidden_size=hidden, mlp_ratio=2, num_heads=2, patch_size=14,
                       spatial_merge_size=2, temporal_patch_size=2)
-        config = Qwen2VLConfig(text_config=text, vision_config=vision, **ids)
+        config = Qwen2VLConfig(text_config=text, vision_config=vision, tie_word_embeddings=True, **ids)
         model = Qwen2VLForConditionalGeneration(config)
+    init_number_codes(model, tokenizer)
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     return model
@@ -96,18 +113,26 @@ def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="checkpoints/tiny-qwen2.5-vl-rec", help="where to write the checkpoint")
     p.add_argument("--arch", default="qwen2_5_vl", choices=["qwen2_5_vl", "qwen2_vl"], help="HF architecture")
-    p.add_argument("--sft-steps", type=int, default=3000, help="supervised warm-start steps (0: random weights)")
+    p.add_argument("--sft-steps", type=int, default=1500, help="supervised warm-start steps (0: random weights)")
     p.add_argument("--seed", type=int, default=0, help="seed of the weights and the SFT data order")
+    p.add_argument("--hidden", type=int, default=128, help="text hidden size")
+    p.add_argument("--layers", type=int, default=3, help="text decoder layers")
+    p.add_argument("--sft-lr", type=float, default=2e-3, help="learning rate of the warm start")
+    p.add_argument("--eval-every", type=int, default=0, help="greedy test eval every N SFT steps (0: never)")
     a = p.parse_args()
     tokenizer, image_processor = build_tokenizer(), build_image_processor()
-    model = build_model(tokenizer, a.arch, a.seed)
-    save(model, tokenizer, image_processor, a.out)
-    print(f"built {a.arch} with {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters -> {a.out}")
-    if a.sft_steps > 0:
-        import sft
+    model = build_model(tokenizer, a.arch, a.seed, a.hidden, a.layers)
+    print(f"built {a.arch} with {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters")
+    if a.sft_steps == 0:
+        return save(model, tokenizer, image_processor, a.out)
+    import sft
 
-        sft.main(["--model", a.out, "--output-dir", a.out, "--steps", str(a.sft_steps), "--seed", str(a.seed),
-                  "--lr", "1e-3", "--gradient-checkpointing", "false"])
+    # the random weights go to a scratch folder, so that --out only ever holds the finished model
+    with tempfile.TemporaryDirectory() as init:
+        save(model, tokenizer, image_processor, init)
+        sft.main(["--model", init, "--output-dir", a.out, "--steps", str(a.sft_steps), "--seed", str(a.seed),
+                  "--lr", str(a.sft_lr), "--prompts-per-step", "32", "--gradient-checkpointing", "false",
+                  "--eval-every", str(a.eval_every)])
 
 
 if __name__ == "__main__":

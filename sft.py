@@ -1,9 +1,19 @@
 """Supervised fine-tuning on the same rows (the tiny model's warm start; an SFT baseline).
 
-    python sft.py --model PATH --output-dir DIR --steps N [--train-data JSONL --image-root DIR]
+    python sft.py --model PATH --output-dir DIR --steps N --prompts-per-step B [--train-data JSONL --image-root DIR]
 
-Targets are "<think> {caption} is at the {where} </think> <answer> [x1, y1, x2, y2] </answer>" with the
-box in the model's coordinate space; the loss is the mean negative log-likelihood of target tokens.
+Same arguments as grpo_vlm.py (those that apply). With the same --steps, --prompts-per-step and --seed as a
+GRPO run, it trains on the same images in the same order: the matched-budget SFT baseline.
+
+Targets are a short chain of thought that first lists every object left to right, then picks the one
+the phrase names, then answers with its box in the model's coordinate space:
+
+    <think> red square top left , blue circle center right . the blue circle is at the center right </think>
+    <answer> [71, 40, 104, 73] </answer>
+
+The loss is the mean negative log-likelihood of target tokens. Listing every object teaches the tiny
+model what each object looks like (dense supervision); with only the target named, the same model
+stayed near chance at picking the right object for 3000 steps (see README).
 """
 
 import random
@@ -13,6 +23,7 @@ import time
 import torch
 
 import data
+import eval as evaluation
 import grpo_vlm as g
 
 
@@ -21,7 +32,10 @@ def target_text(row, gt):
     box = [round(v / f) for v, f in zip(row["solution"], scale)]
     where = data.box_words(row["solution"], gt["width"], gt["height"])
     caption = row.get("caption", "the object")
-    return f"<think> {caption} is at the {where} </think> <answer> [{box[0]}, {box[1]}, {box[2]}, {box[3]}] </answer>"
+    objs = sorted(row.get("objects", []), key=lambda o: o["box"][0] + o["box"][2])
+    seen = " , ".join(f"{o['label']} {data.box_words(o['box'], gt['width'], gt['height'])}" for o in objs)
+    seen = f"{seen} . " if seen else ""
+    return f"<think> {seen}{caption} is at the {where} </think> <answer> [{box[0]}, {box[1]}, {box[2]}, {box[3]}] </answer>"
 
 
 def main(argv=None):
@@ -33,7 +47,7 @@ def main(argv=None):
     rows = g.load_rows(args)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr)
     model.train()
-    B = args.prompts_per_step * args.num_generations
+    B = args.prompts_per_step  # one target per image: at equal --steps and -B, SFT sees the same images as GRPO
     t0 = time.time()
     for step in range(1, args.steps + 1):
         batch = rng.sample(rows, B)
@@ -51,6 +65,10 @@ def main(argv=None):
         opt.zero_grad(set_to_none=True)
         if step % 50 == 0 or step == 1:
             print(f"sft step {step}/{args.steps} loss={loss.item():.4f} {time.time() - t0:.0f}s", flush=True)
+        if args.eval_every and (step % args.eval_every == 0 or step == args.steps):
+            m = evaluation.held_out(model, tokenizer, image_processor, coord_space, args.eval_n)
+            print(f"eval step {step}: " + " ".join(f"{k}={v:.3f}" for k, v in m.items()
+                                                   if k.endswith(("acc50", "center_error", "right_object"))), flush=True)
     g.save_checkpoint(model, tokenizer, image_processor, args.output_dir)
 
 

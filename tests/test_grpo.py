@@ -166,8 +166,79 @@ def test_end_to_end_changes_every_parameter_and_eval_loads(tiny, tmp_path):
     assert not unchanged, unchanged
     lines = open(os.path.join(tmp_path, "metrics.jsonl")).read().splitlines()
     assert len(lines) == 2 and {"reward", "kl", "clip_frac", "completion_len", "seconds"} <= set(json.loads(lines[0]))
+    assert os.path.getsize(tmp_path / "curves.png") > 1000
     out = subprocess.run([sys.executable, os.path.join(ROOT, "eval.py"), "--model", final, "--n", "4", "--json",
                           str(tmp_path / "e.json")], capture_output=True, text=True, cwd=ROOT)
     assert out.returncode == 0, out.stderr
     summary = json.load(open(tmp_path / "e.json"))
-    assert {"acc50", "miou", "format_rate", "center_error", "area_ratio"} <= set(summary)
+    assert {"acc50", "miou", "format_rate", "center_error", "area_ratio", "right_object"} <= set(summary)
+
+
+def test_periodic_eval_and_plot(tmp_path):
+    """--eval-every writes held-out test/ood rows into metrics.jsonl, and the plot draws them."""
+    args = g.parse_args(["--steps", "2", "--output-dir", str(tmp_path), "--prompts-per-step", "2",
+                         "--num-generations", "2", "--max-completion-length", "4", "--train-size", "8",
+                         "--eval-every", "1", "--eval-n", "4"])
+    g.train(args)
+    rows = [json.loads(x) for x in open(tmp_path / "metrics.jsonl")]
+    evals = [r for r in rows if "test_acc50" in r]
+    assert [r["step"] for r in evals] == [1, 2]
+    assert all(0 <= r["ood_acc50"] <= 1 and 0 <= r["test_miou"] <= 1 for r in evals)
+    from PIL import Image
+
+    assert Image.open(tmp_path / "curves.png").size == (1000, 700)
+
+
+def test_eval_scores_known_boxes_and_right_object(tmp_path):
+    """eval.evaluate's metrics on a model whose greedy output we force: one exact box, one on a distractor."""
+    import eval as ev
+
+    model, tok, ip, config = g.load_policy(g.TINY_MODEL)
+    rows = ev.synthetic_split("ood", 2)
+    answers = [rows[0]["objects"][0]["box"], rows[1]["objects"][1]["box"]]  # right object, then wrong object
+    texts = [f"<think> x </think> <answer> [{', '.join(str(round(v * 112 / 128)) for v in b)}] </answer>"
+             for b in answers]
+    target = [tok(t, add_special_tokens=False)["input_ids"] + [tok.eos_token_id] for t in texts]
+
+    def forced(model, prompt, G, max_new, *a, **k):
+        return torch.nn.utils.rnn.pad_sequence([torch.tensor(t) for t in target], True, tok.pad_token_id)
+
+    orig, g.sample_group = g.sample_group, forced
+    try:
+        summary, preds = ev.evaluate(model, tok, ip, rows, "abs_resized")
+    finally:
+        g.sample_group = orig
+    assert preds[0]["iou"] > 0.8 and preds[1]["iou"] < 0.5
+    assert [p["chosen_object"] for p in preds] == [0, 1]
+    assert summary["acc50"] == 0.5 and summary["right_object"] == 0.5 and summary["format_rate"] == 1.0
+
+
+def test_sft_target_is_a_perfect_answer_and_lists_objects():
+    """The SFT target scores format 1 and IoU ~1 under the GRPO rewards, and lists every object left to right."""
+    import sft
+
+    rows = g.load_rows(g.Args(train_size=8))
+    gts = g.ground_truths(rows, [(112, 112, 128, 128)] * len(rows), "abs_resized")
+    for row, gt in zip(rows, gts):
+        text = sft.target_text(row, gt)
+        assert rewards.format_reward(text) == 1.0
+        assert rewards.iou_reward(text, gt) > 0.9  # rounding to integer resized pixels only
+        think = text.split("</think>")[0]
+        labels = [o["label"] for o in sorted(row["objects"], key=lambda o: o["box"][0] + o["box"][2])]
+        assert [think.index(lab) for lab in labels] == sorted(think.index(lab) for lab in labels)
+        assert think.rstrip().endswith(f"{row['caption']} is at the {g.data.box_words(row['solution'], 128, 128)}")
+
+
+def test_sft_baseline_sees_the_grpo_batches_and_trains(tmp_path, monkeypatch):
+    """sft.py with GRPO's --seed/--prompts-per-step draws the same images per step, and updates the model."""
+    import sft
+
+    seen = []
+    orig = g.encode_prompts
+    monkeypatch.setattr(g, "encode_prompts", lambda rows, *a, **k: (seen.append([r["image"] for r in rows]), orig(rows, *a, **k))[1])
+    sft.main(["--steps", "2", "--prompts-per-step", "3", "--train-size", "16", "--output-dir", str(tmp_path / "sft"),
+              "--lr", "1e-2"])
+    rng, rows = g.random.Random(0), g.load_rows(g.Args(train_size=16))
+    assert seen == [[r["image"] for r in rng.sample(rows, 3)] for _ in range(2)]
+    before, after = g.load_policy(g.TINY_MODEL)[0].state_dict(), g.load_policy(str(tmp_path / "sft"))[0].state_dict()
+    assert any(not torch.equal(before[k], after[k]) for k in before)
