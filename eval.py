@@ -111,10 +111,10 @@ def plot_metrics(metrics_path, png_path, width=1000, height=700):
         x0, y0 = (p % 2) * pw + 55, (p // 2) * ph + 25
         x1, y1 = (p % 2) * pw + pw - 15, (p // 2) * ph + ph - 45
         draw.text((x0, y0 - 18), title, fill="black")
-        draw.rectangle([x0, y0, x1, y1], outline="black")
         series = {k: v for k, v in _series(rows, suffix).items() if v}
         if not series:
             draw.text((x0 + 10, y0 + 10), "no data", fill="gray")
+            draw.rectangle([x0, y0, x1, y1], outline="black")
             continue
         steps = [s for v in series.values() for s, _ in v]
         vals = [y for v in series.values() for _, y in v]
@@ -139,6 +139,7 @@ def plot_metrics(metrics_path, png_path, width=1000, height=700):
             for x, y in xy if len(xy) < 40 else []:
                 draw.ellipse([x - 2, y - 2, x + 2, y + 2], fill=colour)
             draw.text((x0 + 8, y0 + 6 + 13 * j), name, fill=colour)
+        draw.rectangle([x0, y0, x1, y1], outline="black")
     im.save(png_path)
     print(f"saved {png_path}", flush=True)
 

@@ -1,10 +1,11 @@
-"""Build the offline default model: a tiny Qwen2.5-VL (the real HF architecture, ~2M parameters)
+"""Build the offline default model: a tiny Qwen2.5-VL (the real HF architecture, 0.99M parameters)
 with a word-level tokenizer, Qwen's special tokens and chat template, and an image-only processor;
-then warm-start it with a short supervised run on the synthetic REC world (sft.py).
+then warm-start it with a deliberately short supervised run on the synthetic REC world (sft.py), so
+that it is half-trained (Acc@0.5 ~0.39 in-domain) and RL has room to teach.
 
-    python make_tiny_model.py --out checkpoints/tiny-qwen2.5-vl-rec --sft-steps 3000 --seed 0
+    OMP_NUM_THREADS=1 python make_tiny_model.py --out checkpoints/tiny-qwen2.5-vl-rec --sft-steps 1500 --seed 0
 
-The committed checkpoint was made by exactly this command (see README). `--arch qwen2_vl` builds the
+The committed checkpoint was made by exactly this command (about 8 CPU minutes; see README). `--arch qwen2_vl` builds the
 same thing as a Qwen2-VL (used by the tests, random weights, 0-1000 coordinates).
 """
 
@@ -60,10 +61,9 @@ def build_tokenizer():
 
 def init_number_codes(model, tokenizer, dims=32, scale=0.05):
     """Give the integer tokens 0..1000 smooth value codes (sin/cos of n at periods 4..4000) in the first
-    `dims` embedding dimensions. With tied embeddings the same rows are the output head, so the logits
-    of all numbers are a smooth function of n: the model starts out able to put a bump of probability
-    around a value, and nearby coordinates share what is learned. Random rows (each number a separate
-    class) made SFT and RL both far slower."""
+    `dims` embedding dimensions, the rest staying random. With tied embeddings the same rows are the
+    output head, so part of every number's logit is a smooth function of n, and nearby coordinates
+    can share what is learned. (A prior, not a measured win: see README for the ablation.)"""
     n = torch.arange(1001, dtype=torch.float32)[:, None]
     periods = torch.logspace(math.log10(4), math.log10(4000), dims // 2)
     angles = 2 * math.pi * n / periods
@@ -72,7 +72,7 @@ def init_number_codes(model, tokenizer, dims=32, scale=0.05):
         model.get_input_embeddings().weight[ids, :dims] = scale * torch.cat([angles.sin(), angles.cos()], -1)
 
 
-def build_model(tokenizer, arch="qwen2_5_vl", seed=0, hidden=128, layers=3):
+def build_model(tokenizer, arch="qwen2_5_vl", seed=0, hidden=128, layers=3, number_codes=True):
     torch.manual_seed(seed)
     ids = {k: tokenizer.convert_tokens_to_ids(t) for k, t in [
         ("image_token_id", "<|image_pad|>"), ("video_token_id", "<|video_pad|>"),
@@ -93,7 +93,8 @@ def build_model(tokenizer, arch="qwen2_5_vl", seed=0, hidden=128, layers=3):
                       spatial_merge_size=2, temporal_patch_size=2)
         config = Qwen2VLConfig(text_config=text, vision_config=vision, tie_word_embeddings=True, **ids)
         model = Qwen2VLForConditionalGeneration(config)
-    init_number_codes(model, tokenizer)
+    if number_codes:
+        init_number_codes(model, tokenizer)
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     return model
@@ -119,9 +120,10 @@ def main():
     p.add_argument("--layers", type=int, default=3, help="text decoder layers")
     p.add_argument("--sft-lr", type=float, default=2e-3, help="learning rate of the warm start")
     p.add_argument("--eval-every", type=int, default=0, help="greedy test eval every N SFT steps (0: never)")
+    p.add_argument("--number-codes", type=int, default=1, help="1: smooth value codes for number tokens; 0: random")
     a = p.parse_args()
     tokenizer, image_processor = build_tokenizer(), build_image_processor()
-    model = build_model(tokenizer, a.arch, a.seed, a.hidden, a.layers)
+    model = build_model(tokenizer, a.arch, a.seed, a.hidden, a.layers, bool(a.number_codes))
     print(f"built {a.arch} with {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters")
     if a.sft_steps == 0:
         return save(model, tokenizer, image_processor, a.out)

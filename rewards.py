@@ -78,6 +78,23 @@ def iou_reward(completion, gt):
     return box_iou(to_original_pixels(box, gt), [float(v) for v in gt["solution"]])
 
 
+def hit_reward(completion, gt):
+    """1 if the centre of the first answered box lies inside the true box (rescaled first), else 0.
+
+    Credits picking the right object even while the box edges are still off: with several objects,
+    continuous IoU is 0 for a box on a distractor and for a box that is slightly beside the target alike.
+    """
+    box = parse_box(completion)
+    if box is None:
+        return 0.0
+    x1, y1, x2, y2 = to_original_pixels(box, gt)
+    if not (x2 > x1 and y2 > y1):  # a degenerate or inverted box points at nothing
+        return 0.0
+    cx, cy = (x1 + x2) / 2, (y1 + y2) / 2
+    t = [float(v) for v in gt["solution"]]
+    return 1.0 if t[0] <= cx <= t[2] and t[1] <= cy <= t[3] else 0.0
+
+
 def normalize_text(s):
     """Lower-case, strip surrounding punctuation/space and collapse inner whitespace."""
     return " ".join(re.sub(r"[^\w\s]", " ", str(s).lower()).split())
@@ -93,6 +110,6 @@ def accuracy_reward(completion, gt):
     return 1.0 if a and a == s else 0.0
 
 
-REWARDS = {"format": format_reward, "iou": iou_reward, "accuracy": accuracy_reward}
+REWARDS = {"format": format_reward, "iou": iou_reward, "hit": hit_reward, "accuracy": accuracy_reward}
 # Reward weights w_k per task (r_i = sum_k w_k * R_k); override with --reward-weights.
 TASK_REWARDS = {"rec": {"iou": 1.0, "format": 1.0}}

@@ -65,7 +65,7 @@ def main(argv=None):
         opt.zero_grad(set_to_none=True)
         if step % 50 == 0 or step == 1:
             print(f"sft step {step}/{args.steps} loss={loss.item():.4f} {time.time() - t0:.0f}s", flush=True)
-        if args.eval_every and (step % args.eval_every == 0 or step == args.steps):
+        if args.eval_every and not args.train_data and (step % args.eval_every == 0 or step == args.steps):
             m = evaluation.held_out(model, tokenizer, image_processor, coord_space, args.eval_n)
             print(f"eval step {step}: " + " ".join(f"{k}={v:.3f}" for k, v in m.items()
                                                    if k.endswith(("acc50", "center_error", "right_object"))), flush=True)

@@ -114,6 +114,10 @@ def test_iou_rescales_resized_and_norm1000():
     assert rewards.iou_reward("<answer>[100, 200, 300, 400]</answer>", {**gt, "coord_space": "norm1000"}) == pytest.approx(1.0)
     assert rewards.format_reward(text) == 1.0 and rewards.format_reward(text + " extra") == 0.0
     assert rewards.accuracy_reward("<answer></answer>", {"solution": "cat"}) == 0.0
+    # hit: the box centre, rescaled, inside the true box; a box on a distractor or an inverted box scores 0
+    assert rewards.hit_reward("<answer>[15, 25, 25, 35]</answer>", {**gt, "coord_space": "abs_resized"}) == 1.0
+    assert rewards.hit_reward("<answer>[50, 50, 90, 90]</answer>", {**gt, "coord_space": "abs_resized"}) == 0.0
+    assert rewards.hit_reward("<answer>[25, 35, 15, 25]</answer>", {**gt, "coord_space": "abs_resized"}) == 0.0
 
 
 @pytest.fixture(scope="module", params=["shipped", "qwen2_5_vl", "qwen2_vl"])
@@ -153,7 +157,7 @@ def test_end_to_end_changes_every_parameter_and_eval_loads(tiny, tmp_path):
     before = {k: v.clone() for k, v in g.load_policy(tiny)[0].state_dict().items()}
     args = g.parse_args(["--model", tiny, "--steps", "2", "--output-dir", str(tmp_path), "--prompts-per-step", "2",
                          "--num-generations", "4", "--max-completion-length", "8", "--train-size", "8",
-                         "--reward-weights", "format=0,iou=0", "--lr", "1e-2"])
+                         "--reward-weights", "format=0,iou=0", "--lr", "1e-2", "--eval-every", "0"])
     # rewards of an untrained model are all 0; use a length-based reward so advantages are non-zero
     g.rewards.REWARDS["len"] = lambda t, gt: float(len(t))
     try:
@@ -182,7 +186,7 @@ def test_periodic_eval_and_plot(tmp_path):
     g.train(args)
     rows = [json.loads(x) for x in open(tmp_path / "metrics.jsonl")]
     evals = [r for r in rows if "test_acc50" in r]
-    assert [r["step"] for r in evals] == [1, 2]
+    assert [r["step"] for r in evals] == [0, 1, 2]
     assert all(0 <= r["ood_acc50"] <= 1 and 0 <= r["test_miou"] <= 1 for r in evals)
     from PIL import Image
 
@@ -237,8 +241,26 @@ def test_sft_baseline_sees_the_grpo_batches_and_trains(tmp_path, monkeypatch):
     orig = g.encode_prompts
     monkeypatch.setattr(g, "encode_prompts", lambda rows, *a, **k: (seen.append([r["image"] for r in rows]), orig(rows, *a, **k))[1])
     sft.main(["--steps", "2", "--prompts-per-step", "3", "--train-size", "16", "--output-dir", str(tmp_path / "sft"),
-              "--lr", "1e-2"])
+              "--lr", "1e-2", "--eval-every", "0"])
     rng, rows = g.random.Random(0), g.load_rows(g.Args(train_size=16))
     assert seen == [[r["image"] for r in rng.sample(rows, 3)] for _ in range(2)]
     before, after = g.load_policy(g.TINY_MODEL)[0].state_dict(), g.load_policy(str(tmp_path / "sft"))[0].state_dict()
     assert any(not torch.equal(before[k], after[k]) for k in before)
+
+
+def test_number_tokens_start_with_smooth_value_codes():
+    """In the value-code dimensions, 40 is nearer to 41 than to 90 (tied rows: the output head agrees)."""
+    tok = mtm.build_tokenizer()
+    model = mtm.build_model(tok)
+    E = model.get_input_embeddings().weight
+    assert model.get_output_embeddings().weight.data_ptr() == E.data_ptr()
+    row = lambda n: E[tok.convert_tokens_to_ids(str(n)), :32]  # noqa: E731
+    assert (row(40) - row(41)).norm() < 0.5 * (row(40) - row(90)).norm()
+    random_rows = mtm.build_model(tok, number_codes=False).get_input_embeddings().weight
+    assert not torch.equal(random_rows[tok.convert_tokens_to_ids("40"), :32], row(40))
+
+
+def test_preset_sets_recipe_and_flags_override():
+    a = g.parse_args(["--preset", "vlm-r1", "--lr", "2e-6"])
+    assert (a.lr, a.beta, a.num_generations, a.prompts_per_step) == (2e-6, 0.04, 8, 16)
+    assert g.parse_args([]).lr == 2e-4
