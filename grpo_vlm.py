@@ -12,7 +12,9 @@ Equations (../shared/REFERENCE.md):
   (6) aggregation: per-sequence / token-mean / Dr. GRPO         -> token_weights
 """
 
+import ast
 import copy
+import inspect
 import json
 import os
 import random
@@ -107,9 +109,12 @@ def parse_args(argv=None):
         for k, v in PRESETS[name].items():
             setattr(args, k, v)
     types = {f.name: f.type for f in fields(Args)}
-    if "-h" in argv or "--help" in argv:
+    if "-h" in argv or "--help" in argv:  # each field's docstring, read from this file's source
+        body = ast.parse(inspect.getsource(Args)).body[0].body
+        docs = {a.target.id: b.value.value for a, b in zip(body, body[1:]) if isinstance(a, ast.AnnAssign)}
+        print("usage: python grpo_vlm.py [--flag value ...]   (booleans take true/false)\n")
         for f in fields(Args):
-            print(f"  --{f.name.replace('_', '-'):24s} {f.type.__name__:6s} default={getattr(args, f.name)!r}")
+            print(f"  --{f.name.replace('_', '-'):24s} {f.type.__name__:5s} {getattr(args, f.name)!r:12s} {docs[f.name]}")
         sys.exit(0)
     while argv:
         key = argv.pop(0)

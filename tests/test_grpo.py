@@ -264,3 +264,11 @@ def test_preset_sets_recipe_and_flags_override():
     a = g.parse_args(["--preset", "vlm-r1", "--lr", "2e-6"])
     assert (a.lr, a.beta, a.num_generations, a.prompts_per_step) == (2e-6, 0.04, 8, 16)
     assert g.parse_args([]).lr == 2e-4
+
+
+def test_help_lists_every_flag_with_its_docstring():
+    out = subprocess.run([sys.executable, os.path.join(ROOT, "grpo_vlm.py"), "--help"], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    for f in g.fields(g.Args):
+        assert f"--{f.name.replace('_', '-')} " in out.stdout
+    assert "T: sampling temperature" in out.stdout
