@@ -66,8 +66,8 @@ def load_image(path):
 # ---------------------------------------------------------------------------------------------
 # Each image holds 2-3 objects, a quarter to two fifths of the image wide, with distinct (colour,
 # shape) pairs on a background whose colour encodes position (red grows left to right, blue top to
-# bottom). The gradient matters: a tiny
-# vision tower learns where a patch is from its colour far faster than from positional encodings.
+# bottom). The gradient matters: a tiny vision tower learns where a patch is from its colour far
+# faster than from positional encodings.
 # A distractor always shares the target's colour or its shape, so the phrase decides the answer.
 COLORS = {"red": (220, 40, 40), "green": (40, 190, 60), "blue": (40, 80, 230), "yellow": (235, 215, 40),
           "purple": (150, 60, 200), "white": (250, 250, 250)}

@@ -5,8 +5,9 @@ that it is half-trained (Acc@0.5 ~0.39 in-domain) and RL has room to teach.
 
     OMP_NUM_THREADS=1 python make_tiny_model.py --out checkpoints/tiny-qwen2.5-vl-rec --sft-steps 1500 --seed 0
 
-The committed checkpoint was made by exactly this command (about 8 CPU minutes; see README). `--arch qwen2_vl` builds the
-same thing as a Qwen2-VL (used by the tests, random weights, 0-1000 coordinates).
+The committed checkpoint was made by exactly this command (about 8 CPU minutes; see README).
+`--arch qwen2_vl` builds the same thing as a Qwen2-VL (used by the tests, random weights, 0-1000
+coordinates).
 """
 
 import argparse
@@ -63,7 +64,7 @@ def init_number_codes(model, tokenizer, dims=32, scale=0.05):
     """Give the integer tokens 0..1000 smooth value codes (sin/cos of n at periods 4..4000) in the first
     `dims` embedding dimensions, the rest staying random. With tied embeddings the same rows are the
     output head, so part of every number's logit is a smooth function of n, and nearby coordinates
-    can share what is learned. (A prior, not a measured win: see README for the ablation.)"""
+    can share what is learned. A prior, not a measured win: `--number-codes 0` builds without it."""
     n = torch.arange(1001, dtype=torch.float32)[:, None]
     periods = torch.logspace(math.log10(4), math.log10(4000), dims // 2)
     angles = 2 * math.pi * n / periods
@@ -79,7 +80,8 @@ def build_model(tokenizer, arch="qwen2_5_vl", seed=0, hidden=128, layers=3, numb
         ("vision_start_token_id", "<|vision_start|>"), ("vision_end_token_id", "<|vision_end|>")]}
     text = dict(vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=3 * hidden, num_hidden_layers=layers,
                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
-                rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [hidden // 32, 3 * hidden // 64, 3 * hidden // 64]},
+                rope_parameters={"rope_type": "default", "rope_theta": 10000.0,  # (t, h, w) split of head_dim / 2
+                                 "mrope_section": [hidden // 32, 3 * hidden // 64, 3 * hidden // 64]},
                 bos_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
                 pad_token_id=tokenizer.pad_token_id)
     if arch == "qwen2_5_vl":

@@ -69,7 +69,9 @@ def main(argv=None):
             m = evaluation.held_out(model, tokenizer, image_processor, coord_space, args.eval_n)
             print(f"eval step {step}: " + " ".join(f"{k}={v:.3f}" for k, v in m.items()
                                                    if k.endswith(("acc50", "center_error", "right_object"))), flush=True)
-    g.save_checkpoint(model, tokenizer, image_processor, args.output_dir)
+    # GRPO's default output folder is runs/rec; SFT's own default is runs/sft, so the two never mix
+    g.save_checkpoint(model, tokenizer, image_processor,
+                      "runs/sft" if args.output_dir == g.Args.output_dir else args.output_dir)
 
 
 if __name__ == "__main__":
