@@ -73,6 +73,11 @@ def held_out(model, tokenizer, image_processor, coord_space, n, splits=("test", 
     return out
 
 
+def eval_line(step, ev, suffixes=("acc50", "center_error", "area_ratio", "right_object")):
+    """One progress line of held_out()'s metrics, for the trainers' logs."""
+    return f"eval step {step}: " + " ".join(f"{k}={v:.3f}" for k, v in ev.items() if k.endswith(suffixes))
+
+
 def synthetic_split(split, n):
     root = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "synthetic")
     return data.load_jsonl(data.make_synthetic(root, split, n), root)

@@ -361,8 +361,7 @@ def train(args):
     def held_out_eval(step):  # greedy, on the synthetic test (in-domain) and ood splits
         ev = evaluation.held_out(model, tokenizer, image_processor, coord_space, args.eval_n)
         log.write(json.dumps({"step": step, **ev}) + "\n")
-        print(f"eval step {step}: " + " ".join(f"{k}={v:.3f}" for k, v in ev.items()
-                                               if k.endswith(("acc50", "center_error", "area_ratio"))), flush=True)
+        print(evaluation.eval_line(step, ev), flush=True)
 
     eval_every = 0 if args.train_data else args.eval_every  # the held-out splits are synthetic
     if eval_every:

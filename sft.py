@@ -67,8 +67,7 @@ def main(argv=None):
             print(f"sft step {step}/{args.steps} loss={loss.item():.4f} {time.time() - t0:.0f}s", flush=True)
         if args.eval_every and not args.train_data and (step % args.eval_every == 0 or step == args.steps):
             m = evaluation.held_out(model, tokenizer, image_processor, coord_space, args.eval_n)
-            print(f"eval step {step}: " + " ".join(f"{k}={v:.3f}" for k, v in m.items()
-                                                   if k.endswith(("acc50", "center_error", "right_object"))), flush=True)
+            print(evaluation.eval_line(step, m), flush=True)
     # GRPO's default output folder is runs/rec; SFT's own default is runs/sft, so the two never mix
     g.save_checkpoint(model, tokenizer, image_processor,
                       "runs/sft" if args.output_dir == g.Args.output_dir else args.output_dir)
