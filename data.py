@@ -33,8 +33,15 @@ def build_messages(problem):
 # ---------------------------------------------------------------------------------------------
 # Real-format reader: VLM-R1 REC JSONL rows with an image root
 # ---------------------------------------------------------------------------------------------
-def load_jsonl(path, image_root):
-    """Read VLM-R1-style JSONL rows; resolve `image` against `image_root`. Errors name file and line."""
+class BadInput(ValueError):
+    """A row or image that cannot be used; the message is one line naming the file and the line."""
+
+
+def load_jsonl(path, image_root, task="rec", skip_bad_rows=False):
+    """Read VLM-R1-style JSONL rows; resolve `image` against `image_root`.
+
+    Returns (rows, bad): with skip_bad_rows, `bad` lists one line per skipped row; without it the
+    first bad row raises BadInput. (Stub: validation is being written.)"""
     rows = []
     with open(path) as f:
         for lineno, line in enumerate(f, 1):
@@ -43,16 +50,16 @@ def load_jsonl(path, image_root):
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
+                raise BadInput(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
             for key in ("image", "problem", "solution"):
                 if key not in row:
-                    raise ValueError(f"{path}:{lineno}: missing key '{key}'")
+                    raise BadInput(f"{path}:{lineno}: missing key '{key}'")
             image = row["image"][0] if isinstance(row["image"], list) else row["image"]
             row["image_path"] = image if os.path.isabs(image) else os.path.join(image_root or "", image)
             rows.append(row)
     if not rows:
-        raise ValueError(f"{path}: no rows")
-    return rows
+        raise BadInput(f"{path}: no rows")
+    return rows, []
 
 
 def load_image(path):

@@ -80,7 +80,7 @@ def eval_line(step, ev, suffixes=("acc50", "center_error", "area_ratio", "right_
 
 def synthetic_split(split, n):
     root = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "synthetic")
-    return data.load_jsonl(data.make_synthetic(root, split, n), root)
+    return data.load_jsonl(data.make_synthetic(root, split, n), root)[0]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -180,7 +180,7 @@ def main():
         model, tokenizer, image_processor, config = g.load_policy(path, device)
         model.eval()
         for split in splits:
-            rows = data.load_jsonl(a.data, a.image_root)[: a.n] if a.data else synthetic_split(split, a.n)
+            rows = data.load_jsonl(a.data, a.image_root)[0][: a.n] if a.data else synthetic_split(split, a.n)
             with torch.no_grad():
                 summary, preds = evaluate(model, tokenizer, image_processor, rows, g.default_coord_space(config),
                                           a.batch_size, a.max_new_tokens)

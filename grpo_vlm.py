@@ -91,6 +91,16 @@ class Args:
     """greedy eval on the synthetic test and ood splits every N steps and at the end (0 or --train-data: never)"""
     eval_n: int = 128
     """held-out images per split for --eval-every"""
+    skip_bad_rows: bool = False
+    """skip and count rows whose JSON, text, box or image is unusable, instead of stopping with an error"""
+    save_every: int = 250
+    """write an atomic checkpoint (model, optimizer, schedule, RNG, data position) every N steps (0: never)"""
+    resume: str = ""
+    """continue from this checkpoint, or from the latest checkpoint in this output folder"""
+    freeze_vision: bool = False
+    """freeze the whole vision tower, merger included (VLM-R1's --freeze_vision_modules)"""
+    max_bad_steps: int = 3
+    """stop, with a checkpoint, after this many steps in a row with a non-finite loss or gradient"""
 
 
 # VLM-R1's REC recipe for a real Qwen2.5-VL (full fine-tune): the defaults above are tuned for the tiny
@@ -316,10 +326,13 @@ def grpo_loss(logps, old_logps, ref_logps, advantages, weights, eps_low, eps_hig
 # The training loop
 # ---------------------------------------------------------------------------------------------
 def load_rows(args):
+    """(rows, bad): the training rows, and one line per row skipped by --skip-bad-rows."""
     if args.train_data:
-        return data.load_jsonl(args.train_data, args.image_root)
-    root = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "synthetic")
-    return data.load_jsonl(data.make_synthetic(root, "train", args.train_size, args.seed), root)
+        path, root = args.train_data, args.image_root
+    else:
+        root = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "synthetic")
+        path = data.make_synthetic(root, "train", args.train_size, args.seed)
+    return data.load_jsonl(path, root, args.task, args.skip_bad_rows)
 
 
 def ground_truths(rows, sizes, coord_space):
@@ -349,7 +362,7 @@ def train(args):
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr, weight_decay=0.0)
-    rows = load_rows(args)
+    rows, bad_rows = load_rows(args)
     eos_id, pad_id = tokenizer.eos_token_id, tokenizer.pad_token_id
     suppress = vision_token_ids(tokenizer)
     G, T = args.num_generations, args.temperature

@@ -44,7 +44,7 @@ def main(argv=None):
     rng = random.Random(args.seed)
     model, tokenizer, image_processor, config = g.load_policy(args.model or g.TINY_MODEL)
     coord_space = g.default_coord_space(config) if args.coord_space == "auto" else args.coord_space
-    rows = g.load_rows(args)
+    rows = g.load_rows(args)[0]
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr)
     model.train()
     B = args.prompts_per_step  # one target per image: at equal --steps and -B, SFT sees the same images as GRPO

@@ -132,7 +132,7 @@ def tiny(request, tmp_path_factory):
 
 def test_left_padding_and_identical_image_copies(tiny):
     model, tok, ip, _ = g.load_policy(tiny)
-    rows = g.load_rows(g.Args(train_size=4))[:2]
+    rows = g.load_rows(g.Args(train_size=4))[0][:2]
     rows[1] = dict(rows[1], problem=rows[1]["problem"] + " please please please")  # forces left padding of row 0
     prompt, _ = g.encode_prompts(rows, tok, ip)
     single, _ = g.encode_prompts(rows[:1], tok, ip)
@@ -221,7 +221,7 @@ def test_sft_target_is_a_perfect_answer_and_lists_objects():
     """The SFT target scores format 1 and IoU ~1 under the GRPO rewards, and lists every object left to right."""
     import sft
 
-    rows = g.load_rows(g.Args(train_size=8))
+    rows = g.load_rows(g.Args(train_size=8))[0]
     gts = g.ground_truths(rows, [(112, 112, 128, 128)] * len(rows), "abs_resized")
     for row, gt in zip(rows, gts):
         text = sft.target_text(row, gt)
@@ -242,7 +242,7 @@ def test_sft_baseline_sees_the_grpo_batches_and_trains(tmp_path, monkeypatch):
     monkeypatch.setattr(g, "encode_prompts", lambda rows, *a, **k: (seen.append([r["image"] for r in rows]), orig(rows, *a, **k))[1])
     sft.main(["--steps", "2", "--prompts-per-step", "3", "--train-size", "16", "--output-dir", str(tmp_path / "sft"),
               "--lr", "1e-2", "--eval-every", "0"])
-    rng, rows = g.random.Random(0), g.load_rows(g.Args(train_size=16))
+    rng, rows = g.random.Random(0), g.load_rows(g.Args(train_size=16))[0]
     assert seen == [[r["image"] for r in rng.sample(rows, 3)] for _ in range(2)]
     before, after = g.load_policy(g.TINY_MODEL)[0].state_dict(), g.load_policy(str(tmp_path / "sft"))[0].state_dict()
     assert any(not torch.equal(before[k], after[k]) for k in before)
