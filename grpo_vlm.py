@@ -13,11 +13,16 @@ Equations (../shared/REFERENCE.md):
 """
 
 import ast
+import contextlib
 import copy
+import glob
 import inspect
 import json
+import math
 import os
 import random
+import shutil
+import signal
 import sys
 import time
 from dataclasses import dataclass, fields
@@ -71,6 +76,10 @@ class Args:
     """advantage std scaling: group, batch or none (Dr. GRPO)"""
     lr: float = 2e-4
     """AdamW learning rate"""
+    lr_schedule: str = "constant"
+    """constant, or linear decay to 0 at --steps (both after --warmup-steps)"""
+    warmup_steps: int = 0
+    """steps of linear learning-rate warm-up from 0"""
     max_grad_norm: float = 1.0
     """gradient clipping norm"""
     micro_batch_size: int = 16
@@ -142,7 +151,8 @@ def parse_args(argv=None):
 # Qwen2.5-VL's processor needs torchvision for videos. Tokenizer + image-only processor suffice.
 # ---------------------------------------------------------------------------------------------
 def load_policy(path, device="cpu"):
-    from transformers import AutoConfig, AutoModelForImageTextToText, AutoTokenizer, Qwen2VLImageProcessorPil
+    from transformers import (AutoConfig, AutoModelForImageTextToText, AutoTokenizer, GenerationConfig,
+                              Qwen2VLImageProcessorPil)
     from transformers.utils import cached_file
 
     dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
@@ -154,6 +164,10 @@ def load_policy(path, device="cpu"):
         attn = "sdpa"
     config = AutoConfig.from_pretrained(path)
     model = AutoModelForImageTextToText.from_pretrained(path, dtype=dtype, attn_implementation=attn).to(device)
+    # Rollouts must come from exactly the policy the loss scores. Hub generation_config files may set a
+    # repetition penalty, top-k or top-p (Qwen's Instruct checkpoints do), and generate() would apply
+    # them to every rollout; an empty config leaves only what sample_group asks for.
+    model.generation_config = GenerationConfig()
     tokenizer = AutoTokenizer.from_pretrained(path, padding_side="left")
     if tokenizer.chat_template is None:  # real Qwen checkpoints keep it beside the processor
         with open(cached_file(path, "chat_template.json")) as f:
@@ -198,19 +212,55 @@ def repeat_images(pixel_values, image_grid_thw, G):
 
 # ---------------------------------------------------------------------------------------------
 # Group sampling: G completions per prompt, batched, with the KV cache of HF generate.
+# A token is drawn as argmax(logits / T + Gumbel noise), which is an exact sample of softmax(logits / T)
+# (the Gumbel-max trick). The noise is a hash of (seed, step, completion index, position, token id), so
+# a completion depends only on the model and its index: one process or two, before or after a resume,
+# the same completions are drawn. (torch's sampler draws from one stream shared by the whole batch.)
 # ---------------------------------------------------------------------------------------------
+M32 = 0xFFFFFFFF
+
+
+def hash32(x):
+    """A bijective 32-bit integer hash (Wellons' lowbias32), elementwise on an int64 tensor."""
+    x = x & M32
+    x = ((x ^ (x >> 16)) * 0x7FEB352D) & M32
+    x = ((x ^ (x >> 15)) * 0x846CA68B) & M32
+    return x ^ (x >> 16)
+
+
+def sample_keys(seed, step, indices):
+    """One key per completion: its global index in the step's batch, hashed with the seed and step."""
+    base = hash32(hash32(torch.tensor(seed)) + step)
+    return hash32(base + torch.as_tensor(indices))
+
+
+class GumbelSampler:
+    """A logits processor: scores / T + Gumbel(hash(key, position, token)); generate() then takes the argmax."""
+
+    def __init__(self, keys, temperature, prompt_len):
+        self.keys, self.T, self.prompt_len = keys, temperature, prompt_len
+
+    def __call__(self, input_ids, scores):
+        pos = input_ids.shape[1] - self.prompt_len
+        row = hash32(self.keys.to(scores.device) + hash32(torch.tensor(pos, device=scores.device)))
+        bits = hash32(row[:, None] + torch.arange(scores.shape[1], device=scores.device))
+        u = (bits.double() + 0.5) / 2**32  # uniform in (0, 1), never 0 or 1
+        return scores.float() / self.T - torch.log(-torch.log(u)).float()
+
+
 @torch.no_grad()
-def sample_group(model, prompt, G, max_new_tokens, temperature, eos_id, pad_id, suppress, greedy=False):
+def sample_group(model, prompt, G, max_new_tokens, temperature, eos_id, pad_id, suppress, keys=None):
+    """G completions per prompt: sampled at `temperature` with one key per completion, or greedy if keys is None."""
     ids = prompt["input_ids"].repeat_interleave(G, 0)
     mask = prompt["attention_mask"].repeat_interleave(G, 0)
     pixel_values, grid = repeat_images(prompt["pixel_values"], prompt["image_grid_thw"], G)
     was_training = model.training
     model.eval()
+    sampler = [GumbelSampler(keys, temperature, ids.shape[1])] if keys is not None else []
     out = model.generate(
         input_ids=ids, attention_mask=mask, pixel_values=pixel_values, image_grid_thw=grid,
         mm_token_type_ids=mm_types(ids, model.config.image_token_id), max_new_tokens=max_new_tokens,
-        do_sample=not greedy, temperature=temperature if not greedy else None, top_p=1.0, top_k=0,
-        eos_token_id=eos_id, pad_token_id=pad_id, suppress_tokens=suppress,
+        do_sample=False, logits_processor=sampler, eos_token_id=eos_id, pad_token_id=pad_id, suppress_tokens=suppress,
     )
     model.train(was_training)
     completion = out[:, ids.shape[1]:]
@@ -340,13 +390,103 @@ def ground_truths(rows, sizes, coord_space):
              "coord_space": coord_space} for r, (w, h, W, H) in zip(rows, sizes)]
 
 
+# ---------------------------------------------------------------------------------------------
+# Several processes (torchrun): PyTorch's DDP averages gradients; everything else is ours to get right.
+# Each process samples whole groups, so advantages (2) never see a split group; rewards and masks
+# are gathered so that advantages and the aggregation weights (6) are those of the global batch.
+# ---------------------------------------------------------------------------------------------
+def setup_distributed():
+    """(rank, world size, device); a single process when not launched by torchrun."""
+    if "RANK" not in os.environ:
+        return 0, 1, "cuda" if torch.cuda.is_available() else "cpu"
+    import datetime
+
+    import torch.distributed as dist
+
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    device = "cpu"
+    if backend == "nccl":
+        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+        device = f"cuda:{os.environ['LOCAL_RANK']}"
+    # a rank that dies or hangs makes the others fail after this long instead of waiting forever
+    dist.init_process_group(backend, timeout=datetime.timedelta(minutes=30))
+    return dist.get_rank(), dist.get_world_size(), device
+
+
+def gather(x, world):
+    """Concatenate a tensor over processes in rank order (each process holds equal-sized pieces)."""
+    if world == 1:
+        return x
+    parts = [torch.empty_like(x) for _ in range(world)]
+    torch.distributed.all_gather(parts, x.contiguous())
+    return torch.cat(parts)
+
+
+def all_sum(x, world):
+    if world > 1:
+        torch.distributed.all_reduce(x)
+    return x
+
+
+class Policy(torch.nn.Module):
+    """The training forward (completion log-probs) as one module, so DDP can wrap exactly what backward runs."""
+
+    def __init__(self, model, T, chunk):
+        super().__init__()
+        self.model, self.T, self.chunk = model, T, chunk
+
+    def forward(self, *inputs):
+        return completion_logps(self.model, *inputs, self.T, self.chunk)
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoints: model (save_pretrained), optimizer, step, prompt sampler state and RNG states, written
+# to a temporary folder and renamed, so a crash mid-write never leaves a half checkpoint behind.
+# The learning rate is a function of the step (lr_at), so the step is the schedule's whole state.
+# ---------------------------------------------------------------------------------------------
+RUN_DEFINING = ("model", "task", "train_data", "seed", "prompts_per_step", "num_generations", "train_size",
+                "freeze_vision")
+
+
+def save_state(args, step, model, tokenizer, image_processor, opt, rng, extra):
+    final = os.path.join(args.output_dir, f"checkpoint-{step:06d}")
+    tmp = os.path.join(args.output_dir, f".tmp-checkpoint-{step:06d}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    save_checkpoint(model, tokenizer, image_processor, tmp, quiet=True)
+    torch.save({"step": step, "args": vars(args), "optimizer": opt.state_dict(), "prompt_rng": rng.getstate(),
+                "torch_rng": torch.get_rng_state(), **extra}, os.path.join(tmp, "trainer_state.pt"))
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+    for old in sorted(glob.glob(os.path.join(args.output_dir, "checkpoint-*")))[:-2]:  # keep the last two
+        shutil.rmtree(old, ignore_errors=True)
+    print(f"saved checkpoint {final}", flush=True)
+    return final
+
+
+def find_checkpoint(path):
+    """`path` itself if it is a checkpoint, else the latest checkpoint-* inside it."""
+    if os.path.exists(os.path.join(path, "trainer_state.pt")):
+        return path
+    found = sorted(glob.glob(os.path.join(path, "checkpoint-*", "trainer_state.pt")))
+    if not found:
+        sys.exit(f"error: --resume {path}: no checkpoint there (expected trainer_state.pt or checkpoint-*/)")
+    return os.path.dirname(found[-1])
+
+
+def lr_at(args, step):
+    """Linear warm-up over --warmup-steps, then constant or linear decay to 0 at --steps."""
+    warm = min(1.0, step / args.warmup_steps) if args.warmup_steps else 1.0
+    if args.lr_schedule == "linear":
+        return args.lr * warm * min(1.0, max(0.0, (args.steps - step + 1) / max(1, args.steps - args.warmup_steps)))
+    return args.lr * warm
+
+
 def train(args):
     import eval as evaluation  # held-out metrics and the plot; imported here because eval.py imports us
-    torch.manual_seed(args.seed)
-    rng = random.Random(args.seed)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    model, tokenizer, image_processor, config = load_policy(args.model or TINY_MODEL, device)
-    coord_space = default_coord_space(config) if args.coord_space == "auto" else args.coord_space
+    rank, world, device = setup_distributed()
+    main = rank == 0
+    if args.prompts_per_step % world:
+        sys.exit(f"error: --prompts-per-step {args.prompts_per_step} must be a multiple of the {world} processes")
     if args.task not in rewards.TASK_REWARDS:
         sys.exit(f"error: --task {args.task!r} is not supported; choose from {sorted(rewards.TASK_REWARDS)}")
     weights = dict(rewards.TASK_REWARDS[args.task])
@@ -355,92 +495,192 @@ def train(args):
         if k not in rewards.REWARDS:
             sys.exit(f"error: unknown reward {k!r}; known: {sorted(rewards.REWARDS)}")
         weights[k] = float(w)
+    try:  # every row and image is checked before any model is loaded
+        rows, bad_rows = load_rows(args)
+    except data.BadInput as e:
+        sys.exit(f"error: {e}")
+    torch.manual_seed(args.seed)
+    rng = random.Random(args.seed)  # the prompt sampler: its state is the data position
+    start, state = 0, None
+    if args.resume:
+        ckpt = find_checkpoint(args.resume)
+        state = torch.load(os.path.join(ckpt, "trainer_state.pt"), weights_only=False)
+        changed = [k for k in RUN_DEFINING if state["args"][k] != getattr(args, k)]
+        if changed:
+            sys.exit(f"error: --resume {ckpt} was made with different " +
+                     ", ".join(f"--{k.replace('_', '-')} ({state['args'][k]!r} there, {getattr(args, k)!r} here)"
+                               for k in changed))
+        start = state["step"]
+        rng.setstate(state["prompt_rng"])
+        torch.set_rng_state(state["torch_rng"])
+    base = args.model or TINY_MODEL
+    model, tokenizer, image_processor, config = load_policy(ckpt if state else base, device)
+    coord_space = default_coord_space(config) if args.coord_space == "auto" else args.coord_space
     ref_model = None
-    if args.beta > 0:  # frozen copy of the policy, same class, no grads
-        ref_model = copy.deepcopy(model).eval().requires_grad_(False)
+    if args.beta > 0:  # the frozen reference is the starting model, also after a resume
+        ref_model = (load_policy(base, device)[0] if state else copy.deepcopy(model)).eval().requires_grad_(False)
+    if args.freeze_vision:
+        model.model.visual.requires_grad_(False)
     if args.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()
+    policy = Policy(model, args.temperature, args.logp_chunk)
+    if world > 1:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        policy = DDP(policy, device_ids=[torch.cuda.current_device()] if device.startswith("cuda") else None,
+                     broadcast_buffers=False)  # every process loaded the same weights; buffers are constants
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr, weight_decay=0.0)
-    rows, bad_rows = load_rows(args)
+    if state:
+        opt.load_state_dict(state["optimizer"])
     eos_id, pad_id = tokenizer.eos_token_id, tokenizer.pad_token_id
     suppress = vision_token_ids(tokenizer)
-    G, T = args.num_generations, args.temperature
+    B, G, T = args.prompts_per_step, args.num_generations, args.temperature
+    b = B // world  # prompts per process
     os.makedirs(args.output_dir, exist_ok=True)
-    log = open(os.path.join(args.output_dir, "metrics.jsonl"), "w")
-    print(f"GRPO {args.task}: {len(rows)} prompts, B={args.prompts_per_step} G={G} T={T} beta={args.beta} "
-          f"coords={coord_space} weights={weights} device={device}", flush=True)
+    metrics_path = os.path.join(args.output_dir, "metrics.jsonl")
+    kept = []
+    if state and os.path.exists(metrics_path):  # drop rows a crashed run wrote after its last checkpoint
+        kept = [x for x in open(metrics_path) if x.strip() and json.loads(x).get("step", 0) <= start]
+    log = open(metrics_path, "w") if main else None
+    if log:
+        log.writelines(kept)
+    bad_rows = (state or {}).get("bad_rows", bad_rows)
+    if main:
+        print(f"GRPO {args.task}: {len(rows)} prompts, B={B} G={G} T={T} beta={args.beta} coords={coord_space} "
+              f"weights={weights} device={device} processes={world}" + (f", resumed at step {start}" if state else ""),
+              flush=True)
+        if bad_rows:
+            print(f"skipped {len(bad_rows)} bad rows (--skip-bad-rows):", *bad_rows[:10], sep="\n  ", flush=True)
+            log.write(json.dumps({"step": start, "bad_rows": len(bad_rows)}) + "\n")
 
-    def held_out_eval(step):  # greedy, on the synthetic test (in-domain) and ood splits
-        ev = evaluation.held_out(model, tokenizer, image_processor, coord_space, args.eval_n)
-        log.write(json.dumps({"step": step, **ev}) + "\n")
-        print(evaluation.eval_line(step, ev), flush=True)
+    def held_out_eval(step):  # greedy, on the synthetic test (in-domain) and ood splits; the main process only
+        if main:
+            ev = evaluation.held_out(model, tokenizer, image_processor, coord_space, args.eval_n)
+            log.write(json.dumps({"step": step, **ev}) + "\n")
+            print(evaluation.eval_line(step, ev), flush=True)
+        if world > 1:
+            torch.distributed.barrier()
+
+    def checkpoint_now(step):  # the main process writes; the others wait for it
+        if main:
+            save_state(args, step, model, tokenizer, image_processor, opt, rng,
+                       {"bad_rows": bad_rows, "bad_steps": bad_steps})
+        if world > 1:
+            torch.distributed.barrier()
+        return os.path.join(args.output_dir, f"checkpoint-{step:06d}")
 
     eval_every = 0 if args.train_data else args.eval_every  # the held-out splits are synthetic
-    if eval_every:
+    if eval_every and not state:
         held_out_eval(0)  # the starting point of the curves
-    for step in range(1, args.steps + 1):
+    bad_steps = (state or {}).get("bad_steps", 0)
+    for step in range(start + 1, args.steps + 1):
         t0 = time.time()
-        batch = rng.sample(rows, args.prompts_per_step)
-        prompt, sizes = encode_prompts(batch, tokenizer, image_processor, device)
-        completion_ids = sample_group(model, prompt, G, args.max_completion_length, T, eos_id, pad_id, suppress)
+        for group in opt.param_groups:
+            group["lr"] = lr_at(args, step)
+        batch = rng.sample(rows, B)  # the same on every process; each takes its own b prompts
+        mine = batch[rank * b:(rank + 1) * b]
+        try:
+            prompt, sizes = encode_prompts(mine, tokenizer, image_processor, device)
+        except data.BadInput as e:  # an image that passed the upfront check fails now (changed on disk?)
+            sys.exit(f"error: {e} (step {step}; last checkpoint in {args.output_dir}; --resume after fixing it)")
+        keys = sample_keys(args.seed, step, range(rank * b * G, (rank + 1) * b * G))
+        completion_ids = sample_group(model, prompt, G, args.max_completion_length, T, eos_id, pad_id, suppress, keys)
         mask = completion_mask(completion_ids, eos_id)
         texts = [tokenizer.decode(c[: int(m.sum())], skip_special_tokens=True) for c, m in zip(completion_ids, mask)]
-        gts = [gt for gt in ground_truths(batch, sizes, coord_space) for _ in range(G)]
+        gts = [gt for gt in ground_truths(mine, sizes, coord_space) for _ in range(G)]
         r, components = compute_rewards(texts, gts, weights)
-        advantages = group_advantages(r, G, args.scale_rewards).to(device)
+        # (2) and (6) over the global batch, then this process's rows. DDP averages gradients over the
+        # processes, so the weights are scaled by `world` to make the sum of all processes' losses.
+        mine_rows = slice(rank * b * G, (rank + 1) * b * G)
+        r_all = gather(r.to(device), world)
+        advantages = group_advantages(r_all, G, args.scale_rewards)[mine_rows]
+        w = token_weights(gather(mask, world), args.loss_agg)[mine_rows] * world
         prompt_ids = prompt["input_ids"].repeat_interleave(G, 0)
         prompt_mask = prompt["attention_mask"].repeat_interleave(G, 0)
         pixel_values, grid = repeat_images(prompt["pixel_values"], prompt["image_grid_thw"], G)
-        w = token_weights(mask, args.loss_agg)
         mbs = [slice(i, i + args.micro_batch_size) for i in range(0, len(completion_ids), args.micro_batch_size)]
         patches = grid.prod(-1)
 
         def inputs(s):
-            start = int(patches[: s.start].sum())
-            stop = int(patches[: s.stop].sum())
-            return prompt_ids[s], prompt_mask[s], pixel_values[start:stop], grid[s], completion_ids[s], mask[s]
+            p0, p1 = int(patches[: s.start].sum()), int(patches[: s.stop].sum())
+            return prompt_ids[s], prompt_mask[s], pixel_values[p0:p1], grid[s], completion_ids[s], mask[s]
 
         with torch.no_grad():  # old and reference log-probs, stored at rollout time
             old = [completion_logps(model, *inputs(s), T, args.logp_chunk) for s in mbs] if args.mu > 1 else None
             ref = [completion_logps(ref_model, *inputs(s), T, args.logp_chunk) for s in mbs] if ref_model else None
-        stats = {"kl_sum": 0.0, "clip_sum": 0.0}
+        totals = torch.zeros(3, device=device)  # loss, KL sum, clipped-token count, over this process's tokens
+        skipped = 0
         for _ in range(args.mu):
+            pass_loss = 0.0
             for j, s in enumerate(mbs):
-                logps = completion_logps(model, *inputs(s), T, args.logp_chunk)
-                old_logps = old[j] if old is not None else logps.detach()
-                ref_logps = ref[j] if ref is not None else None
-                loss, st = grpo_loss(logps, old_logps, ref_logps, advantages[s], w[s], args.eps_low,
-                                     args.eps_high, args.beta)
-                loss.backward()
-                for k in stats:
-                    stats[k] += st[k] / args.mu
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
-            opt.step()
+                # DDP syncs gradients in the last micro-batch's backward only (no_sync for the others)
+                sync = world == 1 or j == len(mbs) - 1
+                with policy.no_sync() if not sync else contextlib.nullcontext():
+                    logps = policy(*inputs(s))
+                    old_logps = old[j] if old is not None else logps.detach()
+                    ref_logps = ref[j] if ref is not None else None
+                    loss, st = grpo_loss(logps, old_logps, ref_logps, advantages[s], w[s], args.eps_low,
+                                         args.eps_high, args.beta)
+                    loss.backward()
+                pass_loss += loss.item() / world
+                totals += torch.tensor([loss.item() / world, st["kl_sum"] / args.mu, st["clip_sum"] / args.mu],
+                                       device=device)
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)  # synced by DDP
+            finite = all_sum(torch.tensor(float(math.isfinite(pass_loss)), device=device), world).item() == world
+            if finite and torch.isfinite(grad_norm):
+                opt.step()
+            else:  # a NaN/inf loss or gradient: skip this update rather than poison the weights
+                skipped += 1
             opt.zero_grad(set_to_none=True)
-        n_tok = mask.sum().item()
-        m = {"step": step, "reward": r.mean().item(), **{f"reward_{k}": v.mean().item() for k, v in components.items()},
-             "reward_std": r.std().item(), "kl": stats["kl_sum"] / n_tok, "clip_frac": stats["clip_sum"] / n_tok,
-             "completion_len": mask.sum(1).mean().item(), "grad_norm": float(grad_norm), "seconds": time.time() - t0}
-        log.write(json.dumps(m) + "\n")
-        log.flush()
-        comp = " ".join(f"{k}={components[k].mean():.3f}" for k in components)
-        print(f"step {step}/{args.steps} reward={m['reward']:.3f} {comp} kl={m['kl']:.4f} "
-              f"clip={m['clip_frac']:.3f} len={m['completion_len']:.1f} {m['seconds']:.2f}s", flush=True)
-        if args.sample_every and (step % args.sample_every == 0 or step == 1):
-            for i in range(0, min(2 * G, len(texts)), G):
-                print(f"  [{batch[i // G]['problem'][-40:]}] gt={batch[i // G]['solution']} -> {texts[i]!r} "
-                      f"r={r[i]:.2f}", flush=True)
+        all_sum(totals, world)
+        n_tok = gather(mask, world).sum().item()
+        m = {"step": step, "reward": r_all.mean().item(), "reward_std": r_all.std().item(),
+             **{f"reward_{k}": gather(v.to(device), world).mean().item() for k, v in components.items()},
+             "loss": totals[0].item() / args.mu, "kl": totals[1].item() / n_tok, "clip_frac": totals[2].item() / n_tok,
+             "completion_len": n_tok / (B * G), "grad_norm": float(grad_norm), "lr": lr_at(args, step),
+             "seconds": time.time() - t0}
+        if skipped:
+            m["skipped_updates"] = skipped
+        bad_steps = bad_steps + 1 if skipped else 0
+        if main:
+            log.write(json.dumps(m) + "\n")
+            log.flush()
+            comp = " ".join(f"{k}={m['reward_' + k]:.3f}" for k in components)
+            print(f"step {step}/{args.steps} reward={m['reward']:.3f} {comp} kl={m['kl']:.4f} "
+                  f"clip={m['clip_frac']:.3f} len={m['completion_len']:.1f} {m['seconds']:.2f}s"
+                  + (f"  SKIPPED: non-finite loss or gradient ({bad_steps} in a row)" if skipped else ""), flush=True)
+            if args.sample_every and (step % args.sample_every == 0 or step == 1):
+                for i in range(0, min(2 * G, len(texts)), G):
+                    print(f"  [{mine[i // G]['problem'][-40:]}] gt={mine[i // G]['solution']} -> {texts[i]!r} "
+                          f"r={r[i]:.2f}", flush=True)
         if eval_every and (step % eval_every == 0 or step == args.steps):
             held_out_eval(step)
-    log.close()
-    evaluation.plot_metrics(os.path.join(args.output_dir, "metrics.jsonl"), os.path.join(args.output_dir, "curves.png"))
+        if bad_steps >= args.max_bad_steps:
+            path = checkpoint_now(step)
+            sys.exit(f"error: {bad_steps} steps in a row had a non-finite loss or gradient (lower --lr?); "
+                     f"weights before them saved in {path}")
+        interrupted = all_sum(torch.tensor(float("signal" in STOP), device=device), world).item() > 0
+        if interrupted or (args.save_every and (step % args.save_every == 0 or step == args.steps)):
+            path = checkpoint_now(step)
+            if interrupted:
+                print(f"interrupted at step {step}: resume with --resume {path}", flush=True)
+                sys.exit(128 + STOP.get("signal", signal.SIGINT))
+    if log:
+        log.close()
     final = os.path.join(args.output_dir, "final")
-    save_checkpoint(model, tokenizer, image_processor, final)
+    if main:
+        if bad_rows:
+            print(f"{len(bad_rows)} bad rows were skipped (see the top of this log and metrics.jsonl)", flush=True)
+        evaluation.plot_metrics(metrics_path, os.path.join(args.output_dir, "curves.png"))
+        save_checkpoint(model, tokenizer, image_processor, final)
+    if world > 1:
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
     return final
 
 
-def save_checkpoint(model, tokenizer, image_processor, out):
+def save_checkpoint(model, tokenizer, image_processor, out, quiet=False):
     """Model + tokenizer + image processor + chat template: what load_policy and eval.py read."""
     os.makedirs(out, exist_ok=True)
     model.save_pretrained(out)
@@ -448,8 +688,21 @@ def save_checkpoint(model, tokenizer, image_processor, out):
     image_processor.save_pretrained(out)
     with open(os.path.join(out, "chat_template.json"), "w") as f:
         json.dump({"chat_template": tokenizer.chat_template}, f)
-    print(f"saved {out}", flush=True)
+    if not quiet:
+        print(f"saved {out}", flush=True)
+
+
+# Ctrl-C / SIGTERM (set when run as a script): the loop finishes its step, saves a checkpoint and exits
+# with 128 + the signal number. A second Ctrl-C kills at once.
+STOP = {}
+
+
+def on_signal(signum, frame):
+    STOP["signal"] = signum
+    signal.signal(signum, signal.SIG_DFL)
 
 
 if __name__ == "__main__":
+    for s in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(s, on_signal)
     train(parse_args())

@@ -1,0 +1,149 @@
+"""Issue 6: sampling that does not depend on who samples, two processes, exact resume, signals, NaN, frozen vision."""
+import json
+import os
+import signal
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+import grpo_vlm as g  # noqa: E402
+
+SMALL = ["--prompts-per-step", "2", "--num-generations", "4", "--max-completion-length", "48", "--train-size", "16",
+         "--sample-every", "0", "--lr", "1e-3"]
+
+
+def params(run_dir, sub="final"):
+    return load_file(os.path.join(run_dir, sub, "model.safetensors"))
+
+
+def metrics(run_dir):
+    rows = [json.loads(x) for x in open(os.path.join(run_dir, "metrics.jsonl"))]
+    return [{k: v for k, v in r.items() if k != "seconds"} for r in rows]  # wall time is the only free field
+
+
+def test_gumbel_sampler_draws_from_softmax_at_temperature():
+    p = torch.tensor([0.5, 0.3, 0.15, 0.05])
+    n = 40_000
+    for T in (1.0, 2.0):
+        scores = p.log().expand(n, 4).clone()
+        sampler = g.GumbelSampler(g.sample_keys(0, 1, range(n)), T, prompt_len=3)
+        draws = sampler(torch.zeros(n, 5, dtype=torch.long), scores).argmax(-1)
+        freq = torch.bincount(draws, minlength=4).float() / n
+        expect = torch.softmax(p.log() / T, -1)
+        assert (freq - expect).abs().max() < 0.01, (T, freq, expect)  # 4 sigma at n=40k is ~0.01
+    # a new position or a new step draws new noise
+    s = g.GumbelSampler(g.sample_keys(0, 1, range(4)), 1.0, 3)
+    assert not torch.equal(s(torch.zeros(4, 5, dtype=torch.long), torch.zeros(4, 9)),
+                           s(torch.zeros(4, 6, dtype=torch.long), torch.zeros(4, 9)))
+
+
+def test_a_completion_depends_on_its_key_not_on_the_batch():
+    """What makes 1 and 2 processes (and a resumed run) draw the same completions."""
+    model, tok, ip, _ = g.load_policy(g.TINY_MODEL)
+    rows = g.load_rows(g.Args(train_size=4))[0][:2]
+    args = (16, 1.0, tok.eos_token_id, tok.pad_token_id, g.vision_token_ids(tok))
+    both = g.sample_group(model, g.encode_prompts(rows, tok, ip)[0], 3, *args, keys=g.sample_keys(0, 5, range(6)))
+    second = g.sample_group(model, g.encode_prompts(rows[1:], tok, ip)[0], 3, *args, keys=g.sample_keys(0, 5, range(3, 6)))
+    assert torch.equal(both[3:], second)
+    assert len({tuple(c.tolist()) for c in both[:3]}) > 1  # and the G samples of a prompt differ
+
+
+def test_two_processes_make_the_same_update_as_one(tmp_path):
+    """torchrun with 2 gloo processes, one prompt each, equals one process with both prompts. Token-mean
+    aggregation and batch-std advantages make the test depend on the global normalisation."""
+    flags = SMALL + ["--steps", "2", "--micro-batch-size", "4", "--eval-every", "0", "--save-every", "0",
+                     "--loss-agg", "token", "--scale-rewards", "batch"]
+    env = dict(os.environ, OMP_NUM_THREADS="1")  # the same float rounding in both runs
+    two = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    for launcher, out, n in ((two, "two", 2), ([sys.executable], "one", 1)):
+        res = subprocess.run(launcher + [os.path.join(ROOT, "grpo_vlm.py"), *flags, "--output-dir", str(tmp_path / out)],
+                             capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
+        assert res.returncode == 0, res.stderr[-3000:]
+        assert f"processes={n}" in res.stdout
+    one, two_ = params(tmp_path / "one"), params(tmp_path / "two")
+    base = load_file(os.path.join(g.TINY_MODEL, "model.safetensors"))
+    assert max((one[k] - base[k]).abs().max() for k in one) > 1e-4  # the step did move the weights
+    assert all(torch.allclose(one[k], two_[k], rtol=0, atol=1e-6) for k in one)
+    m1, m2 = metrics(tmp_path / "one"), metrics(tmp_path / "two")
+    assert [r["reward"] for r in m1] == pytest.approx([r["reward"] for r in m2], abs=1e-6)
+    assert [r["loss"] for r in m1] == pytest.approx([r["loss"] for r in m2], abs=1e-6)
+
+
+def test_resume_equals_an_uninterrupted_run(tmp_path):
+    flags = SMALL + ["--eval-every", "2", "--eval-n", "4", "--save-every", "2"]
+    g.train(g.parse_args(flags + ["--steps", "4", "--output-dir", str(tmp_path / "a")]))
+    g.train(g.parse_args(flags + ["--steps", "2", "--output-dir", str(tmp_path / "b")]))
+    with open(tmp_path / "b" / "metrics.jsonl", "a") as f:  # a crashed run's rows after its last checkpoint
+        f.write(json.dumps({"step": 3, "reward": -1.0}) + "\n")
+    g.train(g.parse_args(flags + ["--steps", "4", "--output-dir", str(tmp_path / "b"), "--resume", str(tmp_path / "b")]))
+    a, b = params(tmp_path / "a"), params(tmp_path / "b")
+    assert all(torch.equal(a[k], b[k]) for k in a)  # bit for bit
+    assert metrics(tmp_path / "a") == metrics(tmp_path / "b")
+    assert sorted(os.listdir(tmp_path / "b")) == ["checkpoint-000002", "checkpoint-000004", "curves.png", "final",
+                                                  "metrics.jsonl"]  # no temporary folder left behind
+    with pytest.raises(SystemExit, match="different --seed"):
+        g.train(g.parse_args(flags + ["--steps", "6", "--seed", "1", "--output-dir", str(tmp_path / "b"),
+                                      "--resume", str(tmp_path / "b")]))
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_signal_saves_a_checkpoint_and_exits_cleanly(tmp_path, sig):
+    cmd = [sys.executable, os.path.join(ROOT, "grpo_vlm.py"), *SMALL, "--eval-every", "0", "--save-every", "0",
+           "--output-dir", str(tmp_path)]
+    proc = subprocess.Popen(cmd + ["--steps", "1000"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            cwd=ROOT)
+    lines = []
+    for line in proc.stdout:  # wait until training runs, then interrupt it mid-run
+        lines.append(line)
+        if line.startswith("step 2/"):
+            proc.send_signal(sig)
+    out = "".join(lines)
+    assert proc.wait(timeout=120) == 128 + sig, out[-2000:]
+    assert "Traceback" not in out and "interrupted at step" in out
+    step = int(out.split("interrupted at step ")[1].split(":")[0])
+    assert step >= 2 and os.path.exists(tmp_path / f"checkpoint-{step:06d}" / "trainer_state.pt")
+    res = subprocess.run(cmd + ["--steps", str(step + 1), "--resume", str(tmp_path)], capture_output=True, text=True,
+                         cwd=ROOT)
+    assert res.returncode == 0 and f"step {step + 1}/{step + 1}" in res.stdout, res.stderr[-2000:]
+
+
+def test_nonfinite_steps_are_skipped_then_the_run_stops(tmp_path, monkeypatch):
+    real, calls = g.grpo_loss, []
+
+    def poisoned(*a, **k):  # NaN loss on the 2nd call (= step 2: one micro-batch per step)
+        loss, st = real(*a, **k)
+        calls.append(1)
+        return (loss * float("nan"), st) if len(calls) in nan_calls else (loss, st)
+
+    monkeypatch.setattr(g, "grpo_loss", poisoned)
+    flags = SMALL + ["--eval-every", "0", "--save-every", "0"]
+    nan_calls = {2}
+    g.train(g.parse_args(flags + ["--steps", "3", "--output-dir", str(tmp_path / "a")]))
+    m = metrics(tmp_path / "a")
+    assert [r.get("skipped_updates", 0) for r in m] == [0, 1, 0]  # logged, and the run went on
+    calls.clear()
+    nan_calls = set(range(100))
+    with pytest.raises(SystemExit, match="2 steps in a row had a non-finite"):
+        g.train(g.parse_args(flags + ["--steps", "5", "--max-bad-steps", "2", "--output-dir", str(tmp_path / "b")]))
+    saved, base = params(tmp_path / "b", "checkpoint-000002"), load_file(os.path.join(g.TINY_MODEL, "model.safetensors"))
+    assert all(torch.equal(saved[k], base[k]) for k in base)  # no NaN step ever touched the weights
+
+
+def test_freeze_vision_keeps_the_vision_tower(tmp_path):
+    g.train(g.parse_args(SMALL + ["--steps", "2", "--eval-every", "0", "--save-every", "0", "--freeze-vision", "true",
+                                  "--output-dir", str(tmp_path)]))
+    after, base = params(tmp_path), load_file(os.path.join(g.TINY_MODEL, "model.safetensors"))
+    vision = [k for k in base if k.startswith("visual.")]
+    assert vision and all(torch.equal(after[k], base[k]) for k in vision)
+    assert any(not torch.equal(after[k], base[k]) for k in base if k not in vision)
+
+
+def test_lr_schedule():
+    a = g.Args(lr=1.0, steps=10, warmup_steps=2, lr_schedule="linear")
+    assert [round(g.lr_at(a, s), 3) for s in (1, 2, 3, 10)] == [0.5, 1.0, 1.0, 0.125]
+    assert g.lr_at(g.Args(lr=1.0, steps=10), 7) == 1.0
