@@ -10,8 +10,10 @@ loading path as RefCOCO:
 """
 
 import json
+import math
 import os
 import random
+import warnings
 
 from PIL import Image, ImageDraw
 
@@ -37,35 +39,132 @@ class BadInput(ValueError):
     """A row or image that cannot be used; the message is one line naming the file and the line."""
 
 
-def load_jsonl(path, image_root, task="rec", skip_bad_rows=False):
-    """Read VLM-R1-style JSONL rows; resolve `image` against `image_root`.
+MIN_SIDE = 28  # px: one merged vision token of Qwen2/2.5-VL (patch 14 x merge 2); smaller images hold less than one
+MAX_ASPECT = 200  # Qwen2-VL's image processor (smart_resize) raises above this aspect ratio
+BOX_SLACK = 1.0  # px a box may stick out of the image (rounding in converted annotations)
 
-    Returns (rows, bad): with skip_bad_rows, `bad` lists one line per skipped row; without it the
-    first bad row raises BadInput. (Stub: validation is being written.)"""
-    rows = []
-    with open(path) as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise BadInput(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
-            for key in ("image", "problem", "solution"):
-                if key not in row:
-                    raise BadInput(f"{path}:{lineno}: missing key '{key}'")
-            image = row["image"][0] if isinstance(row["image"], list) else row["image"]
-            row["image_path"] = image if os.path.isabs(image) else os.path.join(image_root or "", image)
-            rows.append(row)
-    if not rows:
-        raise BadInput(f"{path}: no rows")
-    return rows, []
+
+def _short(v, n=60):
+    s = json.dumps(v, ensure_ascii=False)
+    return s if len(s) <= n else s[: n - 3] + "..."
+
+
+def _open_image(path, use):
+    """use(PIL image) on the opened file; any failure becomes a one-line BadInput naming the file.
+    PIL's DecompressionBombWarning (above 89 MP) is silenced: the image processor resizes such images down;
+    above 179 MP PIL raises DecompressionBombError instead, and the image is rejected."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(path) as im:
+                return use(im)
+    except Exception as e:  # whatever PIL raises on a bad file: OSError, SyntaxError, ValueError, ...
+        if isinstance(e, MemoryError):
+            raise
+        if isinstance(e, FileNotFoundError):
+            why = "not found"
+        elif isinstance(e, Image.UnidentifiedImageError):
+            why = "is not an image file PIL can read"
+        elif isinstance(e, Image.DecompressionBombError):
+            why = f"is too large ({e})"
+        elif isinstance(e, OSError) and e.strerror:
+            why = f"cannot be opened ({e.strerror})"
+        else:
+            why = f"is corrupt or truncated ({e})"
+        raise BadInput(" ".join(f"image '{path}' {why}".split())) from None
+
+
+def image_size(path):
+    """(width, height) after PIL's cheap integrity check: `verify` checks the chunk CRCs of a PNG, so a truncated
+    PNG fails here; a truncated JPEG passes and fails later, when load_image decodes it."""
+    return _open_image(path, lambda im: (im.verify(), im.size)[1])
+
+
+def _to_rgb(im):
+    if im.mode in ("RGBA", "LA", "PA") or "transparency" in im.info:  # composite on white, as Qwen's loader does
+        im = im.convert("RGBA")
+        return Image.alpha_composite(Image.new("RGBA", im.size, (255, 255, 255, 255)), im).convert("RGB")
+    return im.convert("RGB")
 
 
 def load_image(path):
-    """Open an image as RGB (grayscale, palette, RGBA and CMYK all converted)."""
-    with Image.open(path) as im:
-        return im.convert("RGB")
+    """Open an image as RGB (grayscale, palette and CMYK converted; transparency composited on white).
+    Raises BadInput naming the file when it cannot be opened or decoded."""
+    return _open_image(path, _to_rgb)
+
+
+def check_row(line, image_root, task="rec", sizes=None):
+    """One JSONL line -> its row with `image_path` resolved, or BadInput saying in one line what is wrong.
+    `sizes` caches image sizes (or errors) by path, for the many rows that share an image."""
+    try:
+        row = json.loads(line)
+    except ValueError as e:  # JSONDecodeError, or bytes that are not UTF-8
+        where = f": column {e.colno}" if isinstance(e, json.JSONDecodeError) else ""
+        raise BadInput(f"not valid JSON ({getattr(e, 'msg', e)}{where})") from None
+    if not isinstance(row, dict):
+        raise BadInput(f"expected a JSON object, got {_short(row)}")
+    missing = [k for k in ("image", "problem", "solution") if k not in row]
+    if missing:
+        raise BadInput(f"missing key{'s' * (len(missing) > 1)} " + ", ".join(map(repr, missing)))
+    problem, box = row["problem"], row["solution"]
+    if not isinstance(problem, str) or not problem.strip():
+        raise BadInput(f"problem must be a non-empty string, got {_short(problem)}")
+    image = row["image"][0] if isinstance(row["image"], list) and row["image"] else row["image"]
+    if not isinstance(image, str) or not image.strip():
+        raise BadInput(f"image must be a file name, got {_short(row['image'])}")
+    is_num = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)  # noqa: E731
+    if task == "rec" and not (isinstance(box, list) and len(box) == 4 and all(map(is_num, box))
+                              and box[0] < box[2] and box[1] < box[3]):
+        raise BadInput(f"solution must be [x1, y1, x2, y2] with x1 < x2, y1 < y2, got {_short(box)}")
+    path = image if os.path.isabs(image) else os.path.join(image_root or "", image)
+    sizes = {} if sizes is None else sizes
+    if path not in sizes:
+        try:
+            sizes[path] = image_size(path)
+        except BadInput as e:
+            sizes[path] = str(e)
+    if isinstance(sizes[path], str):
+        raise BadInput(sizes[path])
+    w, h = sizes[path]
+    if min(w, h) < MIN_SIDE:
+        raise BadInput(f"image '{path}' is {w}x{h}; both sides must be at least {MIN_SIDE} px "
+                       f"(one vision token: patch 14 x merge 2)")
+    if max(w, h) / min(w, h) > MAX_ASPECT:
+        raise BadInput(f"image '{path}' is {w}x{h}; its aspect ratio {max(w, h) / min(w, h):.0f} is above "
+                       f"{MAX_ASPECT}, which the image processor refuses")
+    if task == "rec" and (min(box[:2]) < -BOX_SLACK or box[2] > w + BOX_SLACK or box[3] > h + BOX_SLACK):
+        raise BadInput(f"solution {_short(box)} lies outside the {w}x{h} image '{path}'")
+    return {**row, "image_path": path}
+
+
+def load_jsonl(path, image_root, task="rec", skip_bad_rows=False, limit=None):
+    """Read VLM-R1-style JSONL rows, resolve `image` against `image_root`, and check every row upfront:
+    a JSON object with `image`, `problem` (non-empty text) and `solution` ([x1, y1, x2, y2] inside the image for
+    task rec), an image that PIL opens and verifies, at least MIN_SIDE px a side with an aspect ratio of at most
+    MAX_ASPECT. Stops after `limit` good rows.
+
+    Returns (rows, bad): without skip_bad_rows the first bad row raises BadInput ("FILE:LINE: what is wrong");
+    with it, `bad` holds that line for every skipped row. No usable row at all raises BadInput either way."""
+    rows, bad, sizes = [], [], {}
+    try:
+        f = open(path, "rb")
+    except OSError as e:
+        raise BadInput(f"{path}: cannot open ({e.strerror})") from None
+    with f:
+        for lineno, line in enumerate(f, 1):
+            if limit is not None and len(rows) >= limit:
+                break
+            if not line.strip():
+                continue
+            try:
+                rows.append(check_row(line.rstrip(b"\r\n"), image_root, task, sizes))
+            except BadInput as e:
+                if not skip_bad_rows:
+                    raise BadInput(f"{path}:{lineno}: {e}") from None
+                bad.append(f"{path}:{lineno}: {e}")
+    if not rows:
+        raise BadInput(f"{path}: no usable rows" + (f" ({len(bad)} bad, the first: {bad[0]})" if bad else ""))
+    return rows, bad
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,15 +1,18 @@
 """Evaluate a checkpoint on REC with batched greedy decoding and one prompt for every model.
 
-    python eval.py --model PATH [PATH ...] --task rec [--data JSONL --image-root DIR] [--split test ood] [--n 512] --json OUT
+    python eval.py --model PATH [PATH ...] --task rec [--data JSONL --image-root DIR [--skip-bad-rows]] [--split test ood] [--n 512] --json OUT
 
 Writes JSON summaries (acc50, miou, format_rate, center_error, area_ratio, right_object) and per-sample
 predictions as JSONL beside them (OUT with .jsonl), and prints a markdown table of every model x split.
+A bad row or image in --data stops it before any model loads, with one line "error: FILE:LINE: what is wrong";
+with --skip-bad-rows such rows are counted, listed on stderr and recorded as `bad_rows` in the summaries.
 """
 
 import argparse
 import json
 import math
 import os
+import sys
 
 import torch
 
@@ -172,19 +175,34 @@ def main():
     p.add_argument("--batch-size", type=int, default=64, help="prompts per greedy generate call")
     p.add_argument("--max-new-tokens", type=int, default=64, help="completion length limit")
     p.add_argument("--json", default="eval.json", help="summaries output; predictions go to the same name .jsonl")
+    p.add_argument("--skip-bad-rows", action="store_true",
+                   help="skip and count --data rows whose JSON, text, box or image is unusable, instead of stopping")
     a = p.parse_args()
+    try:
+        run(a)
+    except data.BadInput as e:  # a bad row (checked before any model loads) or an image that fails to decode later
+        sys.exit(f"error: {e}")
+
+
+def run(a):
     splits = ["file"] if a.data else a.split
+    bad = []
+    if a.data:  # every row up to the first n good ones is checked before any model loads
+        file_rows, bad = data.load_jsonl(a.data, a.image_root, a.task, a.skip_bad_rows, limit=a.n)
+        if bad:
+            more = [f"... and {len(bad) - 10} more"] if len(bad) > 10 else []
+            print(f"skipped {len(bad)} bad rows:", *bad[:10], *more, sep="\n  ", file=sys.stderr, flush=True)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     summaries, all_preds = [], []
     for path in a.model:
         model, tokenizer, image_processor, config = g.load_policy(path, device)
         model.eval()
         for split in splits:
-            rows = data.load_jsonl(a.data, a.image_root)[0][: a.n] if a.data else synthetic_split(split, a.n)
+            rows = file_rows if a.data else synthetic_split(split, a.n)
             with torch.no_grad():
                 summary, preds = evaluate(model, tokenizer, image_processor, rows, g.default_coord_space(config),
                                           a.batch_size, a.max_new_tokens)
-            summaries.append({"model": path, "split": split, **summary})
+            summaries.append({"model": path, "split": split, **summary, "bad_rows": len(bad)})
             all_preds += [{"model": path, "split": split, **q} for q in preds]
             print(json.dumps(summaries[-1]), flush=True)
     os.makedirs(os.path.dirname(os.path.abspath(a.json)), exist_ok=True)
