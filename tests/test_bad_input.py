@@ -38,6 +38,7 @@ BAD = [
     ("missing_file", json.dumps(dict(ROW, image="nope.png")), "nope.png' not found"),
     ("text_as_png", json.dumps(dict(ROW, image="text.png")), "is not an image file"),
     ("truncated_png", json.dumps(dict(ROW, image="truncated.png")), "is corrupt or truncated"),
+    ("truncated_jpg", json.dumps(dict(ROW, image="truncated.jpg")), "is corrupt or truncated"),
     ("tiny_1x1", json.dumps(dict(ROW, image="tiny.png", solution=[0, 0, 1, 1])), "is 1x1; both sides must be"),
     ("aspect_214", json.dumps(dict(ROW, image="wide.png", solution=[0, 0, 10, 10])), "is 6000x28; its aspect ratio 214 is above 200"),
     ("bomb_20000x20000", json.dumps(dict(ROW, image="bomb.png")), "is too large"),
@@ -149,8 +150,6 @@ def test_load_image_failures_are_bad_input_naming_the_file(root):
         with pytest.raises(data.BadInput) as e:
             data.load_image(path)
         assert str(e.value).startswith(f"image '{path}' {says}"), str(e.value)
-    # a truncated JPEG passes the cheap upfront check (PIL's verify does not decode) and fails only on decode
-    assert data.image_size(os.path.join(root, "truncated.jpg")) == (64, 48)
 
 
 def test_eval_cli_one_line_error_or_skip_and_count(root, tmp_path):
@@ -169,3 +168,30 @@ def test_eval_cli_one_line_error_or_skip_and_count(root, tmp_path):
     assert f"skipped {len(BAD)} bad rows:" in p.stderr and f"... and {len(BAD) - 10} more" in p.stderr
     summary = json.load(open(out))
     assert summary["bad_rows"] == len(BAD) and summary["n"] == len(good)
+
+
+def test_grpo_cli_one_line_error_or_skip_and_count(root, tmp_path):
+    path = str(tmp_path / "bad.jsonl")
+    _mixed_file(path, [r for r in GOOD if r["image"] != "huge.png"])
+    cmd = [sys.executable, os.path.join(ROOT, "grpo_vlm.py"), "--train-data", path, "--image-root", root,
+           "--steps", "1", "--prompts-per-step", "2", "--num-generations", "2", "--max-completion-length", "8",
+           "--output-dir", str(tmp_path / "run"), "--sample-every", "0"]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    p = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env)
+    assert p.returncode == 1 and "Traceback" not in p.stderr and "step 1" not in p.stdout, p.stderr
+    assert p.stderr.strip().splitlines()[-1] == f"error: {path}:2: not valid JSON (Unterminated string starting at: column 33)"
+    p = subprocess.run(cmd + ["--skip-bad-rows", "true"], capture_output=True, text=True, cwd=ROOT, env=env)
+    assert p.returncode == 0 and "Traceback" not in p.stderr, p.stderr
+    assert f"skipped {len(BAD)} bad rows" in p.stdout and "step 1/1" in p.stdout
+    logged = [json.loads(x) for x in open(tmp_path / "run" / "metrics.jsonl")]
+    assert logged[0] == {"step": 0, "bad_rows": len(BAD)}
+
+
+def test_an_image_that_fails_mid_run_stops_with_one_line(tmp_path, monkeypatch):
+    def broken(path):
+        raise data.BadInput(f"image '{path}' is corrupt or truncated (test)")
+
+    monkeypatch.setattr(data, "load_image", broken)  # after the upfront check passed
+    args = g.parse_args(["--steps", "1", "--train-size", "8", "--eval-every", "0", "--output-dir", str(tmp_path)])
+    with pytest.raises(SystemExit, match=r"error: image '.*' is corrupt or truncated \(test\) \(step 1;"):
+        g.train(args)
