@@ -552,7 +552,8 @@ def train(args):
               flush=True)
         if bad_rows:
             print(f"skipped {len(bad_rows)} bad rows (--skip-bad-rows):", *bad_rows[:10], sep="\n  ", flush=True)
-            log.write(json.dumps({"step": start, "bad_rows": len(bad_rows)}) + "\n")
+            if not state:  # a resumed run keeps the row it logged at the start
+                log.write(json.dumps({"step": 0, "bad_rows": len(bad_rows)}) + "\n")
 
     def held_out_eval(step):  # greedy, on the synthetic test (in-domain) and ood splits; the main process only
         if main:
