@@ -665,7 +665,8 @@ def train(args):
         if interrupted or (args.save_every and (step % args.save_every == 0 or step == args.steps)):
             path = checkpoint_now(step)
             if interrupted:
-                print(f"interrupted at step {step}: resume with --resume {path}", flush=True)
+                if main:
+                    print(f"interrupted at step {step}: resume with --resume {path}", flush=True)
                 sys.exit(128 + STOP.get("signal", signal.SIGINT))
     if log:
         log.close()
