@@ -2,8 +2,10 @@
 
     python grpo_vlm.py --task rec                      # tiny offline model + synthetic world
     python grpo_vlm.py --task rec --model PATH --train-data rows.jsonl --image-root DIR
+    torchrun --nproc_per_node 2 grpo_vlm.py ...        # DDP; --resume DIR continues a run
 
 Equations (../shared/REFERENCE.md):
+  (0) o_i ~ pi_old(. | q), i = 1..G, at temperature T           -> sample_group (Gumbel-max, keyed)
   (1) r_i = sum_k w_k R_k(o_i, gt)                              -> compute_rewards
   (2) A_i = (r_i - mean(r_group)) / (std(r_group) + eps)        -> group_advantages
   (3) rho_t = exp(logp_theta - logp_old)                        -> grpo_loss
@@ -164,10 +166,12 @@ def load_policy(path, device="cpu"):
         attn = "sdpa"
     config = AutoConfig.from_pretrained(path)
     model = AutoModelForImageTextToText.from_pretrained(path, dtype=dtype, attn_implementation=attn).to(device)
-    # Rollouts must come from exactly the policy the loss scores. Hub generation_config files may set a
-    # repetition penalty, top-k or top-p (Qwen's Instruct checkpoints do), and generate() would apply
-    # them to every rollout; an empty config leaves only what sample_group asks for.
-    model.generation_config = GenerationConfig()
+    # Rollouts must come from exactly the policy the loss scores. A hub generation_config may set a
+    # repetition penalty, top-k or top-p, and generate() would apply it to every rollout; a config with
+    # only the special tokens leaves just what sample_group asks for.
+    gc = model.generation_config
+    model.generation_config = GenerationConfig(bos_token_id=gc.bos_token_id, eos_token_id=gc.eos_token_id,
+                                               pad_token_id=gc.pad_token_id)
     tokenizer = AutoTokenizer.from_pretrained(path, padding_side="left")
     if tokenizer.chat_template is None:  # real Qwen checkpoints keep it beside the processor
         with open(cached_file(path, "chat_template.json")) as f:
@@ -504,7 +508,7 @@ def train(args):
     start, state = 0, None
     if args.resume:
         ckpt = find_checkpoint(args.resume)
-        state = torch.load(os.path.join(ckpt, "trainer_state.pt"), weights_only=False)
+        state = torch.load(os.path.join(ckpt, "trainer_state.pt"), weights_only=True)
         changed = [k for k in RUN_DEFINING if state["args"][k] != getattr(args, k)]
         if changed:
             sys.exit(f"error: --resume {ckpt} was made with different " +
