@@ -598,9 +598,9 @@ def train(args):
         # (2) and (6) over the global batch, then this process's rows. DDP averages gradients over the
         # processes, so the weights are scaled by `world` to make the sum of all processes' losses.
         mine_rows = slice(rank * b * G, (rank + 1) * b * G)
-        r_all = gather(r.to(device), world)
+        r_all, mask_all = gather(r.to(device), world), gather(mask, world)
         advantages = group_advantages(r_all, G, args.scale_rewards)[mine_rows]
-        w = token_weights(gather(mask, world), args.loss_agg)[mine_rows] * world
+        w = token_weights(mask_all, args.loss_agg)[mine_rows] * world
         prompt_ids = prompt["input_ids"].repeat_interleave(G, 0)
         prompt_mask = prompt["attention_mask"].repeat_interleave(G, 0)
         pixel_values, grid = repeat_images(prompt["pixel_values"], prompt["image_grid_thw"], G)
@@ -639,7 +639,7 @@ def train(args):
                 skipped += 1
             opt.zero_grad(set_to_none=True)
         all_sum(totals, world)
-        n_tok = gather(mask, world).sum().item()
+        n_tok = mask_all.sum().item()
         m = {"step": step, "reward": r_all.mean().item(), "reward_std": r_all.std().item(),
              **{f"reward_{k}": gather(v.to(device), world).mean().item() for k, v in components.items()},
              "loss": totals[0].item() / args.mu, "kl": totals[1].item() / n_tok, "clip_frac": totals[2].item() / n_tok,
