@@ -37,8 +37,8 @@ def evaluate(model, tokenizer, image_processor, rows, coord_space, batch_size=64
     for i in range(0, len(rows), batch_size):
         batch = rows[i:i + batch_size]
         prompt, sizes = g.encode_prompts(batch, tokenizer, image_processor, model.device.type)
-        ids = g.sample_group(model, prompt, 1, max_new_tokens, 1.0, tokenizer.eos_token_id, tokenizer.pad_token_id,
-                             g.vision_token_ids(tokenizer))
+        ids, _ = g.sample_group(model, prompt, 1, max_new_tokens, 1.0, tokenizer.eos_token_id, tokenizer.pad_token_id,
+                                g.vision_token_ids(tokenizer))
         mask = g.completion_mask(ids, tokenizer.eos_token_id)
         for row, gt, c, m in zip(batch, g.ground_truths(batch, sizes, coord_space), ids, mask):
             text = tokenizer.decode(c[: int(m.sum())], skip_special_tokens=True)

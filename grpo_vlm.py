@@ -62,6 +62,8 @@ class Args:
     """G: completions sampled per prompt"""
     max_completion_length: int = 48
     """maximum new tokens per completion"""
+    min_completion_length: int = 0
+    """no EOS before this many new tokens (benchmarks force equal work with it; 0: off)"""
     temperature: float = 1.0
     """T: sampling temperature, also applied to every log-prob"""
     beta: float = 0.04
@@ -208,14 +210,10 @@ def encode_prompts(rows, tokenizer, image_processor, device="cpu"):
             "pixel_values": vis["pixel_values"].to(device), "image_grid_thw": grid.to(device)}, sizes
 
 
-def repeat_images(pixel_values, image_grid_thw, G):
-    """Repeat each image's patch rows G times, in the order of input_ids.repeat_interleave(G)."""
-    per_image = pixel_values.split(image_grid_thw.prod(-1).tolist())
-    return torch.cat([p for p in per_image for _ in range(G)]), image_grid_thw.repeat_interleave(G, 0)
-
-
 # ---------------------------------------------------------------------------------------------
-# Group sampling: G completions per prompt, batched, with the KV cache of HF generate.
+# Group sampling: G completions per prompt, decoded together from one encoding of each prompt.
+# The prompt, image included, runs through the model once (prefill); its KV cache is then repeated
+# G times, so neither the image nor the prompt is ever encoded G times.
 # A token is drawn as argmax(logits / T + Gumbel noise), which is an exact sample of softmax(logits / T)
 # (the Gumbel-max trick). The noise is a hash of (seed, step, completion index, position, token id), so
 # a completion depends only on the model and its index: one process or two, before or after a resume,
@@ -238,39 +236,58 @@ def sample_keys(seed, step, indices):
     return hash32(base + torch.as_tensor(indices))
 
 
-class GumbelSampler:
-    """A logits processor: scores / T + Gumbel(hash(key, position, token)); generate() then takes the argmax."""
-
-    def __init__(self, keys, temperature, prompt_len):
-        self.keys, self.T, self.prompt_len = keys, temperature, prompt_len
-
-    def __call__(self, input_ids, scores):
-        pos = input_ids.shape[1] - self.prompt_len
-        row = hash32(self.keys.to(scores.device) + hash32(torch.tensor(pos, device=scores.device)))
-        bits = hash32(row[:, None] + torch.arange(scores.shape[1], device=scores.device))
-        u = (bits.double() + 0.5) / 2**32  # uniform in (0, 1), never 0 or 1
-        return scores.float() / self.T - torch.log(-torch.log(u)).float()
+def gumbel_noise(keys, position, vocab):
+    """Standard Gumbel noise [len(keys), vocab] for the token at `position` of each keyed completion."""
+    row = hash32(keys + hash32(torch.tensor(position, device=keys.device)))
+    bits = hash32(row[:, None] + torch.arange(vocab, device=keys.device))
+    u = (bits.double() + 0.5) / 2**32  # uniform in (0, 1), never 0 or 1
+    return -torch.log(-torch.log(u)).float()
 
 
 @torch.no_grad()
-def sample_group(model, prompt, G, max_new_tokens, temperature, eos_id, pad_id, suppress, keys=None):
-    """G completions per prompt: sampled at `temperature` with one key per completion, or greedy if keys is None."""
-    ids = prompt["input_ids"].repeat_interleave(G, 0)
-    mask = prompt["attention_mask"].repeat_interleave(G, 0)
-    pixel_values, grid = repeat_images(prompt["pixel_values"], prompt["image_grid_thw"], G)
+def sample_group(model, prompt, G, max_new_tokens, temperature, eos_id, pad_id, suppress, keys=None,
+                 min_new_tokens=0):
+    """(completions [B*G, max_new_tokens], their log-probs / T): G samples per prompt with `keys`, greedy if None.
+
+    Rows are prompt-major (prompt 0's G samples first). Decoding stops when every completion has ended;
+    after its EOS a completion is padded with pad_id. No EOS is drawn before `min_new_tokens`."""
+    ids, mask, grid = prompt["input_ids"], prompt["attention_mask"], prompt["image_grid_thw"]
+    types = mm_types(ids, model.config.image_token_id)
+    # MRoPE positions of the prompt (3 axes for image tokens); text after it counts on from the maximum
+    position_ids, _ = model.model.get_rope_index(ids, mm_token_type_ids=types, image_grid_thw=grid,
+                                                 attention_mask=mask)
+    next_pos = (position_ids.amax(dim=(0, 2)) + 1).repeat_interleave(G)
     was_training = model.training
     model.eval()
-    sampler = [GumbelSampler(keys, temperature, ids.shape[1])] if keys is not None else []
-    out = model.generate(
-        input_ids=ids, attention_mask=mask, pixel_values=pixel_values, image_grid_thw=grid,
-        mm_token_type_ids=mm_types(ids, model.config.image_token_id), max_new_tokens=max_new_tokens,
-        do_sample=False, logits_processor=sampler, eos_token_id=eos_id, pad_token_id=pad_id, suppress_tokens=suppress,
-    )
+    out = model(input_ids=ids, attention_mask=mask, position_ids=position_ids, pixel_values=prompt["pixel_values"],
+                image_grid_thw=grid, mm_token_type_ids=types, use_cache=True, logits_to_keep=1)
+    cache = out.past_key_values
+    cache.batch_repeat_interleave(G)  # the shared prefill: G views of each prompt's keys and values
+    logits = out.logits[:, -1].float().repeat_interleave(G, 0)
+    mask = mask.repeat_interleave(G, 0)
+    done = torch.zeros(len(logits), dtype=torch.bool, device=logits.device)
+    tokens, logps = [], []
+    for t in range(max_new_tokens):
+        scaled = logits / temperature
+        logp_all = scaled.log_softmax(-1)  # the policy's log-probs, as the training forward computes them
+        scaled[:, suppress] = -float("inf")  # a sampled <|image_pad|> would break the next forward
+        if t < min_new_tokens:
+            scaled[:, eos_id] = -float("inf")
+        noise = gumbel_noise(keys.to(logits.device), t, logits.shape[-1]) if keys is not None else 0.0
+        token = (scaled + noise).argmax(-1)
+        logps.append(logp_all.gather(1, token[:, None]).squeeze(1))
+        tokens.append(torch.where(done, pad_id, token))
+        done |= token == eos_id
+        if t == max_new_tokens - 1 or done.all():
+            break
+        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
+        pos = (next_pos + t).view(1, -1, 1).expand(3, -1, -1)
+        logits = model(input_ids=tokens[-1][:, None], attention_mask=mask, position_ids=pos, past_key_values=cache,
+                       use_cache=True).logits[:, -1].float()
     model.train(was_training)
-    completion = out[:, ids.shape[1]:]
-    if completion.shape[1] < max_new_tokens:  # generation stopped early: pad to a fixed width
-        completion = torch.nn.functional.pad(completion, (0, max_new_tokens - completion.shape[1]), value=pad_id)
-    return completion
+    pad = max_new_tokens - len(tokens)  # pad to a fixed width
+    completion = torch.nn.functional.pad(torch.stack(tokens, 1), (0, pad), value=pad_id)
+    return completion, torch.nn.functional.pad(torch.stack(logps, 1), (0, pad))
 
 
 def mm_types(input_ids, image_token_id):
@@ -329,14 +346,21 @@ def chunked_logps(hidden, lm_head, targets, T, chunk):
     return torch.cat(out).view_as(targets)
 
 
-def completion_logps(model, prompt_ids, prompt_mask, pixel_values, grid, completion_ids, comp_mask, T, chunk):
-    """log pi(o_t | q, o_<t) / T for every completion token; the forward sees the images."""
-    input_ids = torch.cat([prompt_ids, completion_ids], 1)
-    attention_mask = torch.cat([prompt_mask, comp_mask.to(prompt_mask.dtype)], 1)
+def completion_logps(model, prompt_ids, prompt_mask, pixel_values, grid, copies, completion_ids, comp_mask, T, chunk):
+    """log pi(o_t | q, o_<t) / T for every completion token. Row i continues prompt copies[i]; each of the
+    prompts' images goes through the vision tower once, and its features are shared by all its rows."""
+    feats = model.model.get_image_features(pixel_values, grid)
+    feats = feats.pooler_output if hasattr(feats, "pooler_output") else feats  # one tensor per image
+    input_ids = torch.cat([prompt_ids[copies], completion_ids], 1)
+    attention_mask = torch.cat([prompt_mask[copies], comp_mask.to(prompt_mask.dtype)], 1)
     types = mm_types(input_ids, model.config.image_token_id)
     types[:, prompt_ids.shape[1]:] = 0  # zeros over the completion
-    hidden = model.model(input_ids=input_ids, attention_mask=attention_mask, pixel_values=pixel_values,
-                         image_grid_thw=grid, mm_token_type_ids=types).last_hidden_state
+    position_ids, _ = model.model.get_rope_index(input_ids, mm_token_type_ids=types, image_grid_thw=grid[copies],
+                                                 attention_mask=attention_mask)
+    embeds = model.get_input_embeddings()(input_ids)
+    image_embeds = torch.cat([feats[c] for c in copies.tolist()]).to(embeds.dtype)
+    embeds = embeds.masked_scatter(types[..., None].bool(), image_embeds)
+    hidden = model.model(inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids).last_hidden_state
     L = completion_ids.shape[1]
     hidden = hidden[:, -L - 1:-1]  # position t predicts token t+1: keep only completion positions
     return chunked_logps(hidden, model.lm_head, completion_ids, T, chunk)
@@ -590,7 +614,8 @@ def train(args):
         except data.BadInput as e:  # an image that passed the upfront check fails now (changed on disk?)
             sys.exit(f"error: {e} (step {step}; last checkpoint in {args.output_dir}; --resume after fixing it)")
         keys = sample_keys(args.seed, step, range(rank * b * G, (rank + 1) * b * G))
-        completion_ids = sample_group(model, prompt, G, args.max_completion_length, T, eos_id, pad_id, suppress, keys)
+        completion_ids, _ = sample_group(model, prompt, G, args.max_completion_length, T, eos_id, pad_id, suppress,
+                                         keys, args.min_completion_length)
         mask = completion_mask(completion_ids, eos_id)
         texts = [tokenizer.decode(c[: int(m.sum())], skip_special_tokens=True) for c, m in zip(completion_ids, mask)]
         gts = [gt for gt in ground_truths(mine, sizes, coord_space) for _ in range(G)]
@@ -601,15 +626,16 @@ def train(args):
         r_all, mask_all = gather(r.to(device), world), gather(mask, world)
         advantages = group_advantages(r_all, G, args.scale_rewards)[mine_rows]
         w = token_weights(mask_all, args.loss_agg)[mine_rows] * world
-        prompt_ids = prompt["input_ids"].repeat_interleave(G, 0)
-        prompt_mask = prompt["attention_mask"].repeat_interleave(G, 0)
-        pixel_values, grid = repeat_images(prompt["pixel_values"], prompt["image_grid_thw"], G)
-        mbs = [slice(i, i + args.micro_batch_size) for i in range(0, len(completion_ids), args.micro_batch_size)]
+        N, grid = len(completion_ids), prompt["image_grid_thw"]
+        mbs = [slice(i, min(i + args.micro_batch_size, N)) for i in range(0, N, args.micro_batch_size)]
         patches = grid.prod(-1)
 
-        def inputs(s):
-            p0, p1 = int(patches[: s.start].sum()), int(patches[: s.stop].sum())
-            return prompt_ids[s], prompt_mask[s], pixel_values[p0:p1], grid[s], completion_ids[s], mask[s]
+        def inputs(s):  # micro-batch s of the completions, with each of its prompts (and images) once
+            first, last = s.start // G, (s.stop - 1) // G + 1
+            p0, p1 = int(patches[:first].sum()), int(patches[:last].sum())
+            copies = torch.arange(s.start, s.stop, device=grid.device) // G - first
+            return (prompt["input_ids"][first:last], prompt["attention_mask"][first:last],
+                    prompt["pixel_values"][p0:p1], grid[first:last], copies, completion_ids[s], mask[s])
 
         with torch.no_grad():  # old and reference log-probs, stored at rollout time
             old = [completion_logps(model, *inputs(s), T, args.logp_chunk) for s in mbs] if args.mu > 1 else None

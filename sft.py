@@ -57,7 +57,7 @@ def main(argv=None):
         tgt = tokenizer(texts, return_tensors="pt", padding=True, padding_side="right", add_special_tokens=False)
         mask = g.completion_mask(tgt["input_ids"], tokenizer.eos_token_id)
         logps = g.completion_logps(model, prompt["input_ids"], prompt["attention_mask"], prompt["pixel_values"],
-                                   prompt["image_grid_thw"], tgt["input_ids"], mask, 1.0, args.logp_chunk)
+                                   prompt["image_grid_thw"], torch.arange(B), tgt["input_ids"], mask, 1.0, args.logp_chunk)
         loss = -(logps * mask).sum() / mask.sum()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)

@@ -31,15 +31,14 @@ def test_gumbel_sampler_draws_from_softmax_at_temperature():
     n = 40_000
     for T in (1.0, 2.0):
         scores = p.log().expand(n, 4).clone()
-        sampler = g.GumbelSampler(g.sample_keys(0, 1, range(n)), T, prompt_len=3)
-        draws = sampler(torch.zeros(n, 5, dtype=torch.long), scores).argmax(-1)
+        draws = (scores / T + g.gumbel_noise(g.sample_keys(0, 1, range(n)), 2, 4)).argmax(-1)
         freq = torch.bincount(draws, minlength=4).float() / n
         expect = torch.softmax(p.log() / T, -1)
         assert (freq - expect).abs().max() < 0.01, (T, freq, expect)  # 4 sigma at n=40k is ~0.01
     # a new position or a new step draws new noise
-    s = g.GumbelSampler(g.sample_keys(0, 1, range(4)), 1.0, 3)
-    assert not torch.equal(s(torch.zeros(4, 5, dtype=torch.long), torch.zeros(4, 9)),
-                           s(torch.zeros(4, 6, dtype=torch.long), torch.zeros(4, 9)))
+    keys = g.sample_keys(0, 1, range(4))
+    assert not torch.equal(g.gumbel_noise(keys, 2, 9), g.gumbel_noise(keys, 3, 9))
+    assert not torch.equal(g.gumbel_noise(keys, 2, 9), g.gumbel_noise(g.sample_keys(0, 2, range(4)), 2, 9))
 
 
 def test_a_completion_depends_on_its_key_not_on_the_batch():
@@ -47,8 +46,9 @@ def test_a_completion_depends_on_its_key_not_on_the_batch():
     model, tok, ip, _ = g.load_policy(g.TINY_MODEL)
     rows = g.load_rows(g.Args(train_size=4))[0][:2]
     args = (16, 1.0, tok.eos_token_id, tok.pad_token_id, g.vision_token_ids(tok))
-    both = g.sample_group(model, g.encode_prompts(rows, tok, ip)[0], 3, *args, keys=g.sample_keys(0, 5, range(6)))
-    second = g.sample_group(model, g.encode_prompts(rows[1:], tok, ip)[0], 3, *args, keys=g.sample_keys(0, 5, range(3, 6)))
+    both, _ = g.sample_group(model, g.encode_prompts(rows, tok, ip)[0], 3, *args, keys=g.sample_keys(0, 5, range(6)))
+    second, _ = g.sample_group(model, g.encode_prompts(rows[1:], tok, ip)[0], 3, *args,
+                               keys=g.sample_keys(0, 5, range(3, 6)))
     assert torch.equal(both[3:], second)
     assert len({tuple(c.tolist()) for c in both[:3]}) > 1  # and the G samples of a prompt differ
 
@@ -147,3 +147,36 @@ def test_lr_schedule():
     a = g.Args(lr=1.0, steps=10, warmup_steps=2, lr_schedule="linear")
     assert [round(g.lr_at(a, s), 3) for s in (1, 2, 3, 10)] == [0.5, 1.0, 1.0, 0.125]
     assert g.lr_at(g.Args(lr=1.0, steps=10), 7) == 1.0
+
+
+def test_shared_prefill_rollout_matches_the_plain_one():
+    """The rollout encodes each prompt once and repeats its KV cache G times. Its tokens must be those of HF
+    generate on G plain copies of every input (same Gumbel noise), and its log-probs those of the training
+    forward on G plain copies (each with its own image)."""
+    model, tok, ip, _ = g.load_policy(g.TINY_MODEL)
+    rows = g.load_rows(g.Args(train_size=4))[0][:2]
+    rows[1] = dict(rows[1], problem=rows[1]["problem"] + " please please")  # left padding in row 0
+    prompt, _ = g.encode_prompts(rows, tok, ip)
+    G, L, eos, pad = 4, 40, tok.eos_token_id, tok.pad_token_id
+    keys = g.sample_keys(0, 3, range(2 * G))
+    ids, logps = g.sample_group(model, prompt, G, L, 1.0, eos, pad, g.vision_token_ids(tok), keys)
+    mask = g.completion_mask(ids, eos)
+    assert mask.sum(1).min() > 10 and len({tuple(r.tolist()) for r in ids}) > 2
+
+    n = prompt["image_grid_thw"].prod(-1).tolist()
+    pixels = torch.cat([p for p in prompt["pixel_values"].split(n) for _ in range(G)])  # G plain copies
+    rep = {k: prompt[k].repeat_interleave(G, 0) for k in ("input_ids", "attention_mask", "image_grid_thw")}
+
+    class Gumbel:  # the same noise, as a logits processor of HF generate
+        def __call__(self, input_ids, scores):
+            return scores + g.gumbel_noise(keys, input_ids.shape[1] - rep["input_ids"].shape[1], scores.shape[1])
+
+    with torch.no_grad():
+        out = model.generate(**rep, pixel_values=pixels, mm_token_type_ids=g.mm_types(rep["input_ids"], model.config.image_token_id),
+                             max_new_tokens=L, do_sample=False, logits_processor=[Gumbel()], eos_token_id=eos,
+                             pad_token_id=pad, suppress_tokens=g.vision_token_ids(tok))
+        plain = g.completion_logps(model, rep["input_ids"], rep["attention_mask"], pixels, rep["image_grid_thw"],
+                                   torch.arange(2 * G), ids, mask, 1.0, 64)
+    hf = out[:, rep["input_ids"].shape[1]:]
+    assert torch.equal(ids[:, :hf.shape[1]] * mask[:, :hf.shape[1]].long(), hf * mask[:, :hf.shape[1]].long())
+    assert torch.allclose(logps * mask, plain * mask, atol=1e-4), (logps * mask - plain * mask).abs().max()
