@@ -49,22 +49,21 @@ def build_3b(out, scale=1):
     with the real vocabulary size 151,936 and Qwen's special tokens, and an image processor for 448x448 images.
     scale > 1 divides widths and depths, for a CPU smoke test of this path."""
     import torch
-    from tokenizers import Tokenizer, models, pre_tokenizers
+    from tokenizers import AddedToken, Tokenizer, models
     from transformers import PreTrainedTokenizerFast, Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
     import grpo_vlm as g
     import make_tiny_model as mtm
 
-    small = mtm.build_tokenizer()  # Qwen's special tokens, chat template and the synthetic world's words
-    vocab = dict(small.get_vocab())
-    for i in range(151_936 - len(vocab)):
-        vocab[f"w{i}"] = len(vocab)
-    tk = Tokenizer(models.WordLevel(vocab, unk_token=small.unk_token))
-    tk.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tok = PreTrainedTokenizerFast(tokenizer_object=tk, **{k: getattr(small, k) for k in
-                                  ("bos_token", "eos_token", "pad_token", "unk_token")})
-    tok.add_special_tokens({"additional_special_tokens": small.additional_special_tokens})
-    tok.chat_template = small.chat_template
+    small = mtm.build_tokenizer().backend_tokenizer  # Qwen's special tokens and the synthetic world's words
+    vocab = small.get_vocab(with_added_tokens=False)
+    vocab.update({f"w{i}": i for i in range(len(vocab), 151_936)})  # the real vocabulary size
+    tk = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tk.pre_tokenizer, tk.decoder = small.pre_tokenizer, small.decoder
+    tk.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in mtm.SPECIAL])
+    tk.add_tokens([AddedToken(t, special=False, normalized=False) for t in mtm.TAGS])
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+                                  unk_token="<unk>", chat_template=mtm.CHAT_TEMPLATE, padding_side="left")
     ids = {t: tok.convert_tokens_to_ids(t) for t in ("<|image_pad|>", "<|video_pad|>", "<|vision_start|>",
                                                        "<|vision_end|>")}
     # scale divides widths, depths and head counts alike, so head dims (text 128, vision 80) and MRoPE stay
@@ -286,7 +285,9 @@ def main():
                       "run_mb": max(run["peak_mb"] - run["base_mb"] for run in runs),
                       "mean_len": statistics.mean(lengths) if lengths else float("nan"), "n": len(times)}
     o, t = rows["ours"], rows["trl"]
-    mem = "peak GPU memory (MiB)" if big else "peak RSS (MiB)"
+    import torch
+
+    mem = "peak GPU memory (MiB)" if torch.cuda.is_available() else "peak RSS (MiB)"
     print(f"\n{a.model} model, B={a.B} G={a.G} L={a.L} micro-batch {a.micro_batch}, beta {a.beta}, gradient checkpointing, "
           f"{a.threads} threads, {a.rounds} rounds x {a.steps} timed steps\n")
     print(f"| | median s/step (min-max) | {mem} | run memory (MiB) | tokens per completion |\n|---|---|---|---|---|")
@@ -296,15 +297,12 @@ def main():
     print(f"| ours / TRL | **{o['median_s'] / t['median_s']:.2f}x** | **{o['peak_mb'] / t['peak_mb']:.2f}x** | "
           f"{o['run_mb'] / t['run_mb']:.2f}x | |")
     floor = None
-    if big:
-        import torch
-
-        if torch.cuda.is_available():
-            floor = gpu_floor(a, model_path, prompt_len=300)
-            print(f"\nphysical floor: {floor['floor_s']:.3f} s/step (decode {floor['decode_s']:.3f} s at "
-                  f"{floor['bandwidth_GBs']:.0f} GB/s, training {floor['train_s']:.3f} s at {floor['bf16_TFLOPs']:.0f} "
-                  f"TFLOP/s, {floor['params'] / 1e9:.2f}B params); ours reaches {floor['floor_s'] / o['median_s']:.0%}, "
-                  f"TRL {floor['floor_s'] / t['median_s']:.0%}")
+    if big and torch.cuda.is_available():
+        floor = gpu_floor(a, model_path, prompt_len=300)
+        print(f"\nphysical floor: {floor['floor_s']:.3f} s/step (decode {floor['decode_s']:.3f} s at "
+              f"{floor['bandwidth_GBs']:.0f} GB/s, training {floor['train_s']:.3f} s at {floor['bf16_TFLOPs']:.0f} "
+              f"TFLOP/s, {floor['params'] / 1e9:.2f}B params); ours reaches {floor['floor_s'] / o['median_s']:.0%}, "
+              f"TRL {floor['floor_s'] / t['median_s']:.0%}")
     if a.json:
         with open(a.json, "w") as f:
             json.dump({"args": {k: v for k, v in vars(a).items() if k not in ("child", "model_path")}, "results": rows,
