@@ -160,14 +160,10 @@ def load_policy(path, device="cpu"):
     from transformers.utils import cached_file
 
     dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
-    try:
-        import flash_attn  # noqa: F401
-
-        attn = "flash_attention_2" if device.startswith("cuda") else "sdpa"
-    except ImportError:
-        attn = "sdpa"
     config = AutoConfig.from_pretrained(path)
-    model = AutoModelForImageTextToText.from_pretrained(path, dtype=dtype, attn_implementation=attn).to(device)
+    # SDPA, also where flash-attn is installed: the training forward shares each prompt between its G
+    # completions with a block attention mask (completion_logps), which flash-attn's kernels cannot take.
+    model = AutoModelForImageTextToText.from_pretrained(path, dtype=dtype, attn_implementation="sdpa").to(device)
     # Rollouts must come from exactly the policy the loss scores. A hub generation_config may set a
     # repetition penalty, top-k or top-p, and generate() would apply it to every rollout; a config with
     # only the special tokens leaves just what sample_group asks for.
