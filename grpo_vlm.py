@@ -20,7 +20,6 @@ import copy
 import glob
 import inspect
 import json
-import math
 import os
 import random
 import shutil
@@ -415,7 +414,7 @@ def grpo_loss(logps, old_logps, ref_logps, advantages, weights, eps_low, eps_hig
     loss = (per_token * weights).sum()
     mask = (weights > 0).float()
     clip_frac = ((((ratio < 1 - eps_low) & (A < 0)) | ((ratio > 1 + eps_high) & (A > 0))).float() * mask).sum()
-    return loss, {"kl_sum": (kl.detach() * mask).sum().item(), "clip_sum": clip_frac.item()}
+    return loss, {"kl_sum": (kl.detach() * mask).sum(), "clip_sum": clip_frac}  # tensors: no host sync here
 
 
 # ---------------------------------------------------------------------------------------------
@@ -661,7 +660,7 @@ def train(args):
         totals = torch.zeros(3, device=device)  # loss, KL sum, clipped-token count, over this process's tokens
         skipped = 0
         for _ in range(args.mu):
-            pass_loss = 0.0
+            pass_loss = torch.zeros((), device=device)
             for j, s in enumerate(mbs):
                 # DDP syncs gradients in the last micro-batch's backward only (no_sync for the others)
                 sync = world == 1 or j == len(mbs) - 1
@@ -672,11 +671,10 @@ def train(args):
                     loss, st = grpo_loss(logps, old_logps, ref_logps, advantages[s], w[s], args.eps_low,
                                          args.eps_high, args.beta)
                     loss.backward()
-                pass_loss += loss.item() / world
-                totals += torch.tensor([loss.item() / world, st["kl_sum"] / args.mu, st["clip_sum"] / args.mu],
-                                       device=device)
+                pass_loss += loss.detach() / world
+                totals += torch.stack([loss.detach() / world, st["kl_sum"] / args.mu, st["clip_sum"] / args.mu])
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)  # synced by DDP
-            finite = all_sum(torch.tensor(float(math.isfinite(pass_loss)), device=device), world).item() == world
+            finite = all_sum(torch.isfinite(pass_loss).float(), world).item() == world
             if finite and torch.isfinite(grad_norm):
                 opt.step()
             else:  # a NaN/inf loss or gradient: skip this update rather than poison the weights
