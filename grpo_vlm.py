@@ -5,7 +5,7 @@
     torchrun --nproc_per_node 2 grpo_vlm.py ...        # DDP; --resume DIR continues a run
 
 Equations (../shared/REFERENCE.md):
-  (0) o_i ~ pi_old(. | q), i = 1..G, at temperature T           -> sample_group (Gumbel-max, keyed)
+  (0) o_i ~ pi_old(. | q), i = 1..G, at temperature T           -> sample_group (keyed, shared prefill)
   (1) r_i = sum_k w_k R_k(o_i, gt)                              -> compute_rewards
   (2) A_i = (r_i - mean(r_group)) / (std(r_group) + eps)        -> group_advantages
   (3) rho_t = exp(logp_theta - logp_old)                        -> grpo_loss
@@ -209,10 +209,10 @@ def encode_prompts(rows, tokenizer, image_processor, device="cpu"):
 # Group sampling: G completions per prompt, decoded together from one encoding of each prompt.
 # The prompt, image included, runs through the model once (prefill); its KV cache is then repeated
 # G times, so neither the image nor the prompt is ever encoded G times.
-# A token is drawn as argmax(logits / T + Gumbel noise), which is an exact sample of softmax(logits / T)
-# (the Gumbel-max trick). The noise is a hash of (seed, step, completion index, position, token id), so
-# a completion depends only on the model and its index: one process or two, before or after a resume,
-# the same completions are drawn. (torch's sampler draws from one stream shared by the whole batch.)
+# A token is drawn by inverse CDF: the first token whose cumulative probability under softmax(logits / T)
+# exceeds u, an exact sample. u is a hash of (seed, step, completion index, position), so a completion
+# depends only on the model and its index: one process or two, before or after a resume, the same
+# completions are drawn. (torch's sampler draws from one random stream shared by the whole batch.)
 # ---------------------------------------------------------------------------------------------
 M32 = 0xFFFFFFFF
 
@@ -231,12 +231,12 @@ def sample_keys(seed, step, indices):
     return hash32(base + torch.as_tensor(indices))
 
 
-def gumbel_noise(keys, position, vocab):
-    """Standard Gumbel noise [len(keys), vocab] for the token at `position` of each keyed completion."""
-    row = hash32(keys + hash32(torch.tensor(position, device=keys.device)))
-    bits = hash32(row[:, None] + torch.arange(vocab, device=keys.device))
-    u = (bits.double() + 0.5) / 2**32  # uniform in (0, 1), never 0 or 1
-    return -torch.log(-torch.log(u)).float()
+def draw(logits, keys, position):
+    """Sample one token per row of softmax(logits) by inverse CDF, with u in (0, 1) hashed from (key, position)."""
+    u = (hash32(hash32(keys + hash32(torch.tensor(position, device=keys.device)))).double() + 0.5) / 2**32
+    cdf = logits.double().softmax(-1).cumsum(-1)
+    token = torch.searchsorted(cdf, u[:, None] * cdf[:, -1:], right=True).squeeze(1)
+    return token.clamp(max=logits.shape[-1] - 1)
 
 
 @torch.no_grad()
@@ -268,8 +268,7 @@ def sample_group(model, prompt, G, max_new_tokens, temperature, eos_id, pad_id, 
         scaled[:, suppress] = -float("inf")  # a sampled <|image_pad|> would break the next forward
         if t < min_new_tokens:
             scaled[:, eos_id] = -float("inf")
-        noise = gumbel_noise(keys.to(logits.device), t, logits.shape[-1]) if keys is not None else 0.0
-        token = (scaled + noise).argmax(-1)
+        token = draw(scaled, keys.to(logits.device), t) if keys is not None else scaled.argmax(-1)
         logps.append(logp_all.gather(1, token[:, None]).squeeze(1))
         tokens.append(torch.where(done, pad_id, token))
         done |= token == eos_id

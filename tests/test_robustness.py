@@ -26,19 +26,20 @@ def metrics(run_dir):
     return [{k: v for k, v in r.items() if k != "seconds"} for r in rows]  # wall time is the only free field
 
 
-def test_gumbel_sampler_draws_from_softmax_at_temperature():
-    p = torch.tensor([0.5, 0.3, 0.15, 0.05])
+def test_keyed_sampler_draws_from_softmax_at_temperature():
+    p = torch.tensor([0.5, 0.3, 0.0, 0.15, 0.05])  # a zero-probability token (suppressed) is never drawn
     n = 40_000
     for T in (1.0, 2.0):
-        scores = p.log().expand(n, 4).clone()
-        draws = (scores / T + g.gumbel_noise(g.sample_keys(0, 1, range(n)), 2, 4)).argmax(-1)
-        freq = torch.bincount(draws, minlength=4).float() / n
+        scores = p.log().expand(n, 5).clone()
+        draws = g.draw(scores / T, g.sample_keys(0, 1, range(n)), 2)
+        freq = torch.bincount(draws, minlength=5).float() / n
         expect = torch.softmax(p.log() / T, -1)
         assert (freq - expect).abs().max() < 0.01, (T, freq, expect)  # 4 sigma at n=40k is ~0.01
-    # a new position or a new step draws new noise
-    keys = g.sample_keys(0, 1, range(4))
-    assert not torch.equal(g.gumbel_noise(keys, 2, 9), g.gumbel_noise(keys, 3, 9))
-    assert not torch.equal(g.gumbel_noise(keys, 2, 9), g.gumbel_noise(g.sample_keys(0, 2, range(4)), 2, 9))
+        assert freq[2] == 0
+    # a new position or a new step draws anew
+    keys, s = g.sample_keys(0, 1, range(2000)), torch.zeros(2000, 9)
+    assert (g.draw(s, keys, 2) != g.draw(s, keys, 3)).float().mean() > 0.8
+    assert (g.draw(s, keys, 2) != g.draw(s, g.sample_keys(0, 2, range(2000)), 2)).float().mean() > 0.8
 
 
 def test_a_completion_depends_on_its_key_not_on_the_batch():
@@ -151,7 +152,7 @@ def test_lr_schedule():
 
 def test_shared_prefill_rollout_matches_the_plain_one():
     """The rollout encodes each prompt once and repeats its KV cache G times. Its tokens must be those of HF
-    generate on G plain copies of every input (same Gumbel noise), and its log-probs those of the training
+    generate on G plain copies of every input (same keyed draws), and its log-probs those of the training
     forward on G plain copies (each with its own image)."""
     model, tok, ip, _ = g.load_policy(g.TINY_MODEL)
     rows = g.load_rows(g.Args(train_size=4))[0][:2]
@@ -167,13 +168,14 @@ def test_shared_prefill_rollout_matches_the_plain_one():
     pixels = torch.cat([p for p in prompt["pixel_values"].split(n) for _ in range(G)])  # G plain copies
     rep = {k: prompt[k].repeat_interleave(G, 0) for k in ("input_ids", "attention_mask", "image_grid_thw")}
 
-    class Gumbel:  # the same noise, as a logits processor of HF generate
+    class Keyed:  # the same draws, as a logits processor of HF generate (which then takes the argmax)
         def __call__(self, input_ids, scores):
-            return scores + g.gumbel_noise(keys, input_ids.shape[1] - rep["input_ids"].shape[1], scores.shape[1])
+            token = g.draw(scores, keys, input_ids.shape[1] - rep["input_ids"].shape[1])
+            return torch.full_like(scores, -float("inf")).scatter(1, token[:, None], 0.0)
 
     with torch.no_grad():
         out = model.generate(**rep, pixel_values=pixels, mm_token_type_ids=g.mm_types(rep["input_ids"], model.config.image_token_id),
-                             max_new_tokens=L, do_sample=False, logits_processor=[Gumbel()], eos_token_id=eos,
+                             max_new_tokens=L, do_sample=False, logits_processor=[Keyed()], eos_token_id=eos,
                              pad_token_id=pad, suppress_tokens=g.vision_token_ids(tok))
         plain = g.completion_logps(model, rep["input_ids"], rep["attention_mask"], pixels, rep["image_grid_thw"],
                                    torch.arange(2 * G), ids, mask, 1.0, 64)
