@@ -348,7 +348,7 @@ def completion_logps(model, prompt_ids, prompt_mask, pixel_values, grid, copies,
     tokens only, at the positions it would have alone. With G completions per prompt this runs the prompt
     once instead of G times (with an image of 256 tokens, most of the tokens of a plain forward)."""
     n_p, P = prompt_ids.shape
-    N, L = completion_ids.shape
+    L = completion_ids.shape[1]
     slot = (copies[:, None] == copies[None]).tril(-1).sum(1)  # i is the slot-th completion of its prompt
     S = P + (int(slot.max()) + 1) * L
     col = P + slot[:, None] * L + torch.arange(L, device=copies.device)  # where completion i's tokens go
