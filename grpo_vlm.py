@@ -630,8 +630,8 @@ def train(args):
         except data.BadInput as e:  # an image that passed the upfront check fails now (changed on disk?)
             sys.exit(f"error: {e} (step {step}; last checkpoint in {args.output_dir}; --resume after fixing it)")
         keys = sample_keys(args.seed, step, range(rank * b * G, (rank + 1) * b * G))
-        completion_ids, _ = sample_group(model, prompt, G, args.max_completion_length, T, eos_id, pad_id, suppress,
-                                         keys, args.min_completion_length)
+        completion_ids, rollout_logps = sample_group(model, prompt, G, args.max_completion_length, T, eos_id, pad_id,
+                                                     suppress, keys, args.min_completion_length)
         mask = completion_mask(completion_ids, eos_id)
         texts = [tokenizer.decode(c[: int(m.sum())], skip_special_tokens=True) for c, m in zip(completion_ids, mask)]
         gts = [gt for gt in ground_truths(mine, sizes, coord_space) for _ in range(G)]
@@ -656,9 +656,10 @@ def train(args):
         with torch.no_grad():  # old and reference log-probs, stored at rollout time
             old = [completion_logps(model, *inputs(s), T, args.logp_chunk) for s in mbs] if args.mu > 1 else None
             ref = [completion_logps(ref_model, *inputs(s), T, args.logp_chunk) for s in mbs] if ref_model else None
-        totals = torch.zeros(3, device=device)  # loss, KL sum, clipped-token count, over this process's tokens
+        # loss, KL sum, clipped-token count, and |rollout - training log-prob| summed over this process's tokens
+        totals = torch.zeros(4, device=device)
         skipped = 0
-        for _ in range(args.mu):
+        for k in range(args.mu):
             pass_loss = torch.zeros((), device=device)
             for j, s in enumerate(mbs):
                 # DDP syncs gradients in the last micro-batch's backward only (no_sync for the others)
@@ -671,7 +672,9 @@ def train(args):
                                          args.eps_high, args.beta)
                     loss.backward()
                 pass_loss += loss.detach() / world
-                totals += torch.stack([loss.detach() / world, st["kl_sum"] / args.mu, st["clip_sum"] / args.mu])
+                # the sampler (KV cache) and this forward (packed) should agree on pi_old: a numerical health check
+                gap = ((logps.detach() - rollout_logps[s]).abs() * mask[s]).sum() if k == 0 else loss.new_zeros(())
+                totals += torch.stack([loss.detach() / world, st["kl_sum"] / args.mu, st["clip_sum"] / args.mu, gap])
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)  # synced by DDP
             finite = all_sum(torch.isfinite(pass_loss).float(), world).item() == world
             if finite and torch.isfinite(grad_norm):
@@ -684,6 +687,7 @@ def train(args):
         m = {"step": step, "reward": r_all.mean().item(), "reward_std": r_all.std().item(),
              **{f"reward_{k}": gather(v.to(device), world).mean().item() for k, v in components.items()},
              "loss": totals[0].item() / args.mu, "kl": totals[1].item() / n_tok, "clip_frac": totals[2].item() / n_tok,
+             "logp_gap": totals[3].item() / n_tok,
              "completion_len": n_tok / (B * G), "grad_norm": float(grad_norm), "lr": lr_at(args, step),
              "seconds": time.time() - t0}
         if skipped:

@@ -175,6 +175,7 @@ def test_end_to_end_changes_every_parameter_and_eval_loads(tiny, tmp_path):
     assert not unchanged, unchanged
     lines = open(os.path.join(tmp_path, "metrics.jsonl")).read().splitlines()
     assert len(lines) == 2 and {"reward", "kl", "clip_frac", "completion_len", "seconds"} <= set(json.loads(lines[0]))
+    assert json.loads(lines[0])["logp_gap"] < 1e-4  # the sampler and the training forward agree on pi_old
     assert os.path.getsize(tmp_path / "curves.png") > 1000
     out = subprocess.run([sys.executable, os.path.join(ROOT, "eval.py"), "--model", final, "--n", "4", "--json",
                           str(tmp_path / "e.json")], capture_output=True, text=True, cwd=ROOT)
