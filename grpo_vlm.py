@@ -158,11 +158,12 @@ def load_policy(path, device="cpu"):
                               Qwen2VLImageProcessorPil)
     from transformers.utils import cached_file
 
-    dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
     config = AutoConfig.from_pretrained(path)
+    # fp32 weights everywhere; on a GPU the forwards run in bf16 autocast (see precision()).
     # SDPA, also where flash-attn is installed: the training forward shares each prompt between its G
     # completions with a block attention mask (completion_logps), which flash-attn's kernels cannot take.
-    model = AutoModelForImageTextToText.from_pretrained(path, dtype=dtype, attn_implementation="sdpa").to(device)
+    model = AutoModelForImageTextToText.from_pretrained(path, dtype=torch.float32, attn_implementation="sdpa")
+    model = model.to(device)
     # Rollouts must come from exactly the policy the loss scores. A hub generation_config may set a
     # repetition penalty, top-k or top-p, and generate() would apply it to every rollout; a config with
     # only the special tokens leaves just what sample_group asks for.
@@ -175,6 +176,14 @@ def load_policy(path, device="cpu"):
             tokenizer.chat_template = json.load(f)["chat_template"]
     image_processor = Qwen2VLImageProcessorPil.from_pretrained(path)
     return model, tokenizer, image_processor, config
+
+
+def precision(model):
+    """bf16 autocast over fp32 weights on a GPU, plain fp32 on the CPU. AdamW moves a weight by about lr:
+    at lr 1e-6 that is far below the spacing of bf16 numbers (1/256 of the weight), so bf16 weights
+    would round most updates away; fp32 master weights keep them (as DeepSpeed's bf16 mode does)."""
+    on_gpu = next(model.parameters()).device.type == "cuda"
+    return torch.autocast("cuda", dtype=torch.bfloat16) if on_gpu else contextlib.nullcontext()
 
 
 def default_coord_space(config):
@@ -254,8 +263,10 @@ def sample_group(model, prompt, G, max_new_tokens, temperature, eos_id, pad_id, 
     next_pos = (position_ids.amax(dim=(0, 2)) + 1).repeat_interleave(G)
     was_training = model.training
     model.eval()
-    out = model(input_ids=ids, attention_mask=mask, position_ids=position_ids, pixel_values=prompt["pixel_values"],
-                image_grid_thw=grid, mm_token_type_ids=types, use_cache=True, logits_to_keep=1)
+    with precision(model):
+        out = model(input_ids=ids, attention_mask=mask, position_ids=position_ids,
+                    pixel_values=prompt["pixel_values"], image_grid_thw=grid, mm_token_type_ids=types, use_cache=True,
+                    logits_to_keep=1)
     cache = out.past_key_values
     cache.batch_repeat_interleave(G)  # the shared prefill: G views of each prompt's keys and values
     logits = out.logits[:, -1].float().repeat_interleave(G, 0)
@@ -276,8 +287,9 @@ def sample_group(model, prompt, G, max_new_tokens, temperature, eos_id, pad_id, 
             break
         mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
         pos = (next_pos + t).view(1, -1, 1).expand(3, -1, -1)
-        logits = model(input_ids=tokens[-1][:, None], attention_mask=mask, position_ids=pos, past_key_values=cache,
-                       use_cache=True).logits[:, -1].float()
+        with precision(model):
+            logits = model(input_ids=tokens[-1][:, None], attention_mask=mask, position_ids=pos,
+                           past_key_values=cache, use_cache=True).logits[:, -1].float()
     model.train(was_training)
     pad = max_new_tokens - len(tokens)  # pad to a fixed width
     completion = torch.nn.functional.pad(torch.stack(tokens, 1), (0, pad), value=pad_id)
@@ -370,16 +382,17 @@ def completion_logps(model, prompt_ids, prompt_mask, pixel_values, grid, copies,
     pos = torch.zeros(3, n_p, S, dtype=prompt_pos.dtype, device=ids.device)
     pos[:, :, :P] = prompt_pos
     pos[:, copies[:, None], col] = (prompt_pos.amax(dim=(0, 2))[copies, None] + 1 + torch.arange(L, device=ids.device))
-    feats = model.model.get_image_features(pixel_values, grid)
-    feats = feats.pooler_output if hasattr(feats, "pooler_output") else feats  # one tensor per image
-    embeds = model.get_input_embeddings()(ids)
     image = torch.zeros_like(valid)
     image[:, :P] = types.bool()
-    embeds = embeds.masked_scatter(image[..., None], torch.cat(list(feats)).to(embeds.dtype))
-    hidden = model.model(inputs_embeds=embeds, attention_mask=seen[:, None], position_ids=pos).last_hidden_state
     # token t of completion i is predicted at its position t-1; token 0 at the prompt's last position
     pred = torch.cat([torch.full_like(col[:, :1], P - 1), col[:, :-1]], 1)
-    return chunked_logps(hidden[copies[:, None], pred], model.lm_head, completion_ids, T, chunk)
+    with precision(model):
+        feats = model.model.get_image_features(pixel_values, grid)
+        feats = feats.pooler_output if hasattr(feats, "pooler_output") else feats  # one tensor per image
+        embeds = model.get_input_embeddings()(ids)
+        embeds = embeds.masked_scatter(image[..., None], torch.cat(list(feats)).to(embeds.dtype))
+        hidden = model.model(inputs_embeds=embeds, attention_mask=seen[:, None], position_ids=pos).last_hidden_state
+        return chunked_logps(hidden[copies[:, None], pred], model.lm_head, completion_ids, T, chunk)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -563,6 +576,8 @@ def train(args):
     ref_model = None
     if args.beta > 0:  # the frozen reference is the starting model, also after a resume
         ref_model = (load_policy(base, device)[0] if state else copy.deepcopy(model)).eval().requires_grad_(False)
+        if device.startswith("cuda"):
+            ref_model.to(torch.bfloat16)  # never trained: bf16 weights suffice, at half the memory
     if args.freeze_vision:
         model.model.visual.requires_grad_(False)
     if args.gradient_checkpointing:

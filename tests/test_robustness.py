@@ -182,3 +182,20 @@ def test_shared_prefill_rollout_matches_the_plain_one():
     hf = out[:, rep["input_ids"].shape[1]:]
     assert torch.equal(ids[:, :hf.shape[1]] * mask[:, :hf.shape[1]].long(), hf * mask[:, :hf.shape[1]].long())
     assert torch.allclose(logps * mask, plain * mask, atol=1e-4), (logps * mask - plain * mask).abs().max()
+
+
+def test_fp32_master_weights_keep_small_updates_under_bf16_autocast(tmp_path, monkeypatch):
+    """Why the weights stay fp32 on a GPU: an AdamW step at lr 1e-6 is lost on bf16 weights. And the
+    training path under bf16 autocast (the GPU setting, here on the CPU) keeps fp32 weights that move."""
+    for dtype, moves in ((torch.bfloat16, False), (torch.float32, True)):
+        w = torch.full((1000,), 0.01, dtype=dtype, requires_grad=True)
+        w.grad = torch.randn(1000).to(dtype)
+        torch.optim.AdamW([w], lr=1e-6, weight_decay=0.0).step()
+        assert torch.equal(w.detach(), torch.full((1000,), 0.01, dtype=dtype)) != moves
+    monkeypatch.setattr(g, "precision", lambda model: torch.autocast("cpu", dtype=torch.bfloat16))
+    final = g.train(g.parse_args(SMALL + ["--steps", "1", "--eval-every", "0", "--save-every", "0", "--lr", "1e-6",
+                                          "--output-dir", str(tmp_path)]))
+    after, base = params(tmp_path), load_file(os.path.join(g.TINY_MODEL, "model.safetensors"))
+    assert all(v.dtype == torch.float32 for v in after.values()) and final
+    assert sum(not torch.equal(after[k], base[k]) for k in base) > len(base) // 2
+    assert 0 < metrics(tmp_path)[0]["logp_gap"] < 0.1  # bf16 forwards: rollout and training differ a little
