@@ -161,7 +161,7 @@ def load_policy(path, device="cpu"):
     config = AutoConfig.from_pretrained(path)
     # fp32 weights everywhere; on a GPU the forwards run in bf16 autocast (see precision()).
     # SDPA, also where flash-attn is installed: the training forward shares each prompt between its G
-    # completions with a block attention mask (completion_logps), which flash-attn's kernels cannot take.
+    # completions with a block attention mask (pack), which flash-attn's kernels cannot take.
     model = AutoModelForImageTextToText.from_pretrained(path, dtype=torch.float32, attn_implementation="sdpa")
     model = model.to(device)
     # Rollouts must come from exactly the policy the loss scores. A hub generation_config may set a
@@ -352,13 +352,14 @@ def chunked_logps(hidden, lm_head, targets, T, chunk):
     return torch.cat(out).view_as(targets)
 
 
-def completion_logps(model, prompt_ids, prompt_mask, pixel_values, grid, copies, completion_ids, comp_mask, T, chunk):
-    """log pi(o_t | q, o_<t) / T for every completion token; completion i continues prompt copies[i].
+def pack(model, prompt_ids, prompt_mask, pixel_values, grid, copies, completion_ids, comp_mask):
+    """Shared-prefix packing of completions (completion i continues prompt copies[i]) for one forward.
 
-    Shared-prefix packing: each prompt, image included, is computed once. Its row holds the prompt and then
-    its completions one after another; a block mask lets each completion see the prompt and its own earlier
-    tokens only, at the positions it would have alone. With G completions per prompt this runs the prompt
-    once instead of G times (with an image of 256 tokens, most of the tokens of a plain forward)."""
+    Each prompt, image included, is computed once. Its row holds the prompt and then its completions one
+    after another; a block mask lets each completion see the prompt and its own earlier tokens only, at the
+    positions it would have alone. With G completions per prompt this runs the prompt once instead of G
+    times (with an image of 256 tokens, most of the tokens of a plain forward). The layout depends on the
+    tokens only, so the policy, reference and old-policy forwards of a micro-batch share one."""
     n_p, P = prompt_ids.shape
     L = completion_ids.shape[1]
     slot = (copies[:, None] == copies[None]).tril(-1).sum(1)  # i is the slot-th completion of its prompt
@@ -386,13 +387,26 @@ def completion_logps(model, prompt_ids, prompt_mask, pixel_values, grid, copies,
     image[:, :P] = types.bool()
     # token t of completion i is predicted at its position t-1; token 0 at the prompt's last position
     pred = torch.cat([torch.full_like(col[:, :1], P - 1), col[:, :-1]], 1)
+    return {"ids": ids, "mask": seen[:, None], "pos": pos, "image": image, "pixel_values": pixel_values,
+            "grid": grid, "rows": copies[:, None], "pred": pred, "targets": completion_ids}
+
+
+def packed_logps(model, p, T, chunk):
+    """log pi(o_t | q, o_<t) / T for every completion token of a pack(); each image goes through the vision
+    tower once and its features are shared by all completions of its prompt."""
     with precision(model):
-        feats = model.model.get_image_features(pixel_values, grid)
+        feats = model.model.get_image_features(p["pixel_values"], p["grid"])
         feats = feats.pooler_output if hasattr(feats, "pooler_output") else feats  # one tensor per image
-        embeds = model.get_input_embeddings()(ids)
-        embeds = embeds.masked_scatter(image[..., None], torch.cat(list(feats)).to(embeds.dtype))
-        hidden = model.model(inputs_embeds=embeds, attention_mask=seen[:, None], position_ids=pos).last_hidden_state
-        return chunked_logps(hidden[copies[:, None], pred], model.lm_head, completion_ids, T, chunk)
+        embeds = model.get_input_embeddings()(p["ids"])
+        embeds = embeds.masked_scatter(p["image"][..., None], torch.cat(list(feats)).to(embeds.dtype))
+        hidden = model.model(inputs_embeds=embeds, attention_mask=p["mask"], position_ids=p["pos"]).last_hidden_state
+        return chunked_logps(hidden[p["rows"], p["pred"]], model.lm_head, p["targets"], T, chunk)
+
+
+def completion_logps(model, prompt_ids, prompt_mask, pixel_values, grid, copies, completion_ids, comp_mask, T, chunk):
+    """log pi(o_t | q, o_<t) / T for every completion token; completion i continues prompt copies[i]."""
+    return packed_logps(model, pack(model, prompt_ids, prompt_mask, pixel_values, grid, copies, completion_ids,
+                                    comp_mask), T, chunk)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -492,8 +506,8 @@ class Policy(torch.nn.Module):
         super().__init__()
         self.model, self.T, self.chunk = model, T, chunk
 
-    def forward(self, *inputs):
-        return completion_logps(self.model, *inputs, self.T, self.chunk)
+    def forward(self, packed):
+        return packed_logps(self.model, packed, self.T, self.chunk)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -604,7 +618,6 @@ def train(args):
     log = open(metrics_path, "w") if main else None
     if log:
         log.writelines(kept)
-    bad_rows = (state or {}).get("bad_rows", bad_rows)
     if main:
         print(f"GRPO {args.task}: {len(rows)} prompts, B={B} G={G} T={T} beta={args.beta} coords={coord_space} "
               f"weights={weights} device={device} processes={world}" + (f", resumed at step {start}" if state else ""),
@@ -624,8 +637,7 @@ def train(args):
 
     def checkpoint_now(step):  # the main process writes; the others wait for it
         if main:
-            save_state(args, step, model, tokenizer, image_processor, opt, rng,
-                       {"bad_rows": bad_rows, "bad_steps": bad_steps})
+            save_state(args, step, model, tokenizer, image_processor, opt, rng, {"bad_steps": bad_steps})
         if world > 1:
             torch.distributed.barrier()
         return os.path.join(args.output_dir, f"checkpoint-{step:06d}")
@@ -669,8 +681,9 @@ def train(args):
                     prompt["pixel_values"][p0:p1], grid[first:last], copies, completion_ids[s], mask[s])
 
         with torch.no_grad():  # old and reference log-probs, stored at rollout time
-            old = [completion_logps(model, *inputs(s), T, args.logp_chunk) for s in mbs] if args.mu > 1 else None
-            ref = [completion_logps(ref_model, *inputs(s), T, args.logp_chunk) for s in mbs] if ref_model else None
+            packed = [pack(model, *inputs(s)) for s in mbs]  # one layout per micro-batch, for every forward
+            old = [packed_logps(model, p, T, args.logp_chunk) for p in packed] if args.mu > 1 else None
+            ref = [packed_logps(ref_model, p, T, args.logp_chunk) for p in packed] if ref_model else None
         # loss, KL sum, clipped-token count, and |rollout - training log-prob| summed over this process's tokens
         totals = torch.zeros(4, device=device)
         skipped = 0
@@ -680,7 +693,7 @@ def train(args):
                 # DDP syncs gradients in the last micro-batch's backward only (no_sync for the others)
                 sync = world == 1 or j == len(mbs) - 1
                 with policy.no_sync() if not sync else contextlib.nullcontext():
-                    logps = policy(*inputs(s))
+                    logps = policy(packed[j])
                     old_logps = old[j] if old is not None else logps.detach()
                     ref_logps = ref[j] if ref is not None else None
                     loss, st = grpo_loss(logps, old_logps, ref_logps, advantages[s], w[s], args.eps_low,
