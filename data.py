@@ -9,13 +9,17 @@ loading path as RefCOCO:
 `image` is relative to an image root; `solution` is in original-image pixels.
 """
 
+import functools
 import json
 import math
 import os
 import random
+import re
 import warnings
 
 from PIL import Image, ImageDraw
+
+import rewards
 
 # ---------------------------------------------------------------------------------------------
 # Prompt templates (VLM-R1's REC question and its think/answer suffix)
@@ -25,6 +29,13 @@ THINK_SUFFIX = (
     " First output the thinking process in <think> </think> tags and then output the final answer"
     " in <answer> </answer> tags. Output the final answer in JSON format."
 )
+
+
+CLS_QUESTION = "What is the object in this image? Answer with its colour and shape."
+COUNT_QUESTION = "How many shapes are in this image? Answer with a number."
+DET_QUESTION = ('Detect every {shape} in this image. Answer with a list of boxes with confidences: '
+                '[{{"box": [x1, y1, x2, y2], "confidence": c}}].')
+TASKS = ("rec", "cls", "count", "det")
 
 
 def build_messages(problem):
@@ -118,10 +129,7 @@ def check_row(line, image_root, task="rec", sizes=None):
     image = row["image"][0] if isinstance(row["image"], list) and row["image"] else row["image"]
     if not isinstance(image, str) or not image.strip():
         raise BadInput(f"image must be a file name, got {_short(row['image'])}")
-    is_num = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)  # noqa: E731
-    if task == "rec" and not (isinstance(box, list) and len(box) == 4 and all(map(is_num, box))
-                              and box[0] < box[2] and box[1] < box[3]):
-        raise BadInput(f"solution must be [x1, y1, x2, y2] with x1 < x2, y1 < y2, got {_short(box)}")
+    solution, labels = check_solution(box, task)
     path = image if os.path.isabs(image) else os.path.join(image_root or "", image)
     sizes = {} if sizes is None else sizes
     if path not in sizes:
@@ -138,15 +146,57 @@ def check_row(line, image_root, task="rec", sizes=None):
     if max(w, h) / min(w, h) > MAX_ASPECT:
         raise BadInput(f"image '{path}' is {w}x{h}; its aspect ratio {max(w, h) / min(w, h):.0f} is above "
                        f"{MAX_ASPECT}, which the image processor refuses")
-    if task == "rec" and (min(box[:2]) < -BOX_SLACK or box[2] > w + BOX_SLACK or box[3] > h + BOX_SLACK):
-        raise BadInput(f"solution {_short(box)} lies outside the {w}x{h} image '{path}'")
-    return {**row, "image_path": path}
+    for b in [solution] if task == "rec" else solution if task == "det" else []:
+        if min(b[:2]) < -BOX_SLACK or b[2] > w + BOX_SLACK or b[3] > h + BOX_SLACK:
+            raise BadInput(f"{'box' if task == 'det' else 'solution'} {_short(b)} lies outside the {w}x{h} image '{path}'")
+    return {**row, "image_path": path, "solution": solution, **({"labels": labels} if task == "det" else {})}
+
+
+def _is_box(b):
+    is_num = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)  # noqa: E731
+    return isinstance(b, list) and len(b) == 4 and all(map(is_num, b)) and b[0] < b[2] and b[1] < b[3]
+
+
+def check_solution(sol, task):
+    """(solution in the form the rewards take, det labels) or BadInput. rec: [x1, y1, x2, y2] in original pixels;
+    det: a list (maybe empty) of boxes, each [x1, y1, x2, y2] or {"bbox_2d" (or "bbox", "box"): [...],
+    "label": ...} -> the boxes; cls: a non-empty label; count: a number (or a numeric string) -> float."""
+    if task == "rec":
+        if not _is_box(sol):
+            raise BadInput(f"solution must be [x1, y1, x2, y2] with x1 < x2, y1 < y2, got {_short(sol)}")
+        return sol, None
+    if task == "det":
+        if not isinstance(sol, list):
+            raise BadInput(f"solution must be a list of boxes, got {_short(sol)}")
+        boxes, labels = [], []
+        for item in sol:
+            key = next((k for k in ("bbox_2d", "bbox", "box") if isinstance(item, dict) and k in item), None)
+            b = item[key] if key else item
+            if not _is_box(b):
+                raise BadInput(f"solution: each box must be [x1, y1, x2, y2] with x1 < x2, y1 < y2 "
+                               f"(or a dict with it under bbox_2d), got {_short(item)}")
+            boxes.append(b)
+            labels.append(str(item.get("label", "")) if isinstance(item, dict) else "")
+        return boxes, labels
+    if task == "cls":
+        if not isinstance(sol, str) or not sol.strip():
+            raise BadInput(f"solution must be a non-empty label, got {_short(sol)}")
+        return sol, None
+    if task == "count":
+        try:
+            n = float(sol) if not isinstance(sol, bool) else math.nan
+        except (TypeError, ValueError):
+            n = math.nan
+        if not math.isfinite(n):
+            raise BadInput(f"solution must be a number, got {_short(sol)}")
+        return n, None
+    raise ValueError(f"unknown task {task!r}; known: {TASKS}")
 
 
 def load_jsonl(path, image_root, task="rec", skip_bad_rows=False, limit=None):
     """Read VLM-R1-style JSONL rows, resolve `image` against `image_root`, and check every row upfront:
-    a JSON object with `image`, `problem` (non-empty text) and `solution` ([x1, y1, x2, y2] inside the image for
-    task rec), an image that PIL opens and verifies, at least MIN_SIDE px a side with an aspect ratio of at most
+    a JSON object with `image`, `problem` (non-empty text) and `solution` (see check_solution; boxes inside the
+    image), an image that PIL opens and verifies, at least MIN_SIDE px a side with an aspect ratio of at most
     MAX_ASPECT. Stops after `limit` good rows.
 
     Returns (rows, bad): without skip_bad_rows the first bad row raises BadInput ("FILE:LINE: what is wrong");
@@ -192,6 +242,7 @@ SPLIT_SEEDS = {"train": 0, "test": 1_000_003, "ood": 2_000_003}
 WORLD_VERSION = 2  # part of the cache file names: bump it whenever the world changes
 
 
+@functools.lru_cache(maxsize=4)
 def _background(size):
     im = Image.new("RGB", (size, size))
     px = im.load()
@@ -211,8 +262,11 @@ def _draw(draw, shape, box, color):
         draw.polygon([((x1 + x2) / 2, y1), (x2, y2), (x1, y2)], fill=color)
 
 
-def synthetic_rows(split, n, seed=0, size=IMAGE_SIZE):
-    """Yield (PIL image, row) pairs of the synthetic REC world; deterministic in (split, n, seed)."""
+def synthetic_rows(split, n, seed=0, size=IMAGE_SIZE, task="rec"):
+    """Yield (PIL image, row) pairs of the synthetic world of `task`; deterministic in (split, n, seed)."""
+    if task != "rec":
+        yield from {"cls": _cls_rows, "count": _count_rows, "det": _det_rows}[task](split, n, seed, size)
+        return
     rng = random.Random(SPLIT_SEEDS[split] + seed)
     all_pairs = [(c, s) for c in COLORS for s in SHAPES]
     in_dist = [p for p in all_pairs if p not in OOD_PAIRS]
@@ -252,27 +306,137 @@ def synthetic_rows(split, n, seed=0, size=IMAGE_SIZE):
         }
 
 
-def make_synthetic(root, split, n, seed=0):
-    """Write `n` synthetic images under `root/split/` and `root/split.jsonl`; reuse them if present."""
-    path = os.path.join(root, f"{split}-{n}-{seed}-v{WORLD_VERSION}.jsonl")
+# The other tasks' worlds: the same background, colours and shapes.
+def _place(rng, k, size, lo, hi):
+    """k non-overlapping square boxes with sides in [size/lo, size/hi] (rejection sampling; after 50 tries a box
+    may overlap)."""
+    boxes = []
+    for _ in range(k):
+        for _try in range(50):
+            w = rng.randint(size // lo, size // hi)
+            x1, y1 = rng.randint(0, size - w - 1), rng.randint(0, size - w - 1)
+            box = [x1, y1, x1 + w, y1 + w]
+            if all(box[2] < b[0] or b[2] < box[0] or box[3] < b[1] or b[3] < box[1] for b in boxes):
+                break
+        boxes.append(box)
+    return boxes
+
+
+def _render(objects, boxes, size):
+    im = _background(size).copy()
+    draw = ImageDraw.Draw(im)
+    for (color, shape), box in zip(objects, boxes):
+        _draw(draw, shape, box, COLORS[color])
+    return im
+
+
+def _pairs(split):
+    """The colour-shape pairs a split draws from: in-distribution ones, or for ood the held-out ones."""
+    all_pairs = [(c, s) for c in COLORS for s in SHAPES]
+    return sorted(OOD_PAIRS) if split == "ood" else [p for p in all_pairs if p not in OOD_PAIRS]
+
+
+def _row(split, i, size, problem, solution, objects, boxes):
+    return {"image": f"{split}/{i:06d}.png", "problem": problem, "solution": solution, "width": size, "height": size,
+            "objects": [{"label": f"{c} {s}", "box": b} for (c, s), b in zip(objects, boxes)]}
+
+
+def _cls_rows(split, n, seed, size):
+    """Classification (Visual-RFT's fine-grained setting in miniature): one object, the label is its colour and
+    shape. The classes come round-robin, so --train-size k x 12 is a k-shot training set."""
+    rng = random.Random(SPLIT_SEEDS[split] + seed + 101)
+    classes = _pairs(split)
+    for i in range(n):
+        obj = classes[i % len(classes)] if split == "train" else rng.choice(classes)
+        box = _place(rng, 1, size, 4, 2)
+        yield _render([obj], box, size), _row(split, i, size, CLS_QUESTION, f"{obj[0]} {obj[1]}", [obj], box)
+
+
+def _count_rows(split, n, seed, size):
+    """Counting: 1-5 smaller objects (any colour-shape pair, repeats allowed); the answer is how many."""
+    rng = random.Random(SPLIT_SEEDS[split] + seed + 202)
+    for i in range(n):
+        k = rng.randint(1, 5)
+        objects = [rng.choice(_pairs(split)) for _ in range(k)]
+        boxes = _place(rng, k, size, 6, 4)
+        yield _render(objects, boxes, size), _row(split, i, size, COUNT_QUESTION, k, objects, boxes)
+
+
+def _det_rows(split, n, seed, size):
+    """Detection: 2-4 objects, 1-3 of them of the asked shape; the answer lists every box of that shape.
+    Rows take the real detection format: solution = [{"bbox_2d": [x1, y1, x2, y2], "label": shape}, ...]."""
+    rng = random.Random(SPLIT_SEEDS[split] + seed + 303)
+    for i in range(n):
+        shape, k = rng.choice(SHAPES), rng.randint(2, 4)
+        hits = rng.randint(1, min(3, k))
+        pool = _pairs(split)
+        objects = ([rng.choice([p for p in pool if p[1] == shape]) for _ in range(hits)] +
+                   [rng.choice([p for p in pool if p[1] != shape]) for _ in range(k - hits)])
+        rng.shuffle(objects)
+        boxes = _place(rng, k, size, 5, 3)
+        solution = [{"bbox_2d": b, "label": s} for (c, s), b in zip(objects, boxes) if s == shape]
+        yield _render(objects, boxes, size), _row(split, i, size, DET_QUESTION.format(shape=shape), solution,
+                                                   objects, boxes)
+
+
+def make_synthetic(root, split, n, seed=0, task="rec"):
+    """Write `n` synthetic images under `root/split/` and their rows to a JSONL in `root`; reuse them if present."""
+    prefix = "" if task == "rec" else f"{task}-"
+    path = os.path.join(root, f"{prefix}{split}-{n}-{seed}-v{WORLD_VERSION}.jsonl")
     if os.path.exists(path):
         return path
     os.makedirs(os.path.join(root, split), exist_ok=True)
     tmp = path + f".tmp{os.getpid()}"
     with open(tmp, "w") as f:
-        for im, row in synthetic_rows(split, n, seed):
-            row["image"] = f"{split}/v{WORLD_VERSION}-{seed}-{row['image'].split('/')[1]}"
+        for im, row in synthetic_rows(split, n, seed, task=task):
+            row["image"] = f"{split}/{prefix}v{WORLD_VERSION}-{seed}-{row['image'].split('/')[1]}"
             im.save(os.path.join(root, row["image"]))
             f.write(json.dumps(row) + "\n")
     os.replace(tmp, path)
     return path
 
 
-def synthetic_vocab():
-    """Every word the synthetic world and the templates can produce (for the tiny tokenizer)."""
+def synthetic_vocab(tasks=("rec",)):
+    """Every word the synthetic worlds, the templates and the SFT targets of `tasks` can produce (for the tiny
+    tokenizer). The REC-only list is kept as it was, so the shipped REC model rebuilds bit-identically."""
     words = set((REC_QUESTION + THINK_SUFFIX).replace(".", " ").replace(":", " ").split())
     words |= set(COLORS) | set(SHAPES) | {"the", "is", "at", "left", "right", "top", "bottom", "center"}
+    if set(tasks) - {"rec"}:
+        words |= set(re.findall(r"[A-Za-z]+", CLS_QUESTION + COUNT_QUESTION + DET_QUESTION + THINK_SUFFIX))
+        words |= {s + "s" for s in SHAPES} | {"shapes", "box", "confidence"}
     return sorted(words)
+
+
+CONFIDENCE = 0.9  # the confidence the det SFT targets give every box (tiny model: one decimal is one token)
+
+
+def sft_target(task, row, gt):
+    """The supervised target of a synthetic row: a short chain of thought, then the answer, in the model's
+    coordinate space. The thought lists every object left to right (dense supervision: with only the target
+    named, the tiny model stayed at chance picking the right object; see README), then concludes."""
+    scale = rewards.to_original_pixels([1, 1, 1, 1], gt)  # original pixels per model unit
+    units = lambda b: [round(v / f) for v, f in zip(b, scale)]  # noqa: E731
+    W, H = gt["width"], gt["height"]
+    objs = sorted(row.get("objects", []), key=lambda o: o["box"][0] + o["box"][2])
+    seen = " , ".join(f"{o['label']} {box_words(o['box'], W, H)}" for o in objs)
+    seen = f"{seen} . " if seen else ""
+    if task == "rec":
+        where = box_words(row["solution"], W, H)
+        answer = str(units(row["solution"]))
+        think = f"{seen}{row.get('caption', 'the object')} is at the {where}"
+    elif task == "cls":
+        think, answer = seen.rstrip(". "), row["solution"]
+    elif task == "count":
+        k = int(row["solution"])
+        think, answer = f"{' , '.join(o['label'] for o in objs)} . {k} shapes", str(k)
+    elif task == "det":
+        shape = row["problem"].split()[2]  # "Detect every SHAPE in ..."
+        boxes = sorted(row["solution"], key=lambda b: b[0] + b[2])
+        think = f"{seen}{len(boxes)} {shape}s"
+        answer = json.dumps([{"box": units(b), "confidence": CONFIDENCE} for b in boxes])
+    else:
+        raise ValueError(f"unknown task {task!r}")
+    return f"<think> {think} </think> <answer> {answer} </answer>"
 
 
 def box_words(box, width, height):
@@ -281,3 +445,17 @@ def box_words(box, width, height):
     horiz = "left" if cx < 1 / 3 else "right" if cx > 2 / 3 else "center"
     vert = "top" if cy < 1 / 3 else "bottom" if cy > 2 / 3 else "center"
     return f"{vert} {horiz}"
+
+
+def class_balanced(rows, n):
+    """n rows taken round-robin over the labels (file order within a label): n = k x classes is a k-shot set,
+    Visual-RFT's few-shot classification setting."""
+    by_label = {}
+    for r in rows:
+        by_label.setdefault(rewards.normalize_text(r["solution"]), []).append(r)
+    queues, out = list(by_label.values()), []
+    while len(out) < n and any(queues):
+        for q in queues:
+            if q and len(out) < n:
+                out.append(q.pop(0))
+    return out

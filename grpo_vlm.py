@@ -34,23 +34,29 @@ from torch.utils.checkpoint import checkpoint
 import data
 import rewards
 
-TINY_MODEL = os.path.join(os.path.dirname(os.path.abspath(__file__)), "checkpoints", "tiny-qwen2.5-vl-rec")
+HERE = os.path.dirname(os.path.abspath(__file__))
+TINY_MODEL = os.path.join(HERE, "checkpoints", "tiny-qwen2.5-vl-rec")
+
+
+def tiny_model(task):
+    """The shipped tiny base of a task (make_tiny_model.py --task TASK rebuilds it)."""
+    return os.path.join(HERE, "checkpoints", f"tiny-qwen2.5-vl-{task}")
 
 
 @dataclass
 class Args:
     task: str = "rec"
-    """task: rec (referring expression comprehension)"""
+    """rec (referring expression -> box), cls (image -> label), count (image -> number), det (image -> boxes)"""
     preset: str = ""
     """vlm-r1: VLM-R1's recipe for real models (set first; explicit flags override); empty: tiny-model defaults"""
     model: str = ""
-    """HF hub id or local path of a Qwen2-VL / Qwen2.5-VL model; empty: the shipped tiny model"""
+    """HF hub id or local path of a Qwen2-VL / Qwen2.5-VL model; empty: the task's shipped tiny model"""
     train_data: str = ""
     """VLM-R1 JSONL rows; empty: the synthetic shapes world"""
     image_root: str = ""
     """folder that the `image` paths of --train-data are relative to"""
-    output_dir: str = "runs/rec"
-    """where metrics.jsonl and the final checkpoint go"""
+    output_dir: str = ""
+    """where metrics.jsonl, checkpoints and the final model go (empty: runs/TASK)"""
     steps: int = 1000
     """optimizer steps (each on one rollout batch when mu=1)"""
     seed: int = 0
@@ -97,8 +103,8 @@ class Args:
     """tokens per chunk when computing log-probs (the [tokens, vocab] logits never exist at once)"""
     sample_every: int = 100
     """print a few sample completions every N steps"""
-    train_size: int = 2000
-    """number of synthetic training images"""
+    train_size: int = 0
+    """training rows: synthetic images to make (0: 2000) or the first N of --train-data (0: all); cls balances classes"""
     eval_every: int = 250
     """greedy eval on the synthetic test and ood splits every N steps and at the end (0 or --train-data: never)"""
     eval_n: int = 128
@@ -113,10 +119,21 @@ class Args:
     """freeze the whole vision tower, merger included (VLM-R1's --freeze_vision_modules)"""
     max_bad_steps: int = 3
     """stop, with a checkpoint, after this many steps in a row with a non-finite loss or gradient"""
+    sft_steps: int = 0
+    """Vision-R1's cold start: supervised steps on chain-of-thought targets before GRPO (0: none)"""
+    sft_lr: float = 2e-4
+    """learning rate of the cold start"""
+    length_schedule: str = ""
+    """Vision-R1's PTST: completion-length cap by stage, "step:cap,..." e.g. 0:16,300:32,600:48 (empty: fixed)"""
+    iou_threshold_schedule: str = ""
+    """progressive rule refinement: IoU counts only at or above a threshold by stage, e.g. 0:0,500:0.5 (rec, det)"""
 
 
 # VLM-R1's REC recipe for a real Qwen2.5-VL (full fine-tune): the defaults above are tuned for the tiny
 # offline model on a CPU instead, where lr 1e-6 would move nothing in ten minutes.
+# Task defaults for the tiny offline models (a preset or explicit flags override them): a detection answer lists
+# up to three boxes of ~21 tokens each.
+TASK_DEFAULTS = {"det": dict(max_completion_length=128)}
 PRESETS = {"vlm-r1": dict(lr=1e-6, beta=0.04, num_generations=8, temperature=1.0, eps_low=0.2, eps_high=0.2, mu=1,
                           max_completion_length=256, prompts_per_step=16, micro_batch_size=8, loss_agg="grpo",
                           scale_rewards="group", gradient_checkpointing=True)}
@@ -124,6 +141,9 @@ PRESETS = {"vlm-r1": dict(lr=1e-6, beta=0.04, num_generations=8, temperature=1.0
 
 def parse_args(argv=None):
     args, argv = Args(), list(sys.argv[1:] if argv is None else argv)
+    if "--task" in argv[:-1]:
+        for k, v in TASK_DEFAULTS.get(argv[argv.index("--task") + 1], {}).items():
+            setattr(args, k, v)
     if "--preset" in argv[:-1]:
         name = argv[argv.index("--preset") + 1]
         if name not in PRESETS:
@@ -146,7 +166,24 @@ def parse_args(argv=None):
         value = argv.pop(0) if argv else sys.exit(f"error: {key} needs a value")
         cast = (lambda v: v.lower() in ("1", "true", "yes")) if types[name] is bool else types[name]
         setattr(args, name, cast(value))
+    if args.task not in data.TASKS:
+        sys.exit(f"error: --task {args.task!r} is not supported; choose from {list(data.TASKS)}")
+    args.output_dir = args.output_dir or os.path.join("runs", args.task)
+    for name, default in (("length_schedule", 0), ("iou_threshold_schedule", 0.0)):
+        try:
+            stage_value(getattr(args, name), 0, default)
+        except ValueError:
+            sys.exit(f"error: --{name.replace('_', '-')} {getattr(args, name)!r}: expected step:value,step:value,...")
     return args
+
+
+def stage_value(spec, step, default):
+    """The value of a stage schedule "step:value,step:value,..." at `step`: that of the last stage begun by then."""
+    value = default
+    for start, v in sorted((int(a), type(default)(b)) for a, b in (item.split(":") for item in spec.split(",") if item)):
+        if step >= start:
+            value = v
+    return value
 
 
 # ---------------------------------------------------------------------------------------------
@@ -448,17 +485,52 @@ def grpo_loss(logps, old_logps, ref_logps, advantages, weights, eps_low, eps_hig
 # ---------------------------------------------------------------------------------------------
 def load_rows(args):
     """(rows, bad): the training rows, and one line per row skipped by --skip-bad-rows."""
-    if args.train_data:
-        path, root = args.train_data, args.image_root
-    else:
-        root = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "synthetic")
-        path = data.make_synthetic(root, "train", args.train_size, args.seed)
-    return data.load_jsonl(path, root, args.task, args.skip_bad_rows)
+    if not args.train_data:
+        root = os.path.join(HERE, "data", "synthetic")
+        path = data.make_synthetic(root, "train", args.train_size or 2000, args.seed, args.task)
+        return data.load_jsonl(path, root, args.task, args.skip_bad_rows)
+    limit = args.train_size if args.train_size and args.task != "cls" else None
+    rows, bad = data.load_jsonl(args.train_data, args.image_root, args.task, args.skip_bad_rows, limit)
+    return (data.class_balanced(rows, args.train_size) if args.train_size and args.task == "cls" else rows), bad
 
 
-def ground_truths(rows, sizes, coord_space):
+def ground_truths(rows, sizes, coord_space, iou_threshold=0.0):
     return [{"solution": r["solution"], "width": W, "height": H, "input_width": w, "input_height": h,
-             "coord_space": coord_space} for r, (w, h, W, H) in zip(rows, sizes)]
+             "coord_space": coord_space, "iou_threshold": iou_threshold} for r, (w, h, W, H) in zip(rows, sizes)]
+
+
+# ---------------------------------------------------------------------------------------------
+# Vision-R1's cold start: supervised steps on chain-of-thought targets before RL. A row's target is its
+# `response` (<think>..</think><answer>..</answer>) when it has one, else the synthetic world's target
+# (data.sft_target). sft.py runs the same steps alone: the SFT baseline, and the tiny bases' warm start.
+# ---------------------------------------------------------------------------------------------
+def sft_loss(model, rows, tokenizer, image_processor, coord_space, task, chunk, device="cpu"):
+    """Mean negative log-likelihood of the target tokens of `rows`, EOS included."""
+    prompt, sizes = encode_prompts(rows, tokenizer, image_processor, device)
+    gts = ground_truths(rows, sizes, coord_space)
+    texts = [(r.get("response") or data.sft_target(task, r, gt)) + tokenizer.eos_token for r, gt in zip(rows, gts)]
+    ids = tokenizer(texts, return_tensors="pt", padding=True, padding_side="right",
+                    add_special_tokens=False)["input_ids"].to(device)
+    mask = completion_mask(ids, tokenizer.eos_token_id)
+    logps = completion_logps(model, prompt["input_ids"], prompt["attention_mask"], prompt["pixel_values"],
+                             prompt["image_grid_thw"], torch.arange(len(rows), device=device), ids, mask, 1.0, chunk)
+    return -(logps * mask).sum() / mask.sum()
+
+
+def sft_steps(model, rows, tokenizer, image_processor, coord_space, args, steps, lr, device="cpu"):
+    """Yield (step, loss) over `steps` supervised steps of --prompts-per-step rows, drawn as GRPO draws its
+    prompts (random.Random(seed)), so an SFT run with GRPO's seed and B sees GRPO's images in GRPO's order."""
+    rng = random.Random(args.seed)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
+    model.train()
+    for step in range(1, steps + 1):
+        loss = sft_loss(model, rng.sample(rows, args.prompts_per_step), tokenizer, image_processor, coord_space,
+                        args.task, args.logp_chunk, device)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        yield step, loss.item()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -516,7 +588,7 @@ class Policy(torch.nn.Module):
 # The learning rate is a function of the step (lr_at), so the step is the schedule's whole state.
 # ---------------------------------------------------------------------------------------------
 RUN_DEFINING = ("model", "task", "train_data", "seed", "prompts_per_step", "num_generations", "train_size",
-                "freeze_vision")
+                "freeze_vision", "sft_steps")
 
 
 def save_state(args, step, model, tokenizer, image_processor, opt, rng, extra):
@@ -576,7 +648,7 @@ def train(args):
     if args.resume:
         ckpt = find_checkpoint(args.resume)
         state = torch.load(os.path.join(ckpt, "trainer_state.pt"), weights_only=True)
-        changed = [k for k in RUN_DEFINING if state["args"][k] != getattr(args, k)]
+        changed = [k for k in RUN_DEFINING if state["args"].get(k, getattr(Args, k)) != getattr(args, k)]
         if changed:
             sys.exit(f"error: --resume {ckpt} was made with different " +
                      ", ".join(f"--{k.replace('_', '-')} ({state['args'][k]!r} there, {getattr(args, k)!r} here)"
@@ -584,16 +656,30 @@ def train(args):
         start = state["step"]
         rng.setstate(state["prompt_rng"])
         torch.set_rng_state(state["torch_rng"])
-    base = args.model or TINY_MODEL
+    base = args.model or tiny_model(args.task)
     model, tokenizer, image_processor, config = load_policy(ckpt if state else base, device)
     coord_space = default_coord_space(config) if args.coord_space == "auto" else args.coord_space
-    ref_model = None
-    if args.beta > 0:  # the frozen reference is the starting model, also after a resume
-        ref_model = (load_policy(base, device)[0] if state else copy.deepcopy(model)).eval().requires_grad_(False)
-        if device.startswith("cuda"):
-            ref_model.to(torch.bfloat16)  # never trained: bf16 weights suffice, at half the memory
     if args.freeze_vision:
         model.model.visual.requires_grad_(False)
+    os.makedirs(args.output_dir, exist_ok=True)
+    metrics_path = os.path.join(args.output_dir, "metrics.jsonl")
+    cold = os.path.join(args.output_dir, "cold-start")  # the cold-started model: GRPO's start and KL reference
+    if args.sft_steps and not state:  # Vision-R1's cold start: SFT on chain-of-thought targets, then RL
+        with open(metrics_path, "w") if main else contextlib.nullcontext() as log:
+            for s, loss in sft_steps(model, rows, tokenizer, image_processor, coord_space, args, args.sft_steps,
+                                     args.sft_lr, device):
+                if main:
+                    log.write(json.dumps({"step": 0, "sft_step": s, "sft_loss": loss}) + "\n")
+                    if s % 50 == 0 or s in (1, args.sft_steps):
+                        print(f"cold start step {s}/{args.sft_steps} loss={loss:.4f}", flush=True)
+        if main:
+            save_checkpoint(model, tokenizer, image_processor, cold)
+    ref_model = None
+    if args.beta > 0:  # the frozen reference is the starting model (after any cold start), also after a resume
+        ref_model = (load_policy(cold if args.sft_steps else base, device)[0] if state
+                     else copy.deepcopy(model)).eval().requires_grad_(False)
+        if device.startswith("cuda"):
+            ref_model.to(torch.bfloat16)  # never trained: bf16 weights suffice, at half the memory
     if args.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()
@@ -610,10 +696,8 @@ def train(args):
     suppress = vision_token_ids(tokenizer)
     B, G, T = args.prompts_per_step, args.num_generations, args.temperature
     b = B // world  # prompts per process
-    os.makedirs(args.output_dir, exist_ok=True)
-    metrics_path = os.path.join(args.output_dir, "metrics.jsonl")
     kept = []
-    if state and os.path.exists(metrics_path):  # drop rows a crashed run wrote after its last checkpoint
+    if (state or args.sft_steps) and os.path.exists(metrics_path):  # drop rows written after the last checkpoint
         kept = [x for x in open(metrics_path) if x.strip() and json.loads(x).get("step", 0) <= start]
     log = open(metrics_path, "w") if main else None
     if log:
@@ -629,7 +713,7 @@ def train(args):
 
     def held_out_eval(step):  # greedy, on the synthetic test (in-domain) and ood splits; the main process only
         if main:
-            ev = evaluation.held_out(model, tokenizer, image_processor, coord_space, args.eval_n)
+            ev = evaluation.held_out(model, tokenizer, image_processor, coord_space, args.eval_n, args.task)
             log.write(json.dumps({"step": step, **ev}) + "\n")
             print(evaluation.eval_line(step, ev), flush=True)
         if world > 1:
@@ -657,11 +741,14 @@ def train(args):
         except data.BadInput as e:  # an image that passed the upfront check fails now (changed on disk?)
             sys.exit(f"error: {e} (step {step}; last checkpoint in {args.output_dir}; --resume after fixing it)")
         keys = sample_keys(args.seed, step, range(rank * b * G, (rank + 1) * b * G))
-        completion_ids, rollout_logps = sample_group(model, prompt, G, args.max_completion_length, T, eos_id, pad_id,
-                                                     suppress, keys, args.min_completion_length)
+        # Vision-R1's staged length (PTST) and progressive rule refinement: both are functions of the step
+        max_len = stage_value(args.length_schedule, step, args.max_completion_length)
+        iou_threshold = stage_value(args.iou_threshold_schedule, step, 0.0)
+        completion_ids, rollout_logps = sample_group(model, prompt, G, max_len, T, eos_id, pad_id, suppress, keys,
+                                                     args.min_completion_length)
         mask = completion_mask(completion_ids, eos_id)
         texts = [tokenizer.decode(c[: int(m.sum())], skip_special_tokens=True) for c, m in zip(completion_ids, mask)]
-        gts = [gt for gt in ground_truths(mine, sizes, coord_space) for _ in range(G)]
+        gts = [gt for gt in ground_truths(mine, sizes, coord_space, iou_threshold) for _ in range(G)]
         r, components = compute_rewards(texts, gts, weights)
         # (2) and (6) over the global batch, then this process's rows. DDP averages gradients over the
         # processes, so the weights are scaled by `world` to make the sum of all processes' losses.
@@ -717,7 +804,9 @@ def train(args):
              "loss": totals[0].item() / args.mu, "kl": totals[1].item() / n_tok, "clip_frac": totals[2].item() / n_tok,
              "logp_gap": totals[3].item() / n_tok,
              "completion_len": n_tok / (B * G), "grad_norm": float(grad_norm), "lr": lr_at(args, step),
-             "seconds": time.time() - t0}
+             **({"max_len": max_len} if args.length_schedule else {}),
+             **({"iou_threshold": iou_threshold} if args.iou_threshold_schedule else {}),
+             **evaluation.rollout_stats(args.task, texts, gts), "seconds": time.time() - t0}
         if skipped:
             m["skipped_updates"] = skipped
         bad_steps = bad_steps + 1 if skipped else 0
@@ -751,7 +840,7 @@ def train(args):
     if main:
         if bad_rows:
             print(f"{len(bad_rows)} bad rows were skipped (see the top of this log and metrics.jsonl)", flush=True)
-        evaluation.plot_metrics(metrics_path, os.path.join(args.output_dir, "curves.png"))
+        evaluation.plot_metrics(metrics_path, os.path.join(args.output_dir, "curves.png"), args.task)
         save_checkpoint(model, tokenizer, image_processor, final)
     if world > 1:
         torch.distributed.barrier()

@@ -41,15 +41,28 @@ CHAT_TEMPLATE = (
 INPUT_PIXELS = 112 * 112  # the processor resizes the 128x128 synthetic images to 112x112 (4x4 merged tokens)
 
 
-def build_tokenizer():
-    """Word-level tokenizer: words, integers 0..1000 and punctuation are one token each."""
+def build_tokenizer(task="rec"):
+    """Word-level tokenizer: words, integers 0..1000 and punctuation are one token each. The other tasks' tokenizer
+    appends every task's words and the confidences 0.0, 0.1, ..., 1.0 (one token each) to the REC vocabulary, so
+    the REC model's embedding rows keep their ids (make_tiny_model --init starts from it) and the shipped REC
+    model rebuilds bit-identically."""
     words = data.synthetic_vocab() + ["user", "assistant", "system", "I", "a", "an"]
-    punct = list("[]{}(),.:;\"'-+_/")
-    vocab = {t: i for i, t in enumerate(SPECIAL + TAGS + [str(n) for n in range(1001)] + punct + words)}
+    tokens = SPECIAL + TAGS + [str(n) for n in range(1001)] + list("[]{}(),.:;\"'-+_/") + words
+    vocab = {t: i for i, t in enumerate(tokens)}
+    # The tags also occur among the words and keep their later id, which leaves 4 ids unused and 4 words ("system",
+    # "I", "a", "an") past the end of the embedding table. Those words never occur in the REC data (so moving them
+    # changes no weight) and they now fill the gaps: before, a caption with "a" crashed the REC model.
+    gaps = sorted(set(range(len(vocab))) - set(vocab.values()))
+    for t, gap in zip(sorted((t for t in vocab if vocab[t] >= len(vocab)), key=vocab.get), gaps):
+        vocab[t] = gap
+    if task != "rec":
+        for t in [f"{n / 10:.1f}" for n in range(11)] + ["?"] + data.synthetic_vocab(data.TASKS):
+            vocab.setdefault(t, len(vocab))
     tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    number = r"\d+" if task == "rec" else r"\d+\.\d+|\d+"  # decimals: one token when in the vocabulary
     tok.pre_tokenizer = pre_tokenizers.Sequence([
         pre_tokenizers.WhitespaceSplit(),
-        pre_tokenizers.Split(Regex(r"\d+|[A-Za-z]+|[^\sA-Za-z\d]"), behavior="isolated"),
+        pre_tokenizers.Split(Regex(number + r"|[A-Za-z]+|[^\sA-Za-z\d]"), behavior="isolated"),
     ])
     tok.decoder = decoders.WordPiece(prefix="##", cleanup=False)  # joins tokens with single spaces
     tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in SPECIAL])
@@ -114,7 +127,8 @@ def save(model, tokenizer, image_processor, out):
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", default="checkpoints/tiny-qwen2.5-vl-rec", help="where to write the checkpoint")
+    p.add_argument("--task", default="rec", choices=data.TASKS, help="the task of the warm start")
+    p.add_argument("--out", default="", help="where to write the checkpoint (empty: checkpoints/tiny-qwen2.5-vl-TASK)")
     p.add_argument("--arch", default="qwen2_5_vl", choices=["qwen2_5_vl", "qwen2_vl"], help="HF architecture")
     p.add_argument("--sft-steps", type=int, default=1500, help="supervised warm-start steps (0: random weights)")
     p.add_argument("--seed", type=int, default=0, help="seed of the weights and the SFT data order")
@@ -123,9 +137,19 @@ def main():
     p.add_argument("--sft-lr", type=float, default=2e-3, help="learning rate of the warm start")
     p.add_argument("--eval-every", type=int, default=0, help="greedy test eval every N SFT steps (0: never)")
     p.add_argument("--number-codes", type=int, default=1, help="1: smooth value codes for number tokens; 0: random")
+    p.add_argument("--init", default="", help="start from this tiny model (e.g. the REC one) instead of random weights; "
+                                             "its embedding table grows to the task's vocabulary")
     a = p.parse_args()
-    tokenizer, image_processor = build_tokenizer(), build_image_processor()
+    tokenizer, image_processor = build_tokenizer(a.task), build_image_processor()
+    a.out = a.out or f"checkpoints/tiny-qwen2.5-vl-{a.task}"
     model = build_model(tokenizer, a.arch, a.seed, a.hidden, a.layers, bool(a.number_codes))
+    if a.init:  # the REC vocabulary is a prefix of the others (build_tokenizer): its rows keep their ids
+        import grpo_vlm
+
+        model = grpo_vlm.load_policy(a.init)[0]
+        model.resize_token_embeddings(len(tokenizer))
+        model.generation_config.eos_token_id = tokenizer.eos_token_id
+        model.generation_config.pad_token_id = tokenizer.pad_token_id
     print(f"built {a.arch} with {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters")
     if a.sft_steps == 0:
         return save(model, tokenizer, image_processor, a.out)
@@ -134,7 +158,7 @@ def main():
     # the random weights go to a scratch folder, so that --out only ever holds the finished model
     with tempfile.TemporaryDirectory() as init:
         save(model, tokenizer, image_processor, init)
-        sft.main(["--model", init, "--output-dir", a.out, "--steps", str(a.sft_steps), "--seed", str(a.seed),
+        sft.main(["--task", a.task, "--model", init, "--output-dir", a.out, "--steps", str(a.sft_steps), "--seed", str(a.seed),
                   "--lr", str(a.sft_lr), "--prompts-per-step", "32", "--gradient-checkpointing", "false",
                   "--eval-every", str(a.eval_every)])
 
