@@ -1,14 +1,26 @@
 """Rule-based, verifiable rewards: pure functions (completion text, ground truth) -> float.
 
 Every function here is total: malformed, empty or absurd output scores 0.0 and never raises.
-Ground truth `gt` is a dict; for REC it holds the box in original-image pixels and what is needed to
-map the model's coordinates back to those pixels:
+Ground truth `gt` is a dict; every task's gt holds what is needed to map the model's coordinates
+back to original-image pixels:
 
-    {"solution": [x1, y1, x2, y2], "width": W, "height": H,          # original image
+    {"width": W, "height": H,                                         # original image
      "input_width": w, "input_height": h,                             # image after the processor resize
-     "coord_space": "abs_resized" | "norm1000" | "abs_original"}
+     "coord_space": "abs_resized" | "norm1000" | "abs_original",
+     "iou_threshold": t}                                              # optional, default 0.0 (see below)
+
+and `solution`, per task:
+
+    rec    [x1, y1, x2, y2]                   the box, original pixels
+    cls    "label"                            normalized exact match
+    count  3 | 3.0 | "3"                      a number
+    det    [[x1, y1, x2, y2], ...]            the true boxes, original pixels (possibly [])
+
+`iou_threshold` is Vision-R1's progressive rule refinement: the trainer raises it over training to
+make the box rules stricter (REC IoU below it scores 0; detection matching never looser than 0.5).
 """
 
+import json
 import math
 import re
 
@@ -16,6 +28,16 @@ FORMAT_RE = re.compile(r"\s*<think>.*?</think>\s*<answer>.*?</answer>\s*", re.DO
 ANSWER_RE = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
 NUM = r"[-+]?\d+(?:\.\d+)?"
 BOX_RE = re.compile(rf"\[\s*({NUM})\s*,\s*({NUM})\s*,\s*({NUM})\s*,\s*({NUM})\s*\]")
+# a whole number token: "1.2.3", ".5", "1e9", "0x1F" are not one number (they hold 0 or 2+ tokens)
+NUMBER_RE = re.compile(rf"(?<![\d.]){NUM}(?!\.?\d)")
+FENCE_RE = re.compile(r"\s*```(?:json)?(.*?)```\s*", re.DOTALL)
+BOX_KEYS = ("bbox_2d", "bbox", "box", "position")
+CONF_KEYS = ("confidence", "conf", "score")
+# 0.50, ..., 0.95; pycocotools has 0.8999999999999999 for 0.9: they differ only for an IoU in between
+COCO_IOUS = tuple(round(0.5 + 0.05 * i, 2) for i in range(10))
+# pycocotools' recall grid bit for bit (np.linspace = i * 0.01): i / 100 differs by one ulp at 10 points
+# (0.35, 0.41, ..., 0.95), which decides ties such as recall 7/10 against 0.70 (COCO: not reached)
+COCO_RECALLS = tuple(i * 0.01 for i in range(101))
 
 
 def format_reward(completion, gt=None):
@@ -71,11 +93,13 @@ def box_iou(a, b):
 
 
 def iou_reward(completion, gt):
-    """Continuous IoU between the first answered box (rescaled to original pixels) and the truth."""
+    """Continuous IoU between the first answered box (rescaled to original pixels) and the truth;
+    0 below gt["iou_threshold"] (Vision-R1's progressive rule refinement; default 0: plain IoU)."""
     box = parse_box(completion)
     if box is None:
         return 0.0
-    return box_iou(to_original_pixels(box, gt), [float(v) for v in gt["solution"]])
+    iou = box_iou(to_original_pixels(box, gt), [float(v) for v in gt["solution"]])
+    return iou if iou >= gt.get("iou_threshold", 0.0) else 0.0
 
 
 def hit_reward(completion, gt):
@@ -110,6 +134,191 @@ def accuracy_reward(completion, gt):
     return 1.0 if a and a == s else 0.0
 
 
-REWARDS = {"format": format_reward, "iou": iou_reward, "hit": hit_reward, "accuracy": accuracy_reward}
+def parse_number(completion):
+    """The one number in <answer> ("3", " -2 ", "3.0", "3 shapes") as a finite float; None for no answer,
+    no number, two or more ("3 or 4", "1e9") or one that overflows."""
+    answer = extract_answer(completion)
+    found = NUMBER_RE.findall(answer) if answer is not None else []
+    if len(found) != 1:
+        return None
+    v = float(found[0])
+    return v if math.isfinite(v) else None
+
+
+def count_reward(completion, gt):
+    """1 if the answered number equals the true count exactly, else 0."""
+    v = parse_number(completion)
+    return 1.0 if v is not None and v == float(gt["solution"]) else 0.0
+
+
+def _finite(v):
+    """v as a float if it is a finite int or float (bool is not a number), else None."""
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        return None
+    try:
+        v = float(v)
+    except OverflowError:  # an int beyond float range
+        return None
+    return v if math.isfinite(v) else None
+
+
+def _detection(item):
+    """(box, confidence) from one answered dict, or None if it is malformed."""
+    if not isinstance(item, dict):
+        return None
+    d = {}
+    for k, v in item.items():  # JSON keys are str; our tokenizer may decode "box" as " box "
+        d.setdefault(k.strip().lower(), v)
+    box = next((d[k] for k in BOX_KEYS if k in d), None)
+    conf = next((d[k] for k in CONF_KEYS if k in d), 1.0)
+    if not isinstance(box, list) or len(box) != 4:
+        return None
+    box, conf = [_finite(v) for v in box], _finite(conf)
+    if None in box or conf is None or not (box[0] < box[2] and box[1] < box[3] and 0.0 <= conf <= 1.0):
+        return None
+    return box, conf
+
+
+def parse_detections(completion):
+    """The <answer> as a JSON list (optionally in a ```json fence) of {box, confidence} dicts ->
+    [(box, conf)]; None if missing or if ANY element is malformed (strict, like the format reward)."""
+    answer = extract_answer(completion)
+    if answer is None:
+        return None
+    m = FENCE_RE.fullmatch(answer)
+    try:
+        items = json.loads(m.group(1) if m else answer)
+    except (ValueError, RecursionError):  # not JSON, ints past int()'s digit limit, "[" * 100000
+        return None
+    if not isinstance(items, list):
+        return None
+    out = [_detection(item) for item in items]
+    return None if None in out else out
+
+
+def _greedy(preds, gt_boxes, thr, coco):
+    """Visit predictions by confidence (descending, stable); match each to the free true box of highest
+    IoU. Visual-RFT: IoU > thr, ties to the first box. COCO: IoU >= thr, ties to the last (its loop)."""
+    order = sorted(range(len(preds)), key=lambda i: -preds[i][1])
+    free, matches = list(range(len(gt_boxes))), []
+    for i in order:
+        best, best_iou = None, thr
+        for j in free:
+            iou = box_iou(preds[i][0], gt_boxes[j])
+            if iou > best_iou or (coco and iou == best_iou):
+                best, best_iou = j, iou
+        if best is not None:
+            free.remove(best)
+            matches.append((i, best, best_iou))
+    return matches
+
+
+def match_detections(preds, gt_boxes, thr):
+    """Visual-RFT's greedy matching (IoU > thr) -> [(pred_index, gt_index, iou)]; boxes in original pixels."""
+    return _greedy(preds, gt_boxes, thr, coco=False)
+
+
+def average_precision(images, thr):
+    """COCO AP of one category at IoU threshold thr, pooled over images = [(preds [(box, conf)], gt_boxes)].
+
+    COCO matching (IoU >= thr), precision envelope, 101-point interpolation. No true boxes at all (COCO
+    says -1, undefined): 0.0 if there are predictions, 1.0 if there are none.
+    """
+    npos, scored = sum(len(g) for _, g in images), []
+    for preds, gts in images:
+        hit = {i for i, _, _ in _greedy(preds, gts, thr, coco=True)}
+        scored += [(c, i in hit) for i, (_, c) in enumerate(preds)]
+    if npos == 0:
+        return 0.0 if scored else 1.0
+    scored.sort(key=lambda s: -s[0])  # stable: ties keep image, then answer order, as COCO's mergesort
+    precision, recall, tp = [], [], 0
+    for k, (_, is_tp) in enumerate(scored, 1):
+        tp += is_tp
+        precision.append(tp / k)
+        recall.append(tp / npos)
+    for k in range(len(precision) - 2, -1, -1):  # envelope: monotone non-increasing from the right
+        precision[k] = max(precision[k], precision[k + 1])
+    total, k = 0.0, 0
+    for r in COCO_RECALLS:  # precision at the first point with recall >= r; 0 once recall never gets there
+        while k < len(recall) and recall[k] < r:
+            k += 1
+        if k == len(recall):
+            break
+        total += precision[k]
+    return total / len(COCO_RECALLS)
+
+
+def mean_ap(images, thresholds=COCO_IOUS):
+    """COCO mAP (mean AP over IoU thresholds), AP50 and AP75 of one category pooled over images."""
+    return {"map": sum(average_precision(images, t) for t in thresholds) / len(thresholds),
+            "ap50": average_precision(images, 0.5), "ap75": average_precision(images, 0.75)}
+
+
+def _det_inputs(completion, gt):
+    """(preds in original pixels, true boxes, match threshold), or None if the answer is malformed."""
+    preds = parse_detections(completion)
+    if preds is None:
+        return None
+    preds = [(to_original_pixels(box, gt), c) for box, c in preds]
+    # progressive rule refinement: stricter over training, never looser than Visual-RFT's 0.5
+    return preds, [[float(v) for v in b] for b in gt["solution"]], max(0.5, gt.get("iou_threshold", 0.0))
+
+
+def det_iou_reward(completion, gt):
+    """Visual-RFT's IoU reward: sum of matched IoUs / max(#gt, #pred); extra boxes dilute it."""
+    inputs = _det_inputs(completion, gt)
+    if inputs is None:
+        return 0.0
+    preds, gts, thr = inputs
+    if not preds and not gts:
+        return 1.0
+    return sum(iou for *_, iou in match_detections(preds, gts, thr)) / max(len(gts), len(preds))
+
+
+def det_conf_reward(completion, gt):
+    """Visual-RFT's confidence reward: mean over predictions of c if matched else 1 - c."""
+    inputs = _det_inputs(completion, gt)
+    if inputs is None:
+        return 0.0
+    preds, gts, thr = inputs
+    if not preds:
+        return 0.0 if gts else 1.0
+    hit = {i for i, _, _ in match_detections(preds, gts, thr)}
+    return sum(c if i in hit else 1.0 - c for i, (_, c) in enumerate(preds)) / len(preds)
+
+
+def det_iou_sum_reward(completion, gt):
+    """HACKABLE on purpose, do not train with it: sum of matched IoUs / #gt, no penalty for extra boxes.
+
+    Kept to reproduce VLM-R1's detection reward hacking: spraying boxes never lowers it, so the policy
+    learns to answer many (repeated) boxes. Use det_iou or det_map for real training.
+    """
+    inputs = _det_inputs(completion, gt)
+    if inputs is None:
+        return 0.0
+    preds, gts, thr = inputs
+    if not gts:
+        return 0.0 if preds else 1.0
+    return sum(iou for *_, iou in match_detections(preds, gts, thr)) / len(gts)
+
+
+def det_map_reward(completion, gt):
+    """VLM-R1's length-aware reward: this image's COCO mAP * min(1, #gt / #pred); thresholds below
+    gt["iou_threshold"] are raised to it (progressive rule refinement)."""
+    inputs = _det_inputs(completion, gt)
+    if inputs is None:
+        return 0.0
+    preds, gts, _ = inputs
+    if not preds or not gts:
+        return 1.0 if not preds and not gts else 0.0
+    floor = gt.get("iou_threshold", 0.0)
+    ap = mean_ap([(preds, gts)], [max(t, floor) for t in COCO_IOUS])["map"]
+    return ap * min(1.0, len(gts) / len(preds))
+
+
+REWARDS = {"format": format_reward, "iou": iou_reward, "hit": hit_reward, "accuracy": accuracy_reward,
+           "count": count_reward, "det_iou": det_iou_reward, "det_conf": det_conf_reward,
+           "det_iou_sum": det_iou_sum_reward, "det_map": det_map_reward}
 # Reward weights w_k per task (r_i = sum_k w_k * R_k); override with --reward-weights.
-TASK_REWARDS = {"rec": {"iou": 1.0, "format": 1.0}}
+TASK_REWARDS = {"rec": {"iou": 1.0, "format": 1.0}, "cls": {"accuracy": 1.0, "format": 1.0},
+                "count": {"count": 1.0, "format": 1.0}, "det": {"det_iou": 1.0, "det_conf": 1.0, "format": 1.0}}

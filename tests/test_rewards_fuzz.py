@@ -7,8 +7,11 @@ inside [0, 1] unless listed in UNBOUNDED.
 What is fuzzed, and why only that: totality is promised on the *completion* (model output, anything
 can come back). The ground truth comes from our own loader, so gt is drawn from what the loader can
 produce: 4 finite numbers (ints or floats; inverted, zero-size, negative and ~1e308 boxes included),
-positive int sizes, one of the three coord spaces or none (then "abs_original"). Outside that (an
-unknown coord_space, input_width 0, a missing key) raising is right: it is our bug, and must be loud.
+positive int sizes, one of the three coord spaces or none (then "abs_original"), sometimes an
+iou_threshold in [0, 1]; a count gt is a finite number or its string; a det gt is a list of 0-4 such
+boxes. Each reward gets the gts of the tasks it serves (REWARD_TASKS). Outside that (an unknown
+coord_space, input_width 0, a missing key, a REC box given to a det reward) raising is right: it is our
+bug, and must be loud.
 """
 
 import math
@@ -23,7 +26,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import rewards  # noqa: E402
 
 UNBOUNDED = set()  # rewards allowed outside [0, 1]; a new reward is bounded unless listed here
-TEXT_GT = {"accuracy"}  # rewards also fed a classification gt {"solution": label}
+# the gts each reward is fed (default: rec); "accuracy" serves REC-style prompts and classification
+REWARD_TASKS = {"accuracy": ("rec", "cls"), "count": ("count",), "det_iou": ("det",), "det_conf": ("det",),
+                "det_iou_sum": ("det",), "det_map": ("det",)}
 
 # --- adversarial completions -------------------------------------------------------------------
 NUMBERS = st.one_of(
@@ -73,15 +78,87 @@ def tagged(draw, answer):
     return "".join(out) + draw(st.sampled_from(["", "", "\n", " trailing", "</answer>", "<answer>"]))
 
 
+# detection answers: JSON lists of {box, confidence} dicts; a key is read after strip().lower()
+GOOD_KEYS = ["bbox_2d", "bbox", "box", "position", " box ", "BBOX_2D", "Bbox "]
+DET_KEYS = st.sampled_from(GOOD_KEYS + ["label", "bbox-2d", "", "boxes"])
+CONF_KEYS = st.sampled_from(["confidence", "conf", "score", " Score ", "CONFIDENCE", "prob"])
+CONF = st.one_of(st.floats(0, 1).map(repr), st.sampled_from(["0", "1", "-0.1", "1.5", "NaN", "true", "null", '"0.9"']))
+VALUE = st.one_of(NUMBERS, st.sampled_from(["true", "false", "null", '"7"', "[]", "{}", "[1, 2, 3, 4]"]))
+EXTRA = st.sampled_from([[], [], [], ['"label": "cat"'], ['"bbox_2d": [1, 2, 3, 4]'], ['"x": {"y": [[[]]]}']])
+
+
+@st.composite
+def det_item(draw, box=None):
+    """One {"box": [...], "confidence": c, ...} dict: key variants, absurd numbers, booleans, extra keys."""
+    if box is None:
+        box = draw(st.one_of(box_text(), st.lists(VALUE, min_size=4, max_size=4).map(lambda v: f"[{', '.join(v)}]")))
+    fields = [f'"{draw(DET_KEYS)}": {box}'] + [f'"{draw(CONF_KEYS)}": {draw(CONF)}'] * draw(st.integers(0, 2))
+    return "{" + ", ".join(draw(st.permutations(fields + draw(EXTRA)))) + "}"
+
+
+def det_list(draw, items):
+    """items as a JSON list: often as is, else repeated (box spraying), fenced, nested or in a dict."""
+    if items and draw(st.integers(0, 4)) == 0:
+        items = items[:1] * draw(st.sampled_from([2, 5, 50, 500]))
+    body = "[" + ", ".join(items) + "]"
+    return draw(st.sampled_from(["{}"] * 6 + [" {}\n", "```json\n{}\n```", "```{}```", '{{"objects": {}}}', "[{}]",
+                                             "[" * 3000 + "{}" + "]" * 3000, "[" * 3000 + "{}"])).format(body)
+
+
+@st.composite
+def det_text(draw):
+    return det_list(draw, draw(st.lists(det_item(), max_size=3)))
+
+
+def model_scale(gt):
+    """(sx, sy) from original pixels to the model's coordinate space."""
+    scales = {"abs_resized": (gt["input_width"] / gt["width"], gt["input_height"] / gt["height"]),
+              "norm1000": (1000 / gt["width"], 1000 / gt["height"])}
+    return scales.get(gt.get("coord_space", "abs_original"), (1.0, 1.0))
+
+
+@st.composite
+def near_det(draw, gt):
+    """The true boxes in the model's space, nudged, some dropped, plus extras; mostly well-formed (one bad
+    element zeroes the whole answer, so without this the det rewards' arithmetic would go untested)."""
+    sx, sy = model_scale(gt)
+    boxes = [[v * s for v, s in zip(b, (sx, sy, sx, sy))] for b in gt["solution"] if draw(st.integers(0, 5))]
+    boxes += draw(st.lists(st.sampled_from(boxes + [[0, 0, 10, 10], [5, 5, 500, 500]]), max_size=2))  # extras
+    items = []
+    for b in draw(st.permutations(boxes)):
+        nudge = draw(st.sampled_from([0, 0, 0, 1, -1, 7]))
+        box = f"[{', '.join(repr(float(v + nudge)) for v in b)}]"
+        if draw(st.integers(0, 5)):  # clean: a good key, a confidence or none
+            conf = draw(st.sampled_from(["", "", ', "confidence": 0.9', ', "score": 0.3', ', "conf": 1']))
+            items.append(f'{{"{draw(st.sampled_from(GOOD_KEYS))}": {box}{conf}}}')
+        else:
+            items.append(draw(det_item(box=box)))
+    return det_list(draw, items)
+
+
+@st.composite
+def count_text(draw, n):
+    """The true count written right, almost right or wrongly."""
+    v = float(n)
+    right = st.sampled_from([str(n), f" {n} ", f"{n} shapes", repr(v), f"There are {v:.0f}.", f"[{n}]"])
+    wrong = st.sampled_from([f"{v:.0f} or {v + 1:.0f}", f"{v:e}", "three", f"-{n}", f"{n}{n}", f'{{"count": {n}}}'])
+    return draw(st.one_of(right, wrong, NUMBERS))
+
+
+@st.composite
+def plain(draw, answer):
+    """<think>..</think><answer>ANSWER</answer>, or tagged() with its pieces dropped, doubled, replaced."""
+    a = draw(answer)
+    return draw(tagged(st.just(a))) if draw(st.integers(0, 3)) == 0 else f"<think>ok</think><answer>{a}</answer>"
+
+
 @st.composite
 def near_answer(draw, gt, label):
     """The true box mapped to the model's coordinate space and nudged, or the label with noise: without
     these almost every fuzzed iou/hit/accuracy would be 0 and their arithmetic would go untested."""
     if draw(st.integers(0, 3)) == 0:
         return draw(st.sampled_from([label, label.upper(), f" {label}. ", label + "!", label[:-1], label * 2]))
-    space = gt.get("coord_space", "abs_original")
-    sx, sy = {"abs_resized": (gt["input_width"] / gt["width"], gt["input_height"] / gt["height"]),
-              "norm1000": (1000 / gt["width"], 1000 / gt["height"])}.get(space, (1.0, 1.0))
+    sx, sy = model_scale(gt)
     box = [v * s + draw(st.sampled_from([0, 0, 1, -1, 7, 0.5])) for v, s in zip(gt["solution"], (sx, sy, sx, sy))]
     fmt = draw(st.sampled_from(["{:.0f}", "{!r}", "{:.20f}"]))  # ints, floats, many decimals (300+ digits if huge)
     coords = [fmt.format(float(v)) for v in box]
@@ -95,21 +172,30 @@ COORD = st.one_of(st.integers(-10**6, 10**6), st.floats(allow_nan=False, allow_i
 PLAUSIBLE_BOX = st.lists(st.integers(0, 1000), min_size=4, max_size=4).map(
     lambda v: [min(v[0], v[1]), min(v[2], v[3]), max(v[0], v[1]), max(v[2], v[3])])
 SIZE = st.one_of(st.integers(1, 2000), st.integers(1, 10**5))
-REC_GT = st.fixed_dictionaries(
-    {"solution": st.one_of(PLAUSIBLE_BOX, st.lists(COORD, min_size=4, max_size=4)),  # inverted, empty, huge, < 0
-     "width": SIZE, "height": SIZE, "input_width": SIZE, "input_height": SIZE},
-    optional={"coord_space": st.sampled_from(["abs_resized", "norm1000", "abs_original"])})
+ANY_BOX = st.one_of(PLAUSIBLE_BOX, st.lists(COORD, min_size=4, max_size=4))  # inverted, empty, huge, < 0
+IMAGE = st.fixed_dictionaries({"width": SIZE, "height": SIZE, "input_width": SIZE, "input_height": SIZE}, optional={
+    "coord_space": st.sampled_from(["abs_resized", "norm1000", "abs_original"]), "iou_threshold": st.floats(0, 1)})
+COUNT = st.one_of(st.integers(0, 20), st.integers(0, 20), st.integers(0, 20).map(str), st.integers(-10**6, 10**6),
+                  st.floats(allow_nan=False, allow_infinity=False))
 
 
 @st.composite
 def cases(draw):
-    """(completion, REC gt, class label); gt first, so that some completions answer it nearly right."""
-    gt, label = draw(REC_GT), draw(st.one_of(st.text(), st.sampled_from(["cat", "traffic light", "Ñandú", "42"])))
-    kind = draw(st.sampled_from(["unicode", "soup", "tagged", "near", "near", "long", "non_str"]))
+    """(completion, {task: gt}); gts first, so that some completions answer them nearly right. The rec
+    and det gts share one image, to keep the 10,000 examples fast to draw."""
+    label = draw(st.one_of(st.text(), st.sampled_from(["cat", "traffic light", "Ñandú", "42"])))
+    image, box = draw(IMAGE), draw(ANY_BOX)
+    boxes = draw(st.lists(PLAUSIBLE_BOX, max_size=4))  # plus, at times, the REC box (possibly absurd)
+    gts = {"rec": {**image, "solution": box}, "cls": {"solution": label}, "count": {"solution": draw(COUNT)},
+           "det": {**image, "solution": boxes + [box] * (len(boxes) < 4 and draw(st.integers(0, 3)) == 0)}}
+    kind = draw(st.sampled_from(["unicode", "soup", "tagged", "near", "near", "long", "non_str", "det", "near_det",
+                                 "near_det", "count"]))
     completion = draw({"unicode": st.text(st.characters(exclude_categories=())),  # any code point, lone surrogates
-                       "soup": FRAGMENT_SOUP, "tagged": tagged(box_text()), "near": tagged(near_answer(gt, label)),
-                       "long": LONG, "non_str": NON_STR}[kind])
-    return completion, gt, label
+                       "soup": FRAGMENT_SOUP, "tagged": tagged(box_text()), "long": LONG, "non_str": NON_STR,
+                       "near": tagged(near_answer(gts["rec"], label)), "det": plain(det_text()),
+                       "near_det": plain(near_det(gts["det"])),
+                       "count": plain(count_text(gts["count"]["solution"]))}[kind])
+    return completion, gts
 
 
 def check(name, r):
@@ -122,11 +208,11 @@ def check(name, r):
           suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.large_base_example])
 @given(case=cases())
 def test_every_reward_total_on_adversarial_completions(case):
-    completion, gt, label = case
+    completion, gts = case
     # one example feeds every reward, so each reward sees all 10,000
     for name, f in rewards.REWARDS.items():
-        for g in ([gt, {"solution": label}] if name in TEXT_GT else [gt]):
-            check(name, f(completion, g))
+        for task in REWARD_TASKS.get(name, ("rec",)):
+            check(name, f(completion, gts[task]))
 
 
 GT = {"solution": [10, 20, 30, 40], "width": 100, "height": 100, "input_width": 100, "input_height": 100,
