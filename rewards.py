@@ -312,7 +312,7 @@ def det_map_reward(completion, gt):
     if not preds or not gts:
         return 1.0 if not preds and not gts else 0.0
     floor = gt.get("iou_threshold", 0.0)
-    ap = mean_ap([(preds, gts)], [max(t, floor) for t in COCO_IOUS])["map"]
+    ap = sum(average_precision([(preds, gts)], max(t, floor)) for t in COCO_IOUS) / len(COCO_IOUS)
     return ap * min(1.0, len(gts) / len(preds))
 
 
