@@ -30,6 +30,7 @@ from dataclasses import dataclass, fields
 
 import torch
 from torch.utils.checkpoint import checkpoint
+from transformers.cache_utils import DynamicLayer
 
 import data
 import rewards
@@ -285,6 +286,30 @@ def draw(logits, keys, position):
     return token.clamp(max=logits.shape[-1] - 1)
 
 
+class RoomyLayer(DynamicLayer):
+    """One layer's KV cache for decoding G samples per prompt: each prompt's keys and values repeated G times
+    (prompt-major), with room for `extra` more positions. update() writes new keys and values in place and returns
+    views; DynamicLayer would torch.cat the whole cache at every decode step, copying O(length^2) bytes over a
+    completion (on the tiny CPU model that copy was the largest cost of a decode step)."""
+
+    def __init__(self, layer, G, extra):
+        super().__init__()
+        self.dtype, self.device, self.is_initialized = layer.keys.dtype, layer.keys.device, True
+        (B, H, n, D), self.room = layer.keys.shape, []
+        for x in (layer.keys, layer.values):
+            r = x.new_empty(B * G, H, n + extra, D)
+            r.view(B, G, H, n + extra, D)[..., :n, :] = x[:, None]  # one copy, no repeat_interleave
+            self.room.append(r)
+        self.keys, self.values = (r[..., :n, :] for r in self.room)
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        n, m = self.keys.shape[-2], key_states.shape[-2]
+        for r, new in zip(self.room, (key_states, value_states)):
+            r[..., n:n + m, :] = new
+        self.keys, self.values = (r[..., :n + m, :] for r in self.room)
+        return self.keys, self.values
+
+
 @torch.no_grad()
 def sample_group(model, prompt, G, max_new_tokens, temperature, eos_id, pad_id, suppress, keys=None,
                  min_new_tokens=0):
@@ -305,7 +330,7 @@ def sample_group(model, prompt, G, max_new_tokens, temperature, eos_id, pad_id, 
                     pixel_values=prompt["pixel_values"], image_grid_thw=grid, mm_token_type_ids=types, use_cache=True,
                     logits_to_keep=1)
     cache = out.past_key_values
-    cache.batch_repeat_interleave(G)  # the shared prefill: G views of each prompt's keys and values
+    cache.layers = [RoomyLayer(layer, G, max_new_tokens) for layer in cache.layers]  # the shared prefill, G times
     logits = out.logits[:, -1].float().repeat_interleave(G, 0)
     mask = mask.repeat_interleave(G, 0)
     done = torch.zeros(len(logits), dtype=torch.bool, device=logits.device)
