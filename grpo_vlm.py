@@ -293,7 +293,7 @@ class RoomyLayer(DynamicLayer):
     """One layer's KV cache for decoding G samples per prompt: each prompt's keys and values repeated G times
     (prompt-major), with room for `extra` more positions. update() writes new keys and values in place and returns
     views; DynamicLayer would torch.cat the whole cache at every decode step, copying O(length^2) bytes over a
-    completion (on the tiny CPU model that copy was the largest cost of a decode step)."""
+    completion (on the tiny CPU model, 48 tokens, writing in place saves ~10% of the rollout; more when longer)."""
 
     def __init__(self, layer, G, extra):
         super().__init__()
