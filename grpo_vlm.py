@@ -296,6 +296,8 @@ class RoomyLayer(DynamicLayer):
     completion (on the tiny CPU model, 48 tokens, writing in place saves ~10% of the rollout; more when longer)."""
 
     def __init__(self, layer, G, extra):
+        if layer.is_sliding:  # Qwen2.5-VL configs have use_sliding_window false; this layer keeps every position
+            raise NotImplementedError("sliding-window attention is not supported by the rollout's KV cache")
         super().__init__()
         self.dtype, self.device, self.is_initialized = layer.keys.dtype, layer.keys.device, True
         (B, H, n, D), self.room = layer.keys.shape, []
