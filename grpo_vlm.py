@@ -170,8 +170,6 @@ def parse_args(argv=None):
         value = argv.pop(0) if argv else sys.exit(f"error: {key} needs a value")
         cast = (lambda v: v.lower() in ("1", "true", "yes")) if types[name] is bool else types[name]
         setattr(args, name, cast(value))
-    if args.task not in data.TASKS:
-        sys.exit(f"error: --task {args.task!r} is not supported; choose from {list(data.TASKS)}")
     args.output_dir = args.output_dir or os.path.join("runs", args.task)
     for name, default in (("length_schedule", 0), ("iou_threshold_schedule", 0.0)):
         try:
@@ -337,7 +335,9 @@ def sample_group(model, prompt, G, max_new_tokens, temperature, eos_id, pad_id, 
     cache = out.past_key_values
     cache.layers = [RoomyLayer(layer, G, max_new_tokens) for layer in cache.layers]  # the shared prefill, G times
     logits = out.logits[:, -1].float().repeat_interleave(G, 0)
-    mask = mask.repeat_interleave(G, 0)
+    P = mask.shape[1]
+    mask = torch.nn.functional.pad(mask.repeat_interleave(G, 0), (0, max_new_tokens), value=1)  # [:, :P+t+1] at t
+    keys = keys.to(logits.device) if keys is not None else None
     done = torch.zeros(len(logits), dtype=torch.bool, device=logits.device)
     tokens, logps = [], []
     for t in range(max_new_tokens):
@@ -346,16 +346,15 @@ def sample_group(model, prompt, G, max_new_tokens, temperature, eos_id, pad_id, 
         scaled[:, suppress] = -float("inf")  # a sampled <|image_pad|> would break the next forward
         if t < min_new_tokens:
             scaled[:, eos_id] = -float("inf")
-        token = draw(scaled, keys.to(logits.device), t) if keys is not None else scaled.argmax(-1)
+        token = draw(scaled, keys, t) if keys is not None else scaled.argmax(-1)
         logps.append(logp_all.gather(1, token[:, None]).squeeze(1))
         tokens.append(torch.where(done, pad_id, token))
         done |= token == eos_id
         if t == max_new_tokens - 1 or done.all():
             break
-        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
         pos = (next_pos + t).view(1, -1, 1).expand(3, -1, -1)
         with precision(model):
-            logits = model(input_ids=tokens[-1][:, None], attention_mask=mask, position_ids=pos,
+            logits = model(input_ids=tokens[-1][:, None], attention_mask=mask[:, :P + t + 1], position_ids=pos,
                            past_key_values=cache, use_cache=True).logits[:, -1].float()
     model.train(was_training)
     pad = max_new_tokens - len(tokens)  # pad to a fixed width
