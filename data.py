@@ -396,6 +396,14 @@ def make_synthetic(root, split, n, seed=0, task="rec"):
     return path
 
 
+SYNTHETIC_ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "synthetic")
+
+
+def synthetic_split(split, n, task="rec"):
+    """The first n rows of a synthetic split (made on first use), checked like any other rows."""
+    return load_jsonl(make_synthetic(SYNTHETIC_ROOT, split, n, task=task), SYNTHETIC_ROOT, task)[0]
+
+
 def synthetic_vocab(tasks=("rec",)):
     """Every word the synthetic worlds, the templates and the SFT targets of `tasks` can produce (for the tiny
     tokenizer). The REC-only list is kept as it was, so the shipped REC model rebuilds bit-identically."""

@@ -26,6 +26,8 @@ from transformers import (
 )
 
 import data
+import sft
+import vlm
 
 SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
            "<|image_pad|>", "<|video_pad|>", "<unk>"]
@@ -120,9 +122,8 @@ def build_image_processor():
 
 
 def save(model, tokenizer, image_processor, out):
-    import grpo_vlm
-
-    grpo_vlm.save_checkpoint(model, tokenizer, image_processor, out)
+    vlm.ADAPTERS[model.config.model_type](tokenizer, image_processor, model.config).save(model, out)
+    print(f"saved {out}", flush=True)
 
 
 def main():
@@ -144,17 +145,13 @@ def main():
     a.out = a.out or f"checkpoints/tiny-qwen2.5-vl-{a.task}"
     model = build_model(tokenizer, a.arch, a.seed, a.hidden, a.layers, bool(a.number_codes))
     if a.init:  # the REC vocabulary is a prefix of the others (build_tokenizer): its rows keep their ids
-        import grpo_vlm
-
-        model = grpo_vlm.load_policy(a.init)[0]
+        model = vlm.load(a.init)[0]
         model.resize_token_embeddings(len(tokenizer))
         model.generation_config.eos_token_id = tokenizer.eos_token_id
         model.generation_config.pad_token_id = tokenizer.pad_token_id
     print(f"built {a.arch} with {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters")
     if a.sft_steps == 0:
         return save(model, tokenizer, image_processor, a.out)
-    import sft
-
     # the random weights go to a scratch folder, so that --out only ever holds the finished model
     with tempfile.TemporaryDirectory() as init:
         save(model, tokenizer, image_processor, init)

@@ -322,3 +322,79 @@ REWARDS = {"format": format_reward, "iou": iou_reward, "hit": hit_reward, "accur
 # Reward weights w_k per task (r_i = sum_k w_k * R_k); override with --reward-weights.
 TASK_REWARDS = {"rec": {"iou": 1.0, "format": 1.0}, "cls": {"accuracy": 1.0, "format": 1.0},
                 "count": {"count": 1.0, "format": 1.0}, "det": {"det_iou": 1.0, "det_conf": 1.0, "format": 1.0}}
+
+
+# ---------------------------------------------------------------------------------------------
+# Held-out metrics, built on the same parsers as the rewards: one scored prediction per completion
+# (score), and a task's summary of them (summarize).
+#   rec:   acc50 (IoU >= 0.5), miou, center_error, area_ratio, right_object, parsed_rate, format_rate
+#   cls:   accuracy (normalized exact match), format_rate
+#   count: accuracy (exact numeric match), mae, parsed_rate, format_rate
+#   det:   map (COCO-style, IoU 0.50:0.95, 101-point), ap50, ap75, pred_per_gt (#pred / #gt), parsed_rate, format_rate
+# ---------------------------------------------------------------------------------------------
+def box_metrics(pred, gt_box, width, height):
+    """IoU, centre distance / image diagonal, and predicted area / true area."""
+    iou = box_iou(pred, gt_box)
+    cx = lambda b: ((b[0] + b[2]) / 2, (b[1] + b[3]) / 2)  # noqa: E731
+    (px, py), (tx, ty) = cx(pred), cx(gt_box)
+    center = math.hypot(px - tx, py - ty) / math.hypot(width, height)
+    area = lambda b: max(0.0, b[2] - b[0]) * max(0.0, b[3] - b[1])  # noqa: E731
+    return iou, center, area(pred) / max(area(gt_box), 1e-9)
+
+
+def mean(xs):
+    xs = list(xs)
+    return sum(xs) / len(xs) if xs else float("nan")
+
+
+def score(task, row, gt, text):
+    """One prediction of `task`, scored against its row; boxes go back to original pixels."""
+    p = {"image": row["image"], "problem": row["problem"], "completion": text, "solution": row["solution"],
+         "format": format_reward(text)}
+    if task == "rec":
+        box = parse_box(text)
+        pred = to_original_pixels(box, gt) if box else None
+        iou, center, area = box_metrics(pred, gt["solution"], gt["width"], gt["height"]) if pred else (0.0, None, None)
+        # which object the box overlaps most (0 = the target), when the rows list the objects
+        ious = [box_iou(pred, o["box"]) for o in row.get("objects", [])] if pred else []
+        chosen = max(range(len(ious)), key=ious.__getitem__) if ious and max(ious) > 0 else None
+        return {**p, "pred_box": pred, "iou": iou, "center_error": center, "area_ratio": area, "chosen_object": chosen}
+    if task == "cls":
+        return {**p, "correct": accuracy_reward(text, gt)}
+    if task == "count":
+        return {**p, "pred": parse_number(text), "correct": count_reward(text, gt)}
+    dets = parse_detections(text)  # det
+    return {**p, "pred_boxes": None if dets is None else [(to_original_pixels(b, gt), c) for b, c in dets]}
+
+
+def summarize(task, preds):
+    s = {"n": len(preds)}
+    if task == "rec":
+        parsed = [p for p in preds if p["pred_box"] is not None]
+        s.update(acc50=mean(p["iou"] >= 0.5 for p in preds), miou=mean(p["iou"] for p in preds))
+        s["format_rate"] = mean(p["format"] for p in preds)
+        s.update(parsed_rate=len(parsed) / len(preds), center_error=mean(p["center_error"] for p in parsed),
+                 area_ratio=mean(p["area_ratio"] for p in parsed),
+                 # of the boxes that overlap some object, the share whose best-overlapping object is the target
+                 right_object=mean(p["chosen_object"] == 0 for p in parsed if p["chosen_object"] is not None))
+        return s
+    s["format_rate"] = mean(p["format"] for p in preds)
+    if task in ("cls", "count"):
+        s["accuracy"] = mean(p["correct"] for p in preds)
+    if task == "count":
+        parsed = [p for p in preds if p["pred"] is not None]
+        s.update(parsed_rate=len(parsed) / len(preds), mae=mean(abs(p["pred"] - p["solution"]) for p in parsed))
+    if task == "det":  # an unparsable answer predicts no boxes
+        s.update(mean_ap([(p["pred_boxes"] or [], p["solution"]) for p in preds]))
+        s["parsed_rate"] = mean(p["pred_boxes"] is not None for p in preds)
+        s["pred_per_gt"] = sum(len(p["pred_boxes"] or []) for p in preds) / max(1, sum(len(p["solution"]) for p in preds))
+    return s
+
+
+def rollout_stats(task, texts, gts):
+    """Statistics of a step's sampled completions, logged beside the rewards: for det, #pred / #gt (VLM-R1's
+    detection reward hacking shows as its climb)."""
+    if task != "det":
+        return {}
+    n_pred = sum(len(parse_detections(t) or []) for t in texts)
+    return {"pred_per_gt": n_pred / max(1, sum(len(gt["solution"]) for gt in gts))}

@@ -23,27 +23,29 @@ import time
 
 import torch
 
-import eval as evaluation
 import grpo_vlm as g
+import infra
+import vlm
 
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     args = g.parse_args(argv)
-    if "--output-dir" not in argv:  # never GRPO's default folder
+    if not any(a.split("=")[0] == "--output-dir" for a in argv):  # never GRPO's default folder
         args.output_dir = f"runs/sft-{args.task}"
     torch.manual_seed(args.seed)
-    model, tokenizer, image_processor, config = g.load_policy(args.model or g.tiny_model(args.task))
-    coord_space = g.default_coord_space(config) if args.coord_space == "auto" else args.coord_space
+    model, family = vlm.load(args.model or g.tiny_model(args.task))
+    coord_space = family.coord_space if args.coord_space == "auto" else args.coord_space
     rows = g.load_rows(args)[0]
     t0 = time.time()
-    for step, loss in g.sft_steps(model, rows, tokenizer, image_processor, coord_space, args, args.steps, args.lr):
+    for step, loss in g.sft_steps(model, family, rows, coord_space, args, args.steps, args.lr):
         if step % 50 == 0 or step == 1:
             print(f"sft step {step}/{args.steps} loss={loss:.4f} {time.time() - t0:.0f}s", flush=True)
         if args.eval_every and not args.train_data and (step % args.eval_every == 0 or step == args.steps):
-            m = evaluation.held_out(model, tokenizer, image_processor, coord_space, args.eval_n, args.task)
-            print(evaluation.eval_line(step, m), flush=True)
-    g.save_checkpoint(model, tokenizer, image_processor, args.output_dir)
+            m = g.held_out(model, family, coord_space, args.eval_n, args.task)
+            print(infra.eval_line(step, m), flush=True)
+    family.save(model, args.output_dir)
+    print(f"saved {args.output_dir}", flush=True)
 
 
 if __name__ == "__main__":

@@ -52,7 +52,6 @@ def build_3b(out, scale=1):
     from tokenizers import AddedToken, Tokenizer, models
     from transformers import PreTrainedTokenizerFast, Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
-    import grpo_vlm as g
     import make_tiny_model as mtm
 
     small = mtm.build_tokenizer().backend_tokenizer  # Qwen's special tokens and the synthetic world's words
@@ -83,7 +82,7 @@ def build_3b(out, scale=1):
     model = Qwen2_5_VLForConditionalGeneration(config).to(torch.bfloat16)
     ip = mtm.build_image_processor()
     ip.size = {"shortest_edge": 448 * 448, "longest_edge": 448 * 448}
-    g.save_checkpoint(model, tok, ip, out)
+    mtm.save(model, tok, ip, out)
     return out
 
 
@@ -136,14 +135,15 @@ def run_trl(a, model_path):
     from trl import GRPOConfig, GRPOTrainer
 
     import data
-    import grpo_vlm as g
     import rewards
+    import vlm
 
     # Qwen2_5_VLProcessor insists on a video processor class, which needs torchvision (broken with the CPU
     # torch here). The processor itself only touches it for videos, so skip the class check.
     ProcessorMixin.check_argument_for_proper_class = lambda self, name, arg: None
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    model, tok, ip, _ = g.load_policy(model_path, device)
+    model, family = vlm.load(model_path, device)
+    tok, ip = family.tokenizer, family.image_processor
     processor = Qwen2_5_VLProcessor(image_processor=ip, tokenizer=tok, video_processor=None,
                                     chat_template=tok.chat_template)
     rows = prompts(a.prompts, a.image_size)

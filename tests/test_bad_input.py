@@ -14,6 +14,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import data  # noqa: E402
 import grpo_vlm as g  # noqa: E402
+import vlm  # noqa: E402
 
 ROW = {"image": "rgb.png", "problem": "the red square", "solution": [10, 5, 40, 30]}
 
@@ -131,14 +132,14 @@ def test_skip_bad_rows_keeps_the_good_ones_and_lists_each_bad_one(root, tmp_path
 
 
 def test_odd_modes_and_huge_image_go_through_the_image_processor(root):
-    _, tokenizer, image_processor, _ = g.load_policy(g.TINY_MODEL)
+    _, family = vlm.load(g.TINY_MODEL)
     rows = [dict(r, image_path=os.path.join(root, r["image"])) for r in GOOD]
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        prompt, sizes = g.encode_prompts(rows, tokenizer, image_processor)
+        prompt, sizes = family.encode(rows)
     assert not [w for w in caught if issubclass(w.category, Image.DecompressionBombWarning)]
     assert [s[2:] for s in sizes] == [(64, 48)] * 5 + [(10000, 10000), (64, 48)]
-    assert all(w * h <= image_processor.size["longest_edge"] for w, h, _, _ in sizes)  # the huge one resized down
+    assert all(w * h <= family.image_processor.size["longest_edge"] for w, h, _, _ in sizes)  # the huge one resized down
     assert len(prompt["input_ids"]) == len(rows) and prompt["pixel_values"].isfinite().all()
     assert data.load_image(os.path.join(root, "rgba.png")).getpixel((5, 5)) == (255, 255, 255)
 
@@ -163,11 +164,12 @@ def test_eval_cli_one_line_error_or_skip_and_count(root, tmp_path):
     p = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env)
     assert p.returncode != 0 and "Traceback" not in p.stderr, p.stderr
     assert p.stderr.strip().splitlines() == [f"error: {path}:2: not valid JSON (Unterminated string starting at: column 33)"], p.stderr
-    p = subprocess.run(cmd + ["--skip-bad-rows"], capture_output=True, text=True, cwd=ROOT, env=env)
-    assert p.returncode == 0 and "Traceback" not in p.stderr, p.stderr
-    assert f"skipped {len(BAD)} bad rows:" in p.stderr and f"... and {len(BAD) - 10} more" in p.stderr
-    summary = json.load(open(out))
-    assert summary["bad_rows"] == len(BAD) and summary["n"] == len(good)
+    for form in (["--skip-bad-rows"], ["--skip-bad-rows", "true"]):  # the same boolean forms as grpo_vlm.py
+        p = subprocess.run(cmd + form, capture_output=True, text=True, cwd=ROOT, env=env)
+        assert p.returncode == 0 and "Traceback" not in p.stderr, p.stderr
+        assert f"skipped {len(BAD)} bad rows:" in p.stderr and f"... and {len(BAD) - 10} more" in p.stderr
+        summary = json.load(open(out))
+        assert summary["bad_rows"] == len(BAD) and summary["n"] == len(good)
 
 
 def test_grpo_cli_one_line_error_or_skip_and_count(root, tmp_path):

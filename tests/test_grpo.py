@@ -1,5 +1,7 @@
+import dataclasses
 import json
 import os
+import random
 import subprocess
 import sys
 
@@ -8,7 +10,9 @@ import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+import data  # noqa: E402
 import grpo_vlm as g  # noqa: E402
+import vlm  # noqa: E402
 import make_tiny_model as mtm  # noqa: E402
 import rewards  # noqa: E402
 
@@ -131,27 +135,21 @@ def tiny(request, tmp_path_factory):
 
 
 def test_left_padding_and_shared_image_features(tiny):
-    model, tok, ip, _ = g.load_policy(tiny)
+    model, family = vlm.load(tiny)
+    tok = family.tokenizer
     rows = g.load_rows(g.Args(train_size=4))[0][:2]
     rows[1] = dict(rows[1], problem=rows[1]["problem"] + " please please please")  # forces left padding of row 0
-    prompt, _ = g.encode_prompts(rows, tok, ip)
-    single, _ = g.encode_prompts(rows[:1], tok, ip)
+    prompt, _ = family.encode(rows)
+    single, _ = family.encode(rows[:1])
     comp = torch.tensor([tok.convert_tokens_to_ids(["<think>", "red", "</think>"]) + [tok.eos_token_id]])
     mask = g.completion_mask(comp, tok.eos_token_id)
-    n0 = int(prompt["image_grid_thw"][0].prod())
     with torch.no_grad():
-        lp_pad = g.completion_logps(model, prompt["input_ids"][:1], prompt["attention_mask"][:1],
-                                    prompt["pixel_values"][:n0], prompt["image_grid_thw"][:1], torch.tensor([0]),
-                                    comp, mask, 1.0, 7)
-        lp_one = g.completion_logps(model, single["input_ids"], single["attention_mask"], single["pixel_values"],
-                                    single["image_grid_thw"], torch.tensor([0]), comp, mask, 1.0, 7)
+        lp_pad = g.completion_logps(model, family, family.select(prompt, 0, 1), torch.tensor([0]), comp, mask, 1.0, 7)
+        lp_one = g.completion_logps(model, family, single, torch.tensor([0]), comp, mask, 1.0, 7)
         # rows that share a prompt share its image features: the same log-probs as separate encodings
         comps = torch.cat([comp, comp, comp])
-        shared = g.completion_logps(model, prompt["input_ids"], prompt["attention_mask"], prompt["pixel_values"],
-                                    prompt["image_grid_thw"], torch.tensor([0, 0, 1]), comps, mask.repeat(3, 1), 1.0, 7)
-        lp_row1 = g.completion_logps(model, prompt["input_ids"][1:], prompt["attention_mask"][1:],
-                                     prompt["pixel_values"][n0:], prompt["image_grid_thw"][1:], torch.tensor([0]),
-                                     comp, mask, 1.0, 7)
+        shared = g.completion_logps(model, family, prompt, torch.tensor([0, 0, 1]), comps, mask.repeat(3, 1), 1.0, 7)
+        lp_row1 = g.completion_logps(model, family, family.select(prompt, 1, 2), torch.tensor([0]), comp, mask, 1.0, 7)
     assert prompt["attention_mask"][0, 0] == 0
     assert torch.allclose(lp_pad, lp_one, atol=1e-5)
     assert torch.allclose(shared[0], lp_pad[0], atol=1e-5) and torch.allclose(shared[1], lp_pad[0], atol=1e-5)
@@ -159,18 +157,18 @@ def test_left_padding_and_shared_image_features(tiny):
 
 
 def test_end_to_end_changes_every_parameter_and_eval_loads(tiny, tmp_path):
-    before = {k: v.clone() for k, v in g.load_policy(tiny)[0].state_dict().items()}
+    before = {k: v.clone() for k, v in vlm.load(tiny)[0].state_dict().items()}
     args = g.parse_args(["--model", tiny, "--steps", "2", "--output-dir", str(tmp_path), "--prompts-per-step", "2",
                          "--num-generations", "4", "--max-completion-length", "8", "--train-size", "8",
                          "--reward-weights", "format=0,iou=0", "--lr", "1e-2", "--eval-every", "0"])
     # rewards of an untrained model are all 0; use a length-based reward so advantages are non-zero
-    g.rewards.REWARDS["len"] = lambda t, gt: float(len(t))
+    rewards.REWARDS["len"] = lambda t, gt: float(len(t))
     try:
         args.reward_weights = "len=1"
         final = g.train(args)
     finally:
-        del g.rewards.REWARDS["len"]
-    after = g.load_policy(final)[0].state_dict()
+        del rewards.REWARDS["len"]
+    after = vlm.load(final)[0].state_dict()
     unchanged = [k for k in before if torch.equal(before[k], after[k])]
     assert not unchanged, unchanged
     lines = open(os.path.join(tmp_path, "metrics.jsonl")).read().splitlines()
@@ -200,23 +198,22 @@ def test_periodic_eval_and_plot(tmp_path):
 
 
 def test_eval_scores_known_boxes_and_right_object(tmp_path):
-    """eval.evaluate's metrics on a model whose greedy output we force: one exact box, one on a distractor."""
-    import eval as ev
-
-    model, tok, ip, config = g.load_policy(g.TINY_MODEL)
-    rows = ev.synthetic_split("ood", 2)
+    """grpo_vlm.evaluate's metrics on a model whose greedy output we force: one exact box, one on a distractor."""
+    model, family = vlm.load(g.TINY_MODEL)
+    tok = family.tokenizer
+    rows = data.synthetic_split("ood", 2)
     answers = [rows[0]["objects"][0]["box"], rows[1]["objects"][1]["box"]]  # right object, then wrong object
     texts = [f"<think> x </think> <answer> [{', '.join(str(round(v * 112 / 128)) for v in b)}] </answer>"
              for b in answers]
     target = [tok(t, add_special_tokens=False)["input_ids"] + [tok.eos_token_id] for t in texts]
 
-    def forced(model, prompt, G, max_new, *a, **k):
+    def forced(model, family, prompt, G, max_new, *a, **k):
         ids = torch.nn.utils.rnn.pad_sequence([torch.tensor(t) for t in target], True, tok.pad_token_id)
         return ids, None
 
     orig, g.sample_group = g.sample_group, forced
     try:
-        summary, preds = ev.evaluate(model, tok, ip, rows, "abs_resized")
+        summary, preds = g.evaluate(model, family, rows, "abs_resized")
     finally:
         g.sample_group = orig
     assert preds[0]["iou"] > 0.8 and preds[1]["iou"] < 0.5
@@ -229,13 +226,13 @@ def test_sft_target_is_a_perfect_answer_and_lists_objects():
     rows = g.load_rows(g.Args(train_size=8))[0]
     gts = g.ground_truths(rows, [(112, 112, 128, 128)] * len(rows), "abs_resized")
     for row, gt in zip(rows, gts):
-        text = g.data.sft_target("rec", row, gt)
+        text = data.sft_target("rec", row, gt)
         assert rewards.format_reward(text) == 1.0
         assert rewards.iou_reward(text, gt) > 0.9  # rounding to integer resized pixels only
         think = text.split("</think>")[0]
         labels = [o["label"] for o in sorted(row["objects"], key=lambda o: o["box"][0] + o["box"][2])]
         assert [think.index(lab) for lab in labels] == sorted(think.index(lab) for lab in labels)
-        assert think.rstrip().endswith(f"{row['caption']} is at the {g.data.box_words(row['solution'], 128, 128)}")
+        assert think.rstrip().endswith(f"{row['caption']} is at the {data.box_words(row['solution'], 128, 128)}")
 
 
 def test_sft_baseline_sees_the_grpo_batches_and_trains(tmp_path, monkeypatch):
@@ -243,13 +240,14 @@ def test_sft_baseline_sees_the_grpo_batches_and_trains(tmp_path, monkeypatch):
     import sft
 
     seen = []
-    orig = g.encode_prompts
-    monkeypatch.setattr(g, "encode_prompts", lambda rows, *a, **k: (seen.append([r["image"] for r in rows]), orig(rows, *a, **k))[1])
+    orig = vlm.Qwen2VL.encode
+    monkeypatch.setattr(vlm.Qwen2VL, "encode", lambda self, rows, *a, **k: (seen.append([r["image"] for r in rows]),
+                                                                           orig(self, rows, *a, **k))[1])
     sft.main(["--steps", "2", "--prompts-per-step", "3", "--train-size", "16", "--output-dir", str(tmp_path / "sft"),
               "--lr", "1e-2", "--eval-every", "0"])
-    rng, rows = g.random.Random(0), g.load_rows(g.Args(train_size=16))[0]
+    rng, rows = random.Random(0), g.load_rows(g.Args(train_size=16))[0]
     assert seen == [[r["image"] for r in rng.sample(rows, 3)] for _ in range(2)]
-    before, after = g.load_policy(g.TINY_MODEL)[0].state_dict(), g.load_policy(str(tmp_path / "sft"))[0].state_dict()
+    before, after = vlm.load(g.TINY_MODEL)[0].state_dict(), vlm.load(str(tmp_path / "sft"))[0].state_dict()
     assert any(not torch.equal(before[k], after[k]) for k in before)
 
 
@@ -274,6 +272,6 @@ def test_preset_sets_recipe_and_flags_override():
 def test_help_lists_every_flag_with_its_docstring():
     out = subprocess.run([sys.executable, os.path.join(ROOT, "grpo_vlm.py"), "--help"], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
-    for f in g.fields(g.Args):
+    for f in dataclasses.fields(g.Args):
         assert f"--{f.name.replace('_', '-')} " in out.stdout
     assert "T: sampling temperature" in out.stdout

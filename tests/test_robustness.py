@@ -12,6 +12,7 @@ from safetensors.torch import load_file
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import grpo_vlm as g  # noqa: E402
+import vlm  # noqa: E402
 
 SMALL = ["--prompts-per-step", "2", "--num-generations", "4", "--max-completion-length", "48", "--train-size", "16",
          "--sample-every", "0", "--lr", "1e-3"]
@@ -44,11 +45,10 @@ def test_keyed_sampler_draws_from_softmax_at_temperature():
 
 def test_a_completion_depends_on_its_key_not_on_the_batch():
     """What makes 1 and 2 processes (and a resumed run) draw the same completions."""
-    model, tok, ip, _ = g.load_policy(g.TINY_MODEL)
+    model, family = vlm.load(g.TINY_MODEL)
     rows = g.load_rows(g.Args(train_size=4))[0][:2]
-    args = (16, 1.0, tok.eos_token_id, tok.pad_token_id, g.vision_token_ids(tok))
-    both, _ = g.sample_group(model, g.encode_prompts(rows, tok, ip)[0], 3, *args, keys=g.sample_keys(0, 5, range(6)))
-    second, _ = g.sample_group(model, g.encode_prompts(rows[1:], tok, ip)[0], 3, *args,
+    both, _ = g.sample_group(model, family, family.encode(rows)[0], 3, 16, 1.0, keys=g.sample_keys(0, 5, range(6)))
+    second, _ = g.sample_group(model, family, family.encode(rows[1:])[0], 3, 16, 1.0,
                                keys=g.sample_keys(0, 5, range(3, 6)))
     assert torch.equal(both[3:], second)
     assert len({tuple(c.tolist()) for c in both[:3]}) > 1  # and the G samples of a prompt differ
@@ -154,13 +154,14 @@ def test_shared_prefill_rollout_matches_the_plain_one():
     """The rollout encodes each prompt once and repeats its KV cache G times. Its tokens must be those of HF
     generate on G plain copies of every input (same keyed draws), and its log-probs those of the training
     forward on G plain copies (each with its own image)."""
-    model, tok, ip, _ = g.load_policy(g.TINY_MODEL)
+    model, family = vlm.load(g.TINY_MODEL)
+    tok = family.tokenizer
     rows = g.load_rows(g.Args(train_size=4))[0][:2]
     rows[1] = dict(rows[1], problem=rows[1]["problem"] + " please please")  # left padding in row 0
-    prompt, _ = g.encode_prompts(rows, tok, ip)
+    prompt, _ = family.encode(rows)
     G, L, eos, pad = 4, 40, tok.eos_token_id, tok.pad_token_id
     keys = g.sample_keys(0, 3, range(2 * G))
-    ids, logps = g.sample_group(model, prompt, G, L, 1.0, eos, pad, g.vision_token_ids(tok), keys)
+    ids, logps = g.sample_group(model, family, prompt, G, L, 1.0, keys)
     mask = g.completion_mask(ids, eos)
     assert mask.sum(1).min() > 10 and len({tuple(r.tolist()) for r in ids}) > 2
 
@@ -174,11 +175,11 @@ def test_shared_prefill_rollout_matches_the_plain_one():
             return torch.full_like(scores, -float("inf")).scatter(1, token[:, None], 0.0)
 
     with torch.no_grad():
-        out = model.generate(**rep, pixel_values=pixels, mm_token_type_ids=g.mm_types(rep["input_ids"], model.config.image_token_id),
+        out = model.generate(**rep, pixel_values=pixels, mm_token_type_ids=vlm.mm_types(rep["input_ids"], model.config.image_token_id),
                              max_new_tokens=L, do_sample=False, logits_processor=[Keyed()], eos_token_id=eos,
-                             pad_token_id=pad, suppress_tokens=g.vision_token_ids(tok))
-        plain = g.completion_logps(model, rep["input_ids"], rep["attention_mask"], pixels, rep["image_grid_thw"],
-                                   torch.arange(2 * G), ids, mask, 1.0, 64)
+                             pad_token_id=pad, suppress_tokens=family.suppress)
+        plain = g.completion_logps(model, family, {**rep, "pixel_values": pixels}, torch.arange(2 * G), ids, mask, 1.0,
+                                   64)
     hf = out[:, rep["input_ids"].shape[1]:]
     assert torch.equal(ids[:, :hf.shape[1]] * mask[:, :hf.shape[1]].long(), hf * mask[:, :hf.shape[1]].long())
     assert torch.allclose(logps * mask, plain * mask, atol=1e-4), (logps * mask - plain * mask).abs().max()
@@ -192,7 +193,7 @@ def test_fp32_master_weights_keep_small_updates_under_bf16_autocast(tmp_path, mo
         w.grad = torch.randn(1000).to(dtype)
         torch.optim.AdamW([w], lr=1e-6, weight_decay=0.0).step()
         assert torch.equal(w.detach(), torch.full((1000,), 0.01, dtype=dtype)) != moves
-    monkeypatch.setattr(g, "precision", lambda model: torch.autocast("cpu", dtype=torch.bfloat16))
+    monkeypatch.setattr(vlm, "precision", lambda model: torch.autocast("cpu", dtype=torch.bfloat16))
     final = g.train(g.parse_args(SMALL + ["--steps", "1", "--eval-every", "0", "--save-every", "0", "--lr", "1e-6",
                                           "--output-dir", str(tmp_path)]))
     after, base = params(tmp_path), load_file(os.path.join(g.TINY_MODEL, "model.safetensors"))

@@ -11,7 +11,7 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import data  # noqa: E402
-import eval as ev  # noqa: E402
+import vlm  # noqa: E402
 import grpo_vlm as g  # noqa: E402
 import make_tiny_model as mtm  # noqa: E402
 import rewards  # noqa: E402
@@ -118,8 +118,8 @@ def test_cold_start_trains_then_grpo_starts_from_it(tmp_path):
     assert len(sft) == 25 and sft[-1] < 0.5 * sft[0], sft
     grpo = [r for r in rows if "reward" in r]
     assert len(grpo) == 1 and grpo[0]["kl"] == 0.0
-    cold = g.load_policy(str(tmp_path / "run" / "cold-start"))[0].state_dict()
-    random = g.load_policy(base)[0].state_dict()
+    cold = vlm.load(str(tmp_path / "run" / "cold-start"))[0].state_dict()
+    random = vlm.load(base)[0].state_dict()
     assert any(not torch.equal(cold[k], random[k]) for k in cold)
 
 
@@ -140,9 +140,10 @@ def test_each_task_trains_and_evaluates_from_its_shipped_base(task, tmp_path):
 
 
 def test_det_eval_scores_forced_answers():
-    """eval.evaluate on det with forced greedy outputs: all boxes right, then every box doubled (#pred/#gt 2)."""
-    model, tok, ip, _ = g.load_policy(g.tiny_model("det"))
-    rows = ev.synthetic_split("test", 4, "det")
+    """grpo_vlm.evaluate on det with forced greedy outputs: all boxes right, then every box doubled (#pred/#gt 2)."""
+    model, family = vlm.load(g.tiny_model("det"))
+    tok = family.tokenizer
+    rows = data.synthetic_split("test", 4, "det")
 
     def answer(row, copies):
         boxes = [[round(v * 112 / 128) for v in b] for b in row["solution"] for _ in range(copies)]
@@ -152,12 +153,12 @@ def test_det_eval_scores_forced_answers():
     for copies in (1, 2):
         target = [tok(answer(r, copies), add_special_tokens=False)["input_ids"] + [tok.eos_token_id] for r in rows]
 
-        def forced(model, prompt, G, max_new, *a, **k):
+        def forced(model, family, prompt, G, max_new, *a, **k):
             return torch.nn.utils.rnn.pad_sequence([torch.tensor(t) for t in target], True, tok.pad_token_id), None
 
         orig, g.sample_group = g.sample_group, forced
         try:
-            got[copies] = ev.evaluate(model, tok, ip, rows, "abs_resized", "det")[0]
+            got[copies] = g.evaluate(model, family, rows, "abs_resized", "det")[0]
         finally:
             g.sample_group = orig
     assert got[1]["parsed_rate"] == got[2]["parsed_rate"] == 1.0

@@ -1,0 +1,384 @@
+"""The runtime: what a training run needs that the GRPO paper does not cover.
+
+  parse_args        argparse built from a dataclass and its field docstrings; task defaults < preset < flags
+  setup_distributed torchrun processes (gloo on the CPU, NCCL on GPUs); gather, all_sum, ddp
+  resume, save_state atomic checkpoints (model, optimizer, step, prompt sampler, RNG) and a checked resume
+  MetricsLog        metrics.jsonl, cut back to the checkpoint on a resume; the progress line; the curves
+  catch_signals     Ctrl-C / SIGTERM: finish the step, save, exit
+"""
+
+import argparse
+import ast
+import datetime
+import glob
+import inspect
+import json
+import os
+import random
+import shutil
+import signal
+import sys
+from dataclasses import fields
+
+import torch
+
+
+# ---------------------------------------------------------------------------------------------
+# Arguments: one flag per field of the dataclass, its docstring as the help.
+# ---------------------------------------------------------------------------------------------
+def field_docs(cls):
+    """{field: the docstring written under it in the class's source}."""
+    body = ast.parse(inspect.getsource(cls)).body[0].body
+    return {a.target.id: b.value.value for a, b in zip(body, body[1:]) if isinstance(a, ast.AnnAssign)}
+
+
+def boolean(text):
+    """--flag, --flag true/false/1/0/yes/no; anything else is refused (never silently False)."""
+    value = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}.get(str(text).lower())
+    if value is None:
+        raise argparse.ArgumentTypeError(f"expected true or false, not {text!r}")
+    return value
+
+
+class OneLineParser(argparse.ArgumentParser):
+    def error(self, message):
+        sys.exit(f"error: {message} (see --help)")
+
+
+def parse_args(cls, argv, task_defaults, presets, choices, prog):
+    """An instance of `cls`: its defaults, then the task's defaults, then the preset's values, then the flags given."""
+    docs, default = field_docs(cls), cls()
+    p = OneLineParser(prog=prog, allow_abbrev=False, formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                      description="Flags take --name value or --name=value; a bare boolean flag means true.")
+    for f in fields(cls):
+        kw = {"nargs": "?", "const": True, "type": boolean, "metavar": "BOOL"} if f.type is bool else \
+             {"type": f.type, "metavar": f.type.__name__.upper(), "choices": choices.get(f.name)}
+        p.add_argument("--" + f.name.replace("_", "-"), default=argparse.SUPPRESS, **kw,
+                       help=docs[f.name].replace("%", "%%") + f" [default {getattr(default, f.name)!r}]")
+    given = vars(p.parse_args(sys.argv[1:] if argv is None else argv))
+    args = cls()
+    for k, v in task_defaults.get(given.get("task", args.task), {}).items():
+        setattr(args, k, v)
+    preset = given.get("preset", args.preset)
+    if preset and preset not in presets:
+        p.error(f"unknown --preset {preset!r}; known: {sorted(presets)}")
+    for k, v in {**presets.get(preset, {}), **given}.items():
+        setattr(args, k, v)
+    return args
+
+
+# ---------------------------------------------------------------------------------------------
+# Several processes (torchrun). PyTorch's DDP averages gradients; the trainer gathers rewards and masks.
+# ---------------------------------------------------------------------------------------------
+def setup_distributed():
+    """(rank, world size, device); a single process when not launched by torchrun."""
+    if "RANK" not in os.environ:
+        return 0, 1, "cuda" if torch.cuda.is_available() else "cpu"
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    device = "cpu"
+    if backend == "nccl":
+        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+        device = f"cuda:{os.environ['LOCAL_RANK']}"
+    # a rank that dies or hangs makes the others fail after this long instead of waiting forever
+    torch.distributed.init_process_group(backend, timeout=datetime.timedelta(minutes=30))
+    return torch.distributed.get_rank(), torch.distributed.get_world_size(), device
+
+
+def gather(x, world):
+    """Concatenate a tensor over processes in rank order (each process holds equal-sized pieces)."""
+    if world == 1:
+        return x
+    parts = [torch.empty_like(x) for _ in range(world)]
+    torch.distributed.all_gather(parts, x.contiguous())
+    return torch.cat(parts)
+
+
+def all_sum(x, world):
+    if world > 1:
+        torch.distributed.all_reduce(x)
+    return x
+
+
+def barrier(world):
+    if world > 1:
+        torch.distributed.barrier()
+
+
+def ddp(module, world, device):
+    """DDP around the module whose forward the training step calls (the others wait on its gradients)."""
+    if world == 1:
+        return module
+    from torch.nn.parallel import DistributedDataParallel
+
+    return DistributedDataParallel(module, device_ids=[torch.cuda.current_device()] if device.startswith("cuda")
+                                   else None, broadcast_buffers=False)  # same weights loaded; buffers are constants
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoints: model (save_pretrained), optimizer, step, prompt sampler state and RNG state, written to a
+# temporary folder and renamed, so a crash mid-write never leaves a half checkpoint behind. The learning rate
+# is a function of the step, so the step is the schedule's whole state.
+# ---------------------------------------------------------------------------------------------
+RUN_DEFINING = ("model", "task", "train_data", "seed", "prompts_per_step", "num_generations", "train_size",
+                "freeze_vision", "sft_steps")
+
+
+def save_state(args, step, model, family, opt, rng, extra):
+    final = os.path.join(args.output_dir, f"checkpoint-{step:06d}")
+    tmp = os.path.join(args.output_dir, f".tmp-checkpoint-{step:06d}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    family.save(model, tmp)
+    torch.save({"step": step, "args": vars(args), "optimizer": opt.state_dict(), "prompt_rng": rng.getstate(),
+                "torch_rng": torch.get_rng_state(), **extra}, os.path.join(tmp, "trainer_state.pt"))
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+    for old in sorted(glob.glob(os.path.join(args.output_dir, "checkpoint-*")))[:-2]:  # keep the last two
+        shutil.rmtree(old, ignore_errors=True)
+    print(f"saved checkpoint {final}", flush=True)
+    return final
+
+
+def checkpoint(args, step, model, family, opt, rng, extra, rank, world):
+    """The main process writes a checkpoint; the others wait for it. Returns its path."""
+    if rank == 0:
+        save_state(args, step, model, family, opt, rng, extra)
+    barrier(world)
+    return os.path.join(args.output_dir, f"checkpoint-{step:06d}")
+
+
+def save_or_stop(args, step, bad_steps, model, family, opt, rng, rank, world, device):
+    """At the end of a step: a checkpoint every --save-every steps and at the last; after --max-bad-steps
+    non-finite steps in a row, or a signal to any process, a checkpoint and a stop."""
+    extra = {"bad_steps": bad_steps}
+    if bad_steps >= args.max_bad_steps:
+        path = checkpoint(args, step, model, family, opt, rng, extra, rank, world)
+        sys.exit(f"error: {bad_steps} steps in a row had a non-finite loss or gradient (lower --lr?); "
+                 f"weights before them saved in {path}")
+    stop = interrupted(world, device)
+    if stop or (args.save_every and (step % args.save_every == 0 or step == args.steps)):
+        path = checkpoint(args, step, model, family, opt, rng, extra, rank, world)
+        if stop:
+            say(rank == 0, f"interrupted at step {step}: resume with --resume {path}")
+            sys.exit(128 + stop)
+
+
+def find_checkpoint(path):
+    """`path` itself if it is a checkpoint, else the latest checkpoint-* inside it."""
+    if os.path.exists(os.path.join(path, "trainer_state.pt")):
+        return path
+    found = sorted(glob.glob(os.path.join(path, "checkpoint-*", "trainer_state.pt")))
+    if not found:
+        sys.exit(f"error: --resume {path}: no checkpoint there (expected trainer_state.pt or checkpoint-*/)")
+    return os.path.dirname(found[-1])
+
+
+def resume(args, defaults, rng):
+    """(checkpoint folder, its state) of --resume, with the prompt sampler and torch's RNG set back to it;
+    refused with one line if a flag that defines the run differs."""
+    if not args.resume:
+        return None, None
+    ckpt = find_checkpoint(args.resume)
+    state = torch.load(os.path.join(ckpt, "trainer_state.pt"), weights_only=True)
+    changed = [k for k in RUN_DEFINING if state["args"].get(k, getattr(defaults, k)) != getattr(args, k)]
+    if changed:
+        sys.exit(f"error: --resume {ckpt} was made with different " +
+                 ", ".join(f"--{k.replace('_', '-')} ({state['args'][k]!r} there, {getattr(args, k)!r} here)"
+                           for k in changed))
+    rng.setstate(state["prompt_rng"])
+    torch.set_rng_state(state["torch_rng"])
+    return ckpt, state
+
+
+def prompt_sampler(seed):
+    """The prompt sampler (its state is the data position); torch's RNG seeded alongside."""
+    torch.manual_seed(seed)
+    return random.Random(seed)
+
+
+# ---------------------------------------------------------------------------------------------
+# Logs: metrics.jsonl (main process only), progress lines, curves.
+# ---------------------------------------------------------------------------------------------
+class MetricsLog:
+    """metrics.jsonl, written by the main process. A resumed run keeps the rows up to its checkpoint's step
+    and drops those written after it (they will be written again)."""
+
+    def __init__(self, output_dir, main, resumed_at=None):
+        self.path, self.main = os.path.join(output_dir, "metrics.jsonl"), main
+        os.makedirs(output_dir, exist_ok=True)
+        kept = []
+        if resumed_at is not None and os.path.exists(self.path):
+            kept = [x for x in open(self.path) if x.strip() and json.loads(x).get("step", 0) <= resumed_at]
+        self.file = open(self.path, "w") if main else None
+        if main:
+            self.file.writelines(kept)
+            self.file.flush()
+
+    def write(self, row, line=None):
+        """Append a row; print `line` (the progress line) on the main process."""
+        if self.main:
+            self.file.write(json.dumps(row) + "\n")
+            self.file.flush()
+            if line:
+                print(line, flush=True)
+
+    def close(self):
+        if self.main:
+            self.file.close()
+
+
+def say(main, *lines):
+    if main:
+        print(*lines, sep="\n", flush=True)
+
+
+EVAL_LINE = ("acc50", "center_error", "area_ratio", "right_object", "accuracy", "mae", "map", "ap50", "pred_per_gt")
+
+
+def eval_line(step, ev):
+    """One progress line of a held-out eval's metrics."""
+    return f"eval step {step}: " + " ".join(f"{k}={v:.3f}" for k, v in ev.items() if k.endswith(EVAL_LINE))
+
+
+def step_row(step, r_all, components, stats, grad_norm, mask_all, mu, world, **extra):
+    """The step's row of metrics.jsonl: named statistics, summed over processes and divided by the token count."""
+    n_tok = mask_all.sum().item()
+    s = dict(zip(stats, all_sum(torch.stack(list(stats.values())), world).tolist()))
+    return {"step": step, "reward": r_all.mean().item(), "reward_std": r_all.std().item(),
+            **{f"reward_{k}": gather(v.to(r_all.device), world).mean().item() for k, v in components.items()},
+            "loss": s["loss"] / mu, "kl": s["kl"] / n_tok, "clip_frac": s["clipped"] / n_tok,
+            "logp_gap": s["logp_gap"] / n_tok, "completion_len": n_tok / len(mask_all), "grad_norm": float(grad_norm),
+            **extra}
+
+
+def step_line(m, args, components, bad_steps, batch, texts, r):
+    """The progress line of a step, and every --sample-every steps a few of its completions."""
+    G, comp = args.num_generations, " ".join(f"{k}={m['reward_' + k]:.3f}" for k in components)
+    line = (f"step {m['step']}/{args.steps} reward={m['reward']:.3f} {comp} kl={m['kl']:.4f} "
+            f"clip={m['clip_frac']:.3f} len={m['completion_len']:.1f} {m['seconds']:.2f}s"
+            + (f"  SKIPPED: non-finite loss or gradient ({bad_steps} in a row)" if m.get("skipped_updates") else ""))
+    if args.sample_every and (m["step"] % args.sample_every == 0 or m["step"] == 1):
+        line += "".join(f"\n  [{batch[i // G]['problem'][-40:]}] gt={batch[i // G]['solution']} -> {texts[i]!r} "
+                        f"r={r[i]:.2f}" for i in range(0, min(2 * G, len(texts)), G))
+    return line
+
+
+def start_banner(args, log, rows, bad_rows, weights, coord_space, device, world, resumed_at):
+    """What this run is, printed once; the bad rows skipped, listed and counted in metrics.jsonl."""
+    say(log.main, f"GRPO {args.task}: {len(rows)} prompts, B={args.prompts_per_step} G={args.num_generations} "
+                  f"T={args.temperature} beta={args.beta} coords={coord_space} weights={weights} device={device} "
+                  f"processes={world}" + (f", resumed at step {resumed_at}" if resumed_at is not None else ""))
+    if bad_rows:
+        say(log.main, f"skipped {len(bad_rows)} bad rows (--skip-bad-rows):" + "".join("\n  " + b for b in bad_rows[:10]))
+        if resumed_at is None:  # a resumed run keeps the row it logged at the start
+            log.write({"step": 0, "bad_rows": len(bad_rows)})
+
+
+def finish(args, model, family, log, bad_rows, rank, world):
+    """The end of a run: the curves and the final model (main process), then the processes part."""
+    log.close()
+    final = os.path.join(args.output_dir, "final")
+    if rank == 0:
+        if bad_rows:
+            print(f"{len(bad_rows)} bad rows were skipped (see the top of this log and metrics.jsonl)", flush=True)
+        plot_metrics(log.path, os.path.join(args.output_dir, "curves.png"), args.task)
+        family.save(model, final)
+        print(f"saved {final}", flush=True)
+    if world > 1:
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
+    return final
+
+
+# Training curves as a PNG, drawn with Pillow (no plotting dependency for four line charts)
+REWARD_PANEL = ("reward (moving average over 20 steps)", "reward")
+PANELS = {"rec": [REWARD_PANEL, ("held-out Acc@0.5", "acc50"), ("held-out centre error (/ image diagonal)", "center_error"),
+                  ("held-out area ratio (pred / true)", "area_ratio")],
+          "cls": [REWARD_PANEL, ("held-out accuracy", "accuracy"), ("held-out format rate", "format_rate"),
+                  ("completion length (tokens)", "completion_len")],
+          "count": [REWARD_PANEL, ("held-out accuracy", "accuracy"), ("held-out mean absolute error", "mae"),
+                    ("completion length (tokens)", "completion_len")],
+          "det": [REWARD_PANEL, ("held-out mAP (IoU 0.50:0.95)", "map"),
+                  ("#pred / #gt (sampled: pred_per_gt; greedy held-out: test_)", "pred_per_gt"),
+                  ("held-out AP50", "ap50")]}
+COLOURS = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75)]
+
+
+def _series(rows, suffix):
+    """{name: [(step, value)]} for the keys that are (or end with) `suffix`; rewards are smoothed."""
+    out = {}
+    for key in sorted({k for r in rows for k in r}):
+        if suffix == "reward" and (key == "reward" or key.startswith("reward_")) and key != "reward_std":
+            pts = [(r["step"], r[key]) for r in rows if key in r]
+            out[key] = [(s, sum(v for _, v in pts[max(0, i - 19):i + 1]) / len(pts[max(0, i - 19):i + 1]))
+                        for i, (s, _) in enumerate(pts)]
+        elif suffix != "reward" and (key == suffix or key.endswith("_" + suffix)):
+            out[key] = [(r["step"], r[key]) for r in rows if key in r and r[key] == r[key]]  # drop NaN
+    return out
+
+
+def plot_metrics(metrics_path, png_path, task="rec", width=1000, height=700):
+    from PIL import Image, ImageDraw
+
+    with open(metrics_path) as f:
+        rows = [json.loads(line) for line in f if line.strip()]
+    im = Image.new("RGB", (width, height), "white")
+    draw = ImageDraw.Draw(im)
+    pw, ph = width // 2, height // 2
+    for p, (title, suffix) in enumerate(PANELS[task]):
+        x0, y0 = (p % 2) * pw + 55, (p // 2) * ph + 25
+        x1, y1 = (p % 2) * pw + pw - 15, (p // 2) * ph + ph - 45
+        draw.text((x0, y0 - 18), title, fill="black")
+        series = {k: v for k, v in _series(rows, suffix).items() if v}
+        if not series:
+            draw.text((x0 + 10, y0 + 10), "no data", fill="gray")
+            draw.rectangle([x0, y0, x1, y1], outline="black")
+            continue
+        steps = [s for v in series.values() for s, _ in v]
+        vals = [y for v in series.values() for _, y in v]
+        smin, smax = min(steps), max(max(steps), min(steps) + 1)
+        vmin, vmax = min(vals), max(vals)
+        pad = (vmax - vmin) * 0.05 or 0.5
+        vmin, vmax = vmin - pad, vmax + pad
+        X = lambda s: x0 + (x1 - x0) * (s - smin) / (smax - smin)  # noqa: E731
+        Y = lambda v: y1 - (y1 - y0) * (v - vmin) / (vmax - vmin)  # noqa: E731
+        for i in range(5):  # y ticks and grid
+            v = vmin + (vmax - vmin) * i / 4
+            draw.line([x0, Y(v), x1, Y(v)], fill=(225, 225, 225))
+            draw.text((x0 - 50, Y(v) - 6), f"{v:.3g}", fill="black")
+        for i in range(5):  # x ticks
+            s = smin + (smax - smin) * i / 4
+            draw.text((X(s) - 10, y1 + 4), f"{s:.0f}", fill="black")
+        draw.text(((x0 + x1) // 2 - 10, y1 + 18), "step", fill="black")
+        for j, (name, pts) in enumerate(series.items()):
+            colour = COLOURS[j % len(COLOURS)]
+            xy = [(X(s), Y(v)) for s, v in pts]
+            draw.line(xy, fill=colour, width=2) if len(xy) > 1 else None
+            for x, y in xy if len(xy) < 40 else []:
+                draw.ellipse([x - 2, y - 2, x + 2, y + 2], fill=colour)
+            draw.text((x0 + 8, y0 + 6 + 13 * j), name, fill=colour)
+        draw.rectangle([x0, y0, x1, y1], outline="black")
+    im.save(png_path)
+    print(f"saved {png_path}", flush=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# Ctrl-C / SIGTERM: the loop finishes its step, saves a checkpoint and exits with 128 + the signal number.
+# A second Ctrl-C kills at once.
+# ---------------------------------------------------------------------------------------------
+STOP = {}
+
+
+def on_signal(signum, frame):
+    STOP["signal"] = signum
+    signal.signal(signum, signal.SIG_DFL)
+
+
+def catch_signals():
+    for s in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(s, on_signal)
+
+
+def interrupted(world, device):
+    """The signal that stopped any process (all agree), or 0."""
+    anyone = all_sum(torch.tensor(float("signal" in STOP), device=device), world).item() > 0
+    return STOP.get("signal", signal.SIGINT) if anyone else 0
