@@ -135,6 +135,9 @@ class Args:
     """Vision-R1's PTST: completion-length cap by stage, "step:cap,..." e.g. 0:16,300:32,600:48 (empty: fixed)"""
     iou_threshold_schedule: str = ""
     """progressive rule refinement: IoU counts only at or above a threshold by stage, e.g. 0:0,500:0.5 (rec, det)"""
+    max_logp_gap: float = 0.0
+    """stop at step 1 if rollout and training log-probs differ by more than this per token on average, or 50x this at
+    any token (0: 1e-4 in fp32, 0.02 under bf16 autocast; negative: never)"""
 
 
 # A preset is a recipe for real models (VLM-R1's REC recipe for Qwen2.5-VL, full fine-tune); the task defaults are
@@ -171,10 +174,8 @@ def stage_value(spec, step, default):
 
 
 # ---------------------------------------------------------------------------------------------
-# (0) Group sampling: G completions per prompt, decoded together from one prefill of each prompt
-# (family.prefill repeats its KV cache G times). Token t of completion i is the first token whose
-# cumulative probability under softmax(logits / T) exceeds u, an exact sample, with u hashed from
-# (seed, step, i, t): the draw does not depend on the batch it is made in.
+# (0) Group sampling: G completions per prompt from one prefill of each prompt, each token an exact
+# inverse-CDF draw of softmax(logits / T) whose u is hashed from (seed, step, completion, position).
 M32 = 0xFFFFFFFF
 
 
@@ -206,7 +207,7 @@ def sample_group(model, family, prompt, G, max_new_tokens, temperature, keys=Non
 
     Rows are prompt-major (prompt 0's G samples first). Decoding stops when every completion has ended;
     after its EOS a completion is padded. No EOS is drawn before `min_new_tokens`."""
-    eos_id, pad_id = family.tokenizer.eos_token_id, family.tokenizer.pad_token_id
+    eos_id, pad_id = family.eos_id, family.pad_id
     was_training = model.training
     model.eval()
     logits, state = family.prefill(model, prompt, G, max_new_tokens)
@@ -288,9 +289,8 @@ def group_advantages(r, G, scale="group", eps=1e-4):
 
 
 # ---------------------------------------------------------------------------------------------
-# log pi(o_t | q, o_<t) / T of completion tokens only, in chunks of tokens. Each chunk's [chunk, vocab]
-# logits are recomputed in backward (checkpoint), so only log-probs are kept. The hidden states come from
-# the family's packed forward (family.pack / family.hidden: each prompt and image once per micro-batch).
+# log pi(o_t | q, o_<t) / T of completion tokens only, from the family's packed forward, in chunks whose
+# [chunk, vocab] logits are recomputed in backward (checkpoint): only log-probs are kept.
 def _chunk_logps(h, y, lm_head, T):
     logits = lm_head(h).float() / T
     return logits.log_softmax(-1).gather(-1, y[:, None]).squeeze(-1)
@@ -361,7 +361,7 @@ def grpo_loss(logp, logp_old, logp_ref, A, tw, eps_low, eps_high, beta):
 def policy_update(policy, opt, model, ref_model, family, prompt, o, mask, logp_rollout, A, tw, args, world):
     """mu optimizer steps on the batch's loss. Returns its statistics, summed over this process's tokens:
     loss, kl, clipped tokens, logp_gap (|log-prob of the rollout - of the training forward|, a check that the
-    sampler and the trainer agree on pi_old), and the last grad norm and the number of skipped updates."""
+    sampler and the trainer agree on pi_old) and its maximum; and the last grad norm and the skipped updates."""
     N, G, mb, T = len(o), args.num_generations, args.micro_batch_size, args.temperature
     mbs = [slice(i, min(i + mb, N)) for i in range(0, N, mb)]
     with torch.no_grad():  # one layout per micro-batch (with each of its prompts once), for every forward
@@ -370,7 +370,7 @@ def policy_update(policy, opt, model, ref_model, family, prompt, o, mask, logp_r
                   for s in mbs]
         logp_old = [packed_logps(model, family, p, T, args.logp_chunk) for p in packed] if args.mu > 1 else None
         logp_ref = [packed_logps(ref_model, family, p, T, args.logp_chunk) for p in packed] if ref_model else None
-    stats = {k: torch.zeros((), device=A.device) for k in ("loss", "kl", "clipped", "logp_gap")}
+    stats = {k: torch.zeros((), device=A.device) for k in ("loss", "kl", "clipped", "logp_gap", "logp_gap_max")}
     skipped = 0
     for k in range(args.mu):
         pass_loss = torch.zeros((), device=A.device)
@@ -387,7 +387,9 @@ def policy_update(policy, opt, model, ref_model, family, prompt, o, mask, logp_r
             stats["kl"] += st["kl_sum"] / args.mu
             stats["clipped"] += st["clip_sum"] / args.mu
             if k == 0:
-                stats["logp_gap"] += ((logp.detach() - logp_rollout[s]).abs() * mask[s]).sum()
+                gap = (logp.detach() - logp_rollout[s]).abs() * mask[s]
+                stats["logp_gap"] += gap.sum()
+                stats["logp_gap_max"] = torch.maximum(stats["logp_gap_max"], gap.max())
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)  # synced by DDP
         finite = infra.all_sum(torch.isfinite(pass_loss).float(), world).item() == world
         if finite and torch.isfinite(grad_norm):
@@ -430,17 +432,16 @@ def encode(family, rows, step, args, device):
 
 
 # ---------------------------------------------------------------------------------------------
-# Vision-R1's cold start: supervised steps on chain-of-thought targets before RL. A row's target is its
-# `response` (<think>..</think><answer>..</answer>) when it has one, else the synthetic world's target
-# (data.sft_target). sft.py runs the same steps alone: the SFT baseline, and the tiny bases' warm start.
+# Vision-R1's cold start: supervised steps on chain-of-thought targets before RL: a row's `response` if it has
+# one, else data.sft_target. sft.py runs the same steps alone (the SFT baseline; the tiny bases' warm start).
 def sft_loss(model, family, rows, coord_space, task, chunk, device="cpu"):
     """Mean negative log-likelihood of the target tokens of `rows`, EOS included."""
     prompt, sizes = family.encode(rows, device)
     tok = family.tokenizer
-    texts = [(r.get("response") or data.sft_target(task, r, gt)) + tok.eos_token
+    texts = [(r.get("response") or data.sft_target(task, r, gt)) + tok.convert_ids_to_tokens(family.eos_id)
              for r, gt in zip(rows, ground_truths(rows, sizes, coord_space))]
     ids = tok(texts, return_tensors="pt", padding=True, padding_side="right", add_special_tokens=False)["input_ids"]
-    mask = completion_mask(ids.to(device), tok.eos_token_id)
+    mask = completion_mask(ids.to(device), family.eos_id)
     logp = completion_logps(model, family, prompt, torch.arange(len(rows), device=device), ids.to(device), mask, 1.0,
                             chunk)
     return -(logp * mask).sum() / mask.sum()
@@ -498,7 +499,7 @@ def evaluate(model, family, rows, coord_space, task="rec", batch_size=64, max_ne
         batch = rows[i:i + batch_size]
         prompt, sizes = family.encode(batch, model.device.type)
         o, _ = sample_group(model, family, prompt, 1, max_new_tokens or EVAL_TOKENS[task], 1.0)
-        texts = completion_texts(family.tokenizer, o, completion_mask(o, family.tokenizer.eos_token_id))
+        texts = completion_texts(family.tokenizer, o, completion_mask(o, family.eos_id))
         preds += [rewards.score(task, *x) for x in zip(batch, ground_truths(batch, sizes, coord_space), texts)]
     return rewards.summarize(task, preds), preds
 
@@ -564,7 +565,7 @@ def train(args):
         o, logp_rollout = sample_group(model, family, prompt, G, max_len, T,
                                        sample_keys(args.seed, step, range(mine.start, mine.stop)),
                                        args.min_completion_length)
-        mask = completion_mask(o, family.tokenizer.eos_token_id)
+        mask = completion_mask(o, family.eos_id)
         texts = completion_texts(family.tokenizer, o, mask)
         # (1) rewards
         gts = [gt for gt in ground_truths(batch, sizes, coord_space, iou_threshold) for _ in range(G)]
@@ -584,6 +585,8 @@ def train(args):
                            **rewards.rollout_stats(args.task, texts, gts), seconds=time.time() - t0,
                            **({"skipped_updates": skipped} if skipped else {}))
         log.write(m, infra.step_line(m, args, components, bad_steps, batch, texts, r))  # infra: log
+        if step == start + 1:  # the alarm for an adapter's silent failure: sampler and trainer disagree on pi_old
+            infra.check_logp_gap(m, args.max_logp_gap or vlm.logp_gap_limit(model), model.config.model_type)
         if eval_every and (step % eval_every == 0 or step == args.steps):
             held_out_eval(model, family, coord_space, args, step, log, world)
         infra.save_or_stop(args, step, bad_steps, model, family, opt, rng, rank, world, device)  # infra: checkpoints

@@ -99,6 +99,12 @@ def all_sum(x, world):
     return x
 
 
+def all_max(x, world):
+    if world > 1:
+        torch.distributed.all_reduce(x, op=torch.distributed.ReduceOp.MAX)
+    return x
+
+
 def barrier(world):
     if world > 1:
         torch.distributed.barrier()
@@ -241,12 +247,13 @@ def eval_line(step, ev):
 
 def step_row(step, r_all, components, stats, grad_norm, mask_all, mu, world, **extra):
     """The step's row of metrics.jsonl: named statistics, summed over processes and divided by the token count."""
-    n_tok = mask_all.sum().item()
-    s = dict(zip(stats, all_sum(torch.stack(list(stats.values())), world).tolist()))
+    n_tok, sums = mask_all.sum().item(), {k: v for k, v in stats.items() if k != "logp_gap_max"}
+    s = dict(zip(sums, all_sum(torch.stack(list(sums.values())), world).tolist()))
     return {"step": step, "reward": r_all.mean().item(), "reward_std": r_all.std().item(),
             **{f"reward_{k}": gather(v.to(r_all.device), world).mean().item() for k, v in components.items()},
             "loss": s["loss"] / mu, "kl": s["kl"] / n_tok, "clip_frac": s["clipped"] / n_tok,
-            "logp_gap": s["logp_gap"] / n_tok, "completion_len": n_tok / len(mask_all), "grad_norm": float(grad_norm),
+            "logp_gap": s["logp_gap"] / n_tok, "logp_gap_max": all_max(stats["logp_gap_max"], world).item(),
+            "completion_len": n_tok / len(mask_all), "grad_norm": float(grad_norm),
             **extra}
 
 
@@ -271,6 +278,15 @@ def start_banner(args, log, rows, bad_rows, weights, coord_space, device, world,
         say(log.main, f"skipped {len(bad_rows)} bad rows (--skip-bad-rows):" + "".join("\n  " + b for b in bad_rows[:10]))
         if resumed_at is None:  # a resumed run keeps the row it logged at the start
             log.write({"step": 0, "bad_rows": len(bad_rows)})
+
+
+def check_logp_gap(m, limit, model_type):
+    """Stop when the rollout's log-probs and the training forward's disagree (mean, or 50x at any one token: a leak
+    into a few tokens hides in the mean). Every silent failure of a family adapter showed here first."""
+    if limit >= 0 and (m["logp_gap"] > limit or m["logp_gap_max"] > 50 * limit):
+        sys.exit(f"error: the rollout and the training forward disagree on pi_old for model type {model_type!r}: "
+                 f"logp_gap {m['logp_gap']:.2e} per token (limit {limit:g}), {m['logp_gap_max']:.2e} at worst "
+                 f"(limit {50 * limit:g}); the family's adapter is wrong, or --max-logp-gap is too tight")
 
 
 def finish(args, model, family, log, bad_rows, rank, world):

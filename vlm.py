@@ -32,6 +32,12 @@ def precision(model):
     return torch.autocast("cuda", dtype=torch.bfloat16) if on_gpu else contextlib.nullcontext()
 
 
+def logp_gap_limit(model):
+    """The default --max-logp-gap: per-token agreement of the rollout and the training forward that fp32, or bf16
+    autocast, keeps on every tested family (README: "Model families")."""
+    return 0.02 if isinstance(precision(model), torch.autocast) else 1e-4
+
+
 def mm_types(input_ids, image_token_id):
     """Modality of each token (0 text, 1 image). Without it MRoPE silently falls back to 1-D positions."""
     return (input_ids == image_token_id).int()
@@ -62,18 +68,58 @@ class RoomyLayer(DynamicLayer):
         return self.keys, self.values
 
 
+def shared_prefix(prompt_ids, prompt_mask, copies, completion_ids, comp_mask):
+    """The shared-prefix layout of pack(): completion i continues prompt copies[i]. Each prompt's row holds the prompt
+    and then its completions one after another; `seen` [n, S, S] lets each completion see the prompt and its own
+    earlier tokens only. `col` is where completion i's tokens go, `pred` where each of them is predicted."""
+    n_p, P = prompt_ids.shape
+    L, dev = completion_ids.shape[1], prompt_ids.device
+    slot = (copies[:, None] == copies[None]).tril(-1).sum(1)  # i is the slot-th completion of its prompt
+    S = P + (int(slot.max()) + 1) * L
+    col = P + slot[:, None] * L + torch.arange(L, device=dev)
+    ids = torch.zeros(n_p, S, dtype=prompt_ids.dtype, device=dev)
+    ids[:, :P] = prompt_ids
+    ids[copies[:, None], col] = completion_ids
+    valid = torch.zeros(n_p, S, dtype=torch.bool, device=dev)
+    valid[:, :P] = prompt_mask.bool()
+    valid[copies[:, None], col] = comp_mask.bool()
+    block = torch.full((n_p, S), -1, device=dev)  # -1: the prompt
+    block[copies[:, None], col] = slot[:, None]
+    causal = torch.ones(S, S, dtype=torch.bool, device=dev).tril()
+    seen = causal & valid[:, None, :] & ((block[:, None, :] == -1) | (block[:, None, :] == block[:, :, None]))
+    seen |= torch.eye(S, dtype=torch.bool, device=dev)  # no query may see nothing (NaN in softmax)
+    # token t of completion i is predicted at its position t-1; token 0 at the prompt's last position
+    pred = torch.cat([torch.full_like(col[:, :1], P - 1), col[:, :-1]], 1)
+    return {"ids": ids, "seen": seen, "col": col, "pred": pred, "rows": copies[:, None], "targets": completion_ids}
+
+
+def file_of(path, name):
+    """A file of a local checkpoint folder or of a hub id (from the local cache when offline)."""
+    from transformers.utils import cached_file
+
+    return cached_file(path, name)
+
+
 class Qwen2VL:
     """Qwen2-VL: an image is t*h*w patches, merged 2x2 into <|image_pad|> tokens; MRoPE positions (3 axes over the
     image grid, text counting on from the maximum); boxes in 0-1000."""
 
     coord_space = "norm1000"
     image_token = "<|image_pad|>"
-    vision_tokens = ("<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "<|vision_end|>")
+    vision_tokens = ("<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "<|vision_end|>", "<|vision_pad|>")
+    image_processor_class = "Qwen2VLImageProcessorPil"
 
     def __init__(self, tokenizer, image_processor, config):
         self.tokenizer, self.image_processor, self.config = tokenizer, image_processor, config
         ids = tokenizer.convert_tokens_to_ids(list(self.vision_tokens))
         self.suppress = [i for i in ids if i is not None and i != tokenizer.unk_token_id]  # a sampled one breaks decoding
+        self.eos_id, self.pad_id = tokenizer.eos_token_id, tokenizer.pad_token_id
+
+    @staticmethod
+    def load_tokenizer(path):
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(path, padding_side="left")
 
     def encode(self, rows, device="cpu"):
         """Chat template + image -> left-padded prompt ids with <|image_pad|> expanded to the image's tokens;
@@ -114,11 +160,15 @@ class Qwen2VL:
                         image_grid_thw=grid, mm_token_type_ids=mm_types(ids, self.config.image_token_id),
                         use_cache=True, logits_to_keep=1)
         cache = out.past_key_values
-        cache.layers = [RoomyLayer(layer, G, extra) for layer in cache.layers]
+        cache.layers = [self.repeat(layer, G, extra) for layer in cache.layers]
         state = {"cache": cache, "P": mask.shape[1],
                  "mask": torch.nn.functional.pad(mask.repeat_interleave(G, 0), (0, extra), value=1),
                  "next_pos": (position_ids.amax(dim=(0, 2)) + 1).repeat_interleave(G)}  # text counts on from the max
         return out.logits[:, -1].float().repeat_interleave(G, 0), state
+
+    def repeat(self, layer, G, extra):
+        """One cache layer of the prefill, G times."""
+        return RoomyLayer(layer, G, extra)
 
     def decode(self, model, tokens, state, t):
         """Logits after feeding completion token t of every row."""
@@ -128,48 +178,34 @@ class Qwen2VL:
                          position_ids=pos, past_key_values=state["cache"], use_cache=True).logits[:, -1].float()
 
     def pack(self, model, prompt, copies, completion_ids, comp_mask):
-        """Shared-prefix packing of completions (completion i continues prompt copies[i]) for one forward.
-
-        Each prompt, image included, is computed once. Its row holds the prompt and then its completions one
-        after another; a block mask lets each completion see the prompt and its own earlier tokens only, at the
-        positions it would have alone. The layout depends on the tokens only, so the policy, reference and
-        old-policy forwards of a micro-batch share one."""
-        prompt_ids, prompt_mask, grid = prompt["input_ids"], prompt["attention_mask"], prompt["image_grid_thw"]
-        n_p, P = prompt_ids.shape
-        L, dev = completion_ids.shape[1], prompt_ids.device
-        slot = (copies[:, None] == copies[None]).tril(-1).sum(1)  # i is the slot-th completion of its prompt
-        S = P + (int(slot.max()) + 1) * L
-        col = P + slot[:, None] * L + torch.arange(L, device=dev)  # where completion i's tokens go
-        ids = torch.zeros(n_p, S, dtype=prompt_ids.dtype, device=dev)
-        ids[:, :P] = prompt_ids
-        ids[copies[:, None], col] = completion_ids
-        valid = torch.zeros(n_p, S, dtype=torch.bool, device=dev)
-        valid[:, :P] = prompt_mask.bool()
-        valid[copies[:, None], col] = comp_mask.bool()
-        block = torch.full((n_p, S), -1, device=dev)  # -1: the prompt
-        block[copies[:, None], col] = slot[:, None]
-        causal = torch.ones(S, S, dtype=torch.bool, device=dev).tril()
-        seen = causal & valid[:, None, :] & ((block[:, None, :] == -1) | (block[:, None, :] == block[:, :, None]))
-        seen |= torch.eye(S, dtype=torch.bool, device=dev)  # no query may see nothing (NaN in softmax)
+        """Shared-prefix packing (shared_prefix) for one forward: each prompt, image included, computed once, and each
+        completion at the positions it had when sampled. The layout depends on the tokens only, so the policy,
+        reference and old-policy forwards of a micro-batch share one."""
+        p = shared_prefix(prompt["input_ids"], prompt["attention_mask"], copies, completion_ids, comp_mask)
+        (n_p, S), P, L = p["ids"].shape, prompt["input_ids"].shape[1], completion_ids.shape[1]
         # positions: MRoPE for the prompt; each completion counts on from the prompt's maximum, as when sampled
-        prompt_pos = self.positions(model, prompt_ids, prompt_mask, grid)
-        pos = torch.zeros(3, n_p, S, dtype=prompt_pos.dtype, device=dev)
+        prompt_pos = self.positions(model, prompt["input_ids"], prompt["attention_mask"], prompt["image_grid_thw"])
+        pos = torch.zeros(3, n_p, S, dtype=prompt_pos.dtype, device=p["ids"].device)
         pos[:, :, :P] = prompt_pos
-        pos[:, copies[:, None], col] = prompt_pos.amax(dim=(0, 2))[copies, None] + 1 + torch.arange(L, device=dev)
-        image = torch.zeros_like(valid)
-        image[:, :P] = mm_types(prompt_ids, self.config.image_token_id).bool()
-        # token t of completion i is predicted at its position t-1; token 0 at the prompt's last position
-        pred = torch.cat([torch.full_like(col[:, :1], P - 1), col[:, :-1]], 1)
-        return {"ids": ids, "mask": seen[:, None], "pos": pos, "image": image, "pixel_values": prompt["pixel_values"],
-                "grid": grid, "rows": copies[:, None], "pred": pred, "targets": completion_ids}
+        pos[:, copies[:, None], p["col"]] = (prompt_pos.amax(dim=(0, 2))[copies, None] + 1
+                                             + torch.arange(L, device=pos.device))
+        image = torch.zeros_like(p["seen"][:, 0])
+        image[:, :P] = mm_types(prompt["input_ids"], self.config.image_token_id).bool()
+        mask = p.pop("seen")[:, None]
+        return {**p, "mask": mask, "pos": pos, "image": image, "pixel_values": prompt["pixel_values"],
+                "grid": prompt["image_grid_thw"]}
+
+    def image_embeds(self, model, p):
+        """Token embeddings with each image's features (the vision tower runs once per image) in its placeholders,
+        and the features themselves."""
+        feats = model.model.get_image_features(p["pixel_values"], p["grid"])
+        merged = feats.pooler_output if hasattr(feats, "pooler_output") else feats  # one tensor per image
+        embeds = model.get_input_embeddings()(p["ids"])
+        return embeds.masked_scatter(p["image"][..., None], torch.cat(list(merged)).to(embeds.dtype)), feats
 
     def hidden(self, model, p):
-        """Last hidden states [N, L, D] that predict each completion token of a pack(); each image goes through the
-        vision tower once and its features are shared by all completions of its prompt."""
-        feats = model.model.get_image_features(p["pixel_values"], p["grid"])
-        feats = feats.pooler_output if hasattr(feats, "pooler_output") else feats  # one tensor per image
-        embeds = model.get_input_embeddings()(p["ids"])
-        embeds = embeds.masked_scatter(p["image"][..., None], torch.cat(list(feats)).to(embeds.dtype))
+        """Last hidden states [N, L, D] that predict each completion token of a pack()."""
+        embeds, _ = self.image_embeds(model, p)
         hidden = model.model(inputs_embeds=embeds, attention_mask=p["mask"], position_ids=p["pos"]).last_hidden_state
         return hidden[p["rows"], p["pred"]]
 
@@ -193,7 +229,173 @@ class Qwen25VL(Qwen2VL):
     coord_space = "abs_resized"
 
 
-ADAPTERS = {"qwen2_vl": Qwen2VL, "qwen2_5_vl": Qwen25VL}
+class Qwen3VL(Qwen2VL):
+    """Qwen3-VL: as Qwen2-VL (patch 16, interleaved MRoPE, boxes in 0-1000), plus DeepStack: the vision tower also
+    returns features of some of its middle blocks, which the language model adds to the image tokens' hidden states
+    after its first layers. A forward that scatters the image features itself must pass those levels on too."""
+
+    def hidden(self, model, p):
+        embeds, feats = self.image_embeds(model, p)
+        # per level: a tuple of per-image tensors (transformers 5.23) or one tensor of all images (5.17)
+        deep = [(torch.cat(list(f)) if isinstance(f, (list, tuple)) else f).to(embeds.dtype)
+                for f in feats.deepstack_features]
+        hidden = model.model.language_model(inputs_embeds=embeds, attention_mask=p["mask"], position_ids=p["pos"],
+                                            visual_pos_masks=p["image"], deepstack_visual_embeds=deep,
+                                            use_cache=False).last_hidden_state
+        return hidden[p["rows"], p["pred"]]
+
+
+class Qwen35(Qwen2VL):
+    """Qwen3.5: Qwen3-VL's vision (no DeepStack) and a hybrid text model: three of every four layers are Gated
+    DeltaNet (linear attention), which carry a recurrent state and ignore 4-D masks. So the rollout repeats their
+    states G times, and the training forward holds one completion per row (a shared-prefix row would run one
+    completion's recurrence into the next); each image still goes through the vision tower once."""
+
+    @staticmethod
+    def load_tokenizer(path):
+        """AutoTokenizer, except for a word-level tokenizer.json (the tiny test models): on transformers 5.23
+        AutoTokenizer forces Qwen3_5Tokenizer, which rebuilds such a vocabulary as byte-level BPE and splits words."""
+        from transformers import PreTrainedTokenizerFast
+
+        with open(file_of(path, "tokenizer.json")) as f:
+            if json.load(f)["model"]["type"] != "WordLevel":
+                return Qwen2VL.load_tokenizer(path)
+        with open(file_of(path, "tokenizer_config.json")) as f:
+            special = {k: v for k, v in json.load(f).items() if k in ("eos_token", "pad_token", "unk_token") and v}
+        return PreTrainedTokenizerFast(tokenizer_file=file_of(path, "tokenizer.json"), padding_side="left", **special)
+
+    def repeat(self, layer, G, extra):
+        from transformers.cache_utils import LinearAttentionCacheLayerMixin
+
+        if not isinstance(layer, LinearAttentionCacheLayerMixin):
+            return RoomyLayer(layer, G, extra)
+        for states in (layer.conv_states, layer.recurrent_states):  # owned copies: decoding updates them in place
+            for k, s in states.items():
+                if s is not None:
+                    states[k] = s.repeat_interleave(G, 0)
+        return layer
+
+    def pack(self, model, prompt, copies, completion_ids, comp_mask):
+        """Row i: the left-padded prompt copies[i], then completion i. The linear layers zero the padded inputs
+        (2-D mask), so their states stay zero over the padding."""
+        ids_p, mask_p, grid = prompt["input_ids"], prompt["attention_mask"], prompt["image_grid_thw"]
+        P, L = ids_p.shape[1], completion_ids.shape[1]
+        pos_p = self.positions(model, ids_p, mask_p, grid)
+        pos_c = pos_p.amax(dim=(0, 2))[:, None] + 1 + torch.arange(L, device=ids_p.device)  # on from the maximum
+        ids = torch.cat([ids_p[copies], completion_ids], 1)
+        return {"ids": ids, "mask": torch.cat([mask_p[copies], comp_mask.to(mask_p.dtype)], 1),
+                "pos": torch.cat([pos_p[:, copies], pos_c[copies][None].expand(3, -1, -1)], 2),
+                "image": ids == self.config.image_token_id, "copies": copies, "pixel_values": prompt["pixel_values"],
+                "grid": grid, "P": P, "targets": completion_ids}
+
+    def hidden(self, model, p):
+        feats = model.model.get_image_features(p["pixel_values"], p["grid"])
+        feats = feats.pooler_output if hasattr(feats, "pooler_output") else feats  # one tensor per image
+        embeds = model.get_input_embeddings()(p["ids"])
+        copies = torch.cat([feats[c] for c in p["copies"].tolist()])  # each image's features into all its rows
+        embeds = embeds.masked_scatter(p["image"][..., None], copies.to(embeds.dtype))
+        hidden = model.model(inputs_embeds=embeds, attention_mask=p["mask"], position_ids=p["pos"]).last_hidden_state
+        return hidden[:, p["P"] - 1:-1]  # token t of a completion is predicted at column P - 1 + t
+
+
+class Gemma3(Qwen2VL):
+    """Gemma 3: each image resized to one square and pooled to a fixed block of mm_tokens_per_image soft tokens,
+    with bidirectional attention inside the block; 1-D positions; sliding-window layers mixed with global ones; the
+    vision part is the SigLIP tower and a projector. No trained box format (no <loc> tokens): we use 0-1000, which
+    does not depend on the processor's image size. A turn ends with <end_of_turn>, the EOS we stop on."""
+
+    image_processor_class = "Gemma3ImageProcessorPil"
+
+    def __init__(self, tokenizer, image_processor, config):
+        super().__init__(tokenizer, image_processor, config)
+        c, text = config, config.get_text_config()
+        self.boi, self.soft, self.eoi = tokenizer.convert_ids_to_tokens([c.boi_token_id, c.image_token_id,
+                                                                         c.eoi_token_id])
+        self.suppress = [c.boi_token_id, c.image_token_id, c.eoi_token_id]
+        end = tokenizer.convert_tokens_to_ids("<end_of_turn>")
+        self.eos_id = end if end is not None and end != tokenizer.unk_token_id else tokenizer.eos_token_id
+        self.layer_types, self.window = sorted(set(text.layer_types)), text.sliding_window
+
+    def encode(self, rows, device="cpu"):
+        images = [data.load_image(r["image_path"]) for r in rows]
+        vis = self.image_processor(images=images, return_tensors="pt")
+        block = f"\n\n{self.boi}{self.soft * self.config.mm_tokens_per_image}{self.eoi}\n\n"  # as Gemma3Processor
+        texts = [self.tokenizer.apply_chat_template(data.build_messages(r["problem"]), tokenize=False,
+                                                    add_generation_prompt=True).replace(self.boi, block, 1)
+                 for r in rows]
+        enc = self.tokenizer(texts, return_tensors="pt", padding=True, padding_side="left", add_special_tokens=False)
+        h, w = vis["pixel_values"].shape[-2:]  # every image is resized to the same square
+        return {"input_ids": enc["input_ids"].to(device), "attention_mask": enc["attention_mask"].to(device),
+                "pixel_values": vis["pixel_values"].to(device)}, [(int(w), int(h), im.width, im.height) for im in images]
+
+    def select(self, prompt, first, last):
+        return {k: v[first:last] for k, v in prompt.items()}  # one image per prompt
+
+    def positions(self, model, ids, mask, grid=None):
+        """1-D positions of a left-padded batch: the index among the row's real tokens (as HF generate)."""
+        return (mask.long().cumsum(-1) - 1).clamp(min=0)
+
+    def prefill(self, model, prompt, G, extra):
+        from transformers.cache_utils import DynamicCache
+
+        ids, mask = prompt["input_ids"], prompt["attention_mask"]
+        pos = self.positions(model, ids, mask)
+        # a plain DynamicCache keeps every position of the sliding layers too (the decode steps' masks window them);
+        # the cache HF builds from the config would already have dropped all but the window
+        cache = DynamicCache()
+        with precision(model):
+            out = model(input_ids=ids, attention_mask=mask, position_ids=pos, pixel_values=prompt["pixel_values"],
+                        token_type_ids=mm_types(ids, self.config.image_token_id), past_key_values=cache,
+                        use_cache=True, logits_to_keep=1)
+        cache.layers = [RoomyLayer(layer, G, extra) for layer in cache.layers]
+        state = {"cache": cache, "P": ids.shape[1], "next_pos": (pos[:, -1] + 1).repeat_interleave(G),
+                 "mask": torch.nn.functional.pad(mask.repeat_interleave(G, 0), (0, extra), value=1)}
+        return out.logits[:, -1].float().repeat_interleave(G, 0), state
+
+    def decode(self, model, tokens, state, t):
+        with precision(model):
+            return model(input_ids=tokens[:, None], attention_mask=state["mask"][:, :state["P"] + t + 1],
+                         position_ids=(state["next_pos"] + t)[:, None], past_key_values=state["cache"],
+                         use_cache=True).logits[:, -1].float()
+
+    def pack(self, model, prompt, copies, completion_ids, comp_mask):
+        """Shared-prefix packing with one 4-D mask per layer type: the image block sees itself both ways, and the
+        sliding layers see only keys fewer than `window` positions back."""
+        p = shared_prefix(prompt["input_ids"], prompt["attention_mask"], copies, completion_ids, comp_mask)
+        (n_p, S), P, L = p["ids"].shape, prompt["input_ids"].shape[1], completion_ids.shape[1]
+        image = torch.zeros_like(p["seen"][:, 0])
+        image[:, :P] = mm_types(prompt["input_ids"], self.config.image_token_id).bool()
+        start = image & ~torch.nn.functional.pad(image, (1, 0))[:, :-1]  # each run of soft tokens is one image
+        group = torch.where(image, start.long().cumsum(1), -1)
+        seen = p.pop("seen") | ((group[:, :, None] == group[:, None, :]) & (group[:, :, None] >= 0))
+        prompt_pos = self.positions(model, prompt["input_ids"], prompt["attention_mask"])
+        pos = torch.zeros(n_p, S, dtype=torch.long, device=seen.device)
+        pos[:, :P] = prompt_pos
+        pos[copies[:, None], p["col"]] = prompt_pos[copies, -1:] + 1 + torch.arange(L, device=seen.device)
+        masks = {"full_attention": seen, "sliding_attention": seen & ((pos[:, :, None] - pos[:, None, :]) < self.window)}
+        return {**p, "mask": {k: masks[k][:, None] for k in self.layer_types}, "pos": pos,
+                "pixel_values": prompt["pixel_values"]}
+
+    def hidden(self, model, p):
+        hidden = model.model(input_ids=p["ids"], pixel_values=p["pixel_values"], attention_mask=p["mask"],
+                             position_ids=p["pos"], use_cache=False).last_hidden_state
+        return hidden[p["rows"], p["pred"]]
+
+    def vision(self, model):
+        return torch.nn.ModuleList([model.model.vision_tower, model.model.multi_modal_projector])
+
+
+ADAPTERS = {"qwen2_vl": Qwen2VL, "qwen2_5_vl": Qwen25VL, "qwen3_vl": Qwen3VL, "qwen3_5": Qwen35, "gemma3": Gemma3}
+
+
+def image_processor(path, family):
+    """The family's PIL image processor, as named in preprocessor_config.json (torchvision, which the fast ones
+    need, does not import with every torch)."""
+    import transformers
+
+    with open(file_of(path, "preprocessor_config.json")) as f:
+        named = json.load(f).get("image_processor_type", "").removesuffix("Fast").removesuffix("Pil") + "Pil"
+    return getattr(transformers, named, None) or getattr(transformers, family.image_processor_class)
 
 
 def load(path, device="cpu"):
@@ -201,14 +403,13 @@ def load(path, device="cpu"):
 
     We never use AutoProcessor: it can silently return only the tokenizer, and Qwen's processor needs torchvision
     for videos. The tokenizer and the family's image-only PIL processor suffice."""
-    from transformers import AutoConfig, AutoModelForImageTextToText, AutoTokenizer, GenerationConfig
-    from transformers import Qwen2VLImageProcessorPil
-    from transformers.utils import cached_file
+    from transformers import AutoConfig, AutoModelForImageTextToText, GenerationConfig
 
     config = AutoConfig.from_pretrained(path)
-    if config.model_type not in ADAPTERS:
-        sys.exit(f"error: {path}: model type {config.model_type!r} is not supported; supported: "
-                 f"{', '.join(sorted(ADAPTERS))}")
+    family = ADAPTERS.get(config.model_type)
+    if family is None:
+        sys.exit(f"error: {path}: model type {config.model_type!r} is not supported (untested families are never "
+                 f"trained); supported: {', '.join(ADAPTERS)}")
     # fp32 weights everywhere; on a GPU the forwards run in bf16 autocast (precision()). SDPA, also where flash-attn
     # is installed: the training forward's block attention mask (pack) is beyond flash-attn's kernels.
     model = AutoModelForImageTextToText.from_pretrained(path, dtype=torch.float32, attn_implementation="sdpa")
@@ -218,12 +419,13 @@ def load(path, device="cpu"):
     gc = model.generation_config
     model.generation_config = GenerationConfig(bos_token_id=gc.bos_token_id, eos_token_id=gc.eos_token_id,
                                                pad_token_id=gc.pad_token_id)
-    tokenizer = AutoTokenizer.from_pretrained(path, padding_side="left")
+    tokenizer = family.load_tokenizer(path)
     if tokenizer.chat_template is None:  # real Qwen checkpoints keep it beside the processor
-        with open(cached_file(path, "chat_template.json")) as f:
+        with open(file_of(path, "chat_template.json")) as f:
             tokenizer.chat_template = json.load(f)["chat_template"]
-    image_processor = Qwen2VLImageProcessorPil.from_pretrained(path)
-    return model, ADAPTERS[config.model_type](tokenizer, image_processor, config)
+    if tokenizer.pad_token_id is None:
+        sys.exit(f"error: {path}: the tokenizer has no pad token")
+    return model, family(tokenizer, image_processor(path, family).from_pretrained(path), config)
 
 
 def enable_checkpointing(model):
