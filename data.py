@@ -15,6 +15,7 @@ import math
 import os
 import random
 import re
+import sys
 import warnings
 
 from PIL import Image, ImageDraw
@@ -402,6 +403,21 @@ SYNTHETIC_ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data"
 def synthetic_split(split, n, task="rec"):
     """The first n rows of a synthetic split (made on first use), checked like any other rows."""
     return load_jsonl(make_synthetic(SYNTHETIC_ROOT, split, n, task=task), SYNTHETIC_ROOT, task)[0]
+
+
+def load_rows(args):
+    """(rows, bad): the training rows of a run's Args (--train-data, or the synthetic world), and one line per row
+    skipped by --skip-bad-rows. Every row and image is checked here, before any model is loaded; a bad one stops
+    the run with one line."""
+    try:
+        if not args.train_data:
+            path = make_synthetic(SYNTHETIC_ROOT, "train", args.train_size or 2000, args.seed, args.task)
+            return load_jsonl(path, SYNTHETIC_ROOT, args.task, args.skip_bad_rows)
+        limit = args.train_size if args.train_size and args.task != "cls" else None
+        rows, bad = load_jsonl(args.train_data, args.image_root, args.task, args.skip_bad_rows, limit)
+    except BadInput as e:
+        sys.exit(f"error: {e}")
+    return (class_balanced(rows, args.train_size) if args.train_size and args.task == "cls" else rows), bad
 
 
 def synthetic_vocab(tasks=("rec",)):

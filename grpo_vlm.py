@@ -409,21 +409,7 @@ def lr_at(args, step):
 
 
 # ---------------------------------------------------------------------------------------------
-# Data: the training rows, and one batch of prompts encoded by the model's family.
-def load_rows(args):
-    """(rows, bad): the training rows, and one line per row skipped by --skip-bad-rows. Every row and image is
-    checked here, before any model is loaded; a bad one stops the run with one line."""
-    try:
-        if not args.train_data:
-            path = data.make_synthetic(data.SYNTHETIC_ROOT, "train", args.train_size or 2000, args.seed, args.task)
-            return data.load_jsonl(path, data.SYNTHETIC_ROOT, args.task, args.skip_bad_rows)
-        limit = args.train_size if args.train_size and args.task != "cls" else None
-        rows, bad = data.load_jsonl(args.train_data, args.image_root, args.task, args.skip_bad_rows, limit)
-    except data.BadInput as e:
-        sys.exit(f"error: {e}")
-    return (data.class_balanced(rows, args.train_size) if args.train_size and args.task == "cls" else rows), bad
-
-
+# Data: one batch of prompts encoded by the model's family (the rows: data.load_rows).
 def encode(family, rows, step, args, device):
     try:
         return family.encode(rows, device)
@@ -528,7 +514,7 @@ def train(args):
     B, G, T, main = args.prompts_per_step, args.num_generations, args.temperature, rank == 0
     if B % world:
         sys.exit(f"error: --prompts-per-step {B} must be a multiple of the {world} processes")
-    weights, (rows, bad_rows) = reward_weights(args), load_rows(args)
+    weights, (rows, bad_rows) = reward_weights(args), data.load_rows(args)
     rng = infra.prompt_sampler(args.seed)  # infra: seeds; the prompt sampler's state is the data position
     ckpt, state = infra.resume(args, Args, rng)  # infra: checked resume (None, None for a new run)
     start, base = state["step"] if state else 0, args.model or tiny_model(args.task)

@@ -23,6 +23,7 @@ import time
 
 import torch
 
+import data
 import grpo_vlm as g
 import infra
 import vlm
@@ -36,7 +37,7 @@ def main(argv=None):
     torch.manual_seed(args.seed)
     model, family = vlm.load(args.model or g.tiny_model(args.task))
     coord_space = family.coord_space if args.coord_space == "auto" else args.coord_space
-    rows = g.load_rows(args)[0]
+    rows = data.load_rows(args)[0]
     t0 = time.time()
     for step, loss in g.sft_steps(model, family, rows, coord_space, args, args.steps, args.lr):
         if step % 50 == 0 or step == 1:

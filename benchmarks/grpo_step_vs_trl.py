@@ -111,6 +111,7 @@ def prompts(n, size):
 def run_ours(a, model_path):
     import torch
 
+    import data
     import grpo_vlm as g
 
     out = tempfile.mkdtemp()
@@ -119,7 +120,7 @@ def run_ours(a, model_path):
                   micro_batch_size=a.micro_batch, gradient_checkpointing=True, eval_every=0, save_every=0,
                   sample_every=0, output_dir=out)
     rows = prompts(a.prompts, a.image_size)
-    g.load_rows = lambda args: (rows, [])  # the benchmark's prompts, for both implementations
+    data.load_rows = lambda args: (rows, [])  # the benchmark's prompts, for both implementations
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     g.train(args)

@@ -12,6 +12,7 @@ import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+import data  # noqa: E402
 import grpo_vlm as g  # noqa: E402
 import infra  # noqa: E402
 import make_tiny_model as mtm  # noqa: E402
@@ -46,7 +47,7 @@ def what_makes_it_differ(model):
 
 
 def two_prompts(family):
-    rows = g.load_rows(g.Args(train_size=4))[0][:2]
+    rows = data.load_rows(g.Args(train_size=4))[0][:2]
     rows[1] = dict(rows[1], problem=rows[1]["problem"] + " please please please")  # left padding in row 0
     prompt, _ = family.encode(rows)
     assert prompt["attention_mask"][0, 0] == 0

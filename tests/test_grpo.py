@@ -137,7 +137,7 @@ def tiny(request, tmp_path_factory):
 def test_left_padding_and_shared_image_features(tiny):
     model, family = vlm.load(tiny)
     tok = family.tokenizer
-    rows = g.load_rows(g.Args(train_size=4))[0][:2]
+    rows = data.load_rows(g.Args(train_size=4))[0][:2]
     rows[1] = dict(rows[1], problem=rows[1]["problem"] + " please please please")  # forces left padding of row 0
     prompt, _ = family.encode(rows)
     single, _ = family.encode(rows[:1])
@@ -223,7 +223,7 @@ def test_eval_scores_known_boxes_and_right_object(tmp_path):
 
 def test_sft_target_is_a_perfect_answer_and_lists_objects():
     """The SFT target scores format 1 and IoU ~1 under the GRPO rewards, and lists every object left to right."""
-    rows = g.load_rows(g.Args(train_size=8))[0]
+    rows = data.load_rows(g.Args(train_size=8))[0]
     gts = g.ground_truths(rows, [(112, 112, 128, 128)] * len(rows), "abs_resized")
     for row, gt in zip(rows, gts):
         text = data.sft_target("rec", row, gt)
@@ -245,7 +245,7 @@ def test_sft_baseline_sees_the_grpo_batches_and_trains(tmp_path, monkeypatch):
                                                                            orig(self, rows, *a, **k))[1])
     sft.main(["--steps", "2", "--prompts-per-step", "3", "--train-size", "16", "--output-dir", str(tmp_path / "sft"),
               "--lr", "1e-2", "--eval-every", "0"])
-    rng, rows = random.Random(0), g.load_rows(g.Args(train_size=16))[0]
+    rng, rows = random.Random(0), data.load_rows(g.Args(train_size=16))[0]
     assert seen == [[r["image"] for r in rng.sample(rows, 3)] for _ in range(2)]
     before, after = vlm.load(g.TINY_MODEL)[0].state_dict(), vlm.load(str(tmp_path / "sft"))[0].state_dict()
     assert any(not torch.equal(before[k], after[k]) for k in before)

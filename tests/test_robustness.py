@@ -11,6 +11,7 @@ from safetensors.torch import load_file
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+import data  # noqa: E402
 import grpo_vlm as g  # noqa: E402
 import vlm  # noqa: E402
 
@@ -46,7 +47,7 @@ def test_keyed_sampler_draws_from_softmax_at_temperature():
 def test_a_completion_depends_on_its_key_not_on_the_batch():
     """What makes 1 and 2 processes (and a resumed run) draw the same completions."""
     model, family = vlm.load(g.TINY_MODEL)
-    rows = g.load_rows(g.Args(train_size=4))[0][:2]
+    rows = data.load_rows(g.Args(train_size=4))[0][:2]
     both, _ = g.sample_group(model, family, family.encode(rows)[0], 3, 16, 1.0, keys=g.sample_keys(0, 5, range(6)))
     second, _ = g.sample_group(model, family, family.encode(rows[1:])[0], 3, 16, 1.0,
                                keys=g.sample_keys(0, 5, range(3, 6)))
@@ -156,7 +157,7 @@ def test_shared_prefill_rollout_matches_the_plain_one():
     forward on G plain copies (each with its own image)."""
     model, family = vlm.load(g.TINY_MODEL)
     tok = family.tokenizer
-    rows = g.load_rows(g.Args(train_size=4))[0][:2]
+    rows = data.load_rows(g.Args(train_size=4))[0][:2]
     rows[1] = dict(rows[1], problem=rows[1]["problem"] + " please please")  # left padding in row 0
     prompt, _ = family.encode(rows)
     G, L, eos, pad = 4, 40, tok.eos_token_id, tok.pad_token_id

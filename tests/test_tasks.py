@@ -23,7 +23,7 @@ TASKS = ("cls", "count", "det")
 def test_sft_target_is_a_perfect_answer_under_the_task_rewards(task):
     """Every synthetic row's SFT target scores the maximum of each of the task's rewards, and tokenizes with no
     unknown word in the task's tokenizer."""
-    rows = g.load_rows(g.parse_args(["--task", task, "--train-size", "24"]))[0]
+    rows = data.load_rows(g.parse_args(["--task", task, "--train-size", "24"]))[0]
     gts = g.ground_truths(rows, [(112, 112, 128, 128)] * len(rows), "abs_resized")
     tok = mtm.build_tokenizer(task)
     for row, gt in zip(rows, gts):
@@ -36,14 +36,14 @@ def test_sft_target_is_a_perfect_answer_under_the_task_rewards(task):
 
 
 def test_worlds_are_what_their_docstrings_say():
-    cls = g.load_rows(g.parse_args(["--task", "cls", "--train-size", "24"]))[0]
+    cls = data.load_rows(g.parse_args(["--task", "cls", "--train-size", "24"]))[0]
     labels = [r["solution"] for r in cls]
     assert labels[:12] == labels[12:] and len(set(labels)) == 12  # round-robin: 24 rows = 2-shot over 12 classes
     assert not {tuple(x.split()) for x in labels} & data.OOD_PAIRS
-    count = g.load_rows(g.parse_args(["--task", "count", "--train-size", "64"]))[0]
+    count = data.load_rows(g.parse_args(["--task", "count", "--train-size", "64"]))[0]
     assert {r["solution"] for r in count} == {1.0, 2.0, 3.0, 4.0, 5.0}
     assert all(len(r["objects"]) == r["solution"] for r in count)
-    det = g.load_rows(g.parse_args(["--task", "det", "--train-size", "64"]))[0]
+    det = data.load_rows(g.parse_args(["--task", "det", "--train-size", "64"]))[0]
     for r in det:  # solution: the boxes of the asked shape, in the real format's rows, canonical after loading
         shape = r["problem"].split()[2]
         assert r["solution"] == [o["box"] for o in r["objects"] if o["label"].endswith(shape)] and r["solution"]
