@@ -405,6 +405,12 @@ def synthetic_split(split, n, task="rec"):
     return load_jsonl(make_synthetic(SYNTHETIC_ROOT, split, n, task=task), SYNTHETIC_ROOT, task)[0]
 
 
+def ground_truths(rows, sizes, coord_space, iou_threshold=0.0):
+    """The `gt` dicts the rewards read (rewards.py), from rows and their (input w, input h, original w, h) sizes."""
+    return [{"solution": r["solution"], "width": W, "height": H, "input_width": w, "input_height": h,
+             "coord_space": coord_space, "iou_threshold": iou_threshold} for r, (w, h, W, H) in zip(rows, sizes)]
+
+
 def load_rows(args):
     """(rows, bad): the training rows of a run's Args (--train-data, or the synthetic world), and one line per row
     skipped by --skip-bad-rows. Every row and image is checked here, before any model is loaded; a bad one stops

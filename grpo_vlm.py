@@ -267,11 +267,6 @@ def compute_rewards(texts, gts, weights):
     return total, components
 
 
-def ground_truths(rows, sizes, coord_space, iou_threshold=0.0):
-    return [{"solution": r["solution"], "width": W, "height": H, "input_width": w, "input_height": h,
-             "coord_space": coord_space, "iou_threshold": iou_threshold} for r, (w, h, W, H) in zip(rows, sizes)]
-
-
 # ---------------------------------------------------------------------------------------------
 # (2) Group-normalized advantages. ddof=1 (unbiased std) and eps=1e-4, as TRL.
 def group_advantages(r, G, scale="group", eps=1e-4):
@@ -400,14 +395,6 @@ def policy_update(policy, opt, model, ref_model, family, prompt, o, mask, logp_r
     return stats, grad_norm, skipped
 
 
-def lr_at(args, step):
-    """Linear warm-up over --warmup-steps, then constant or linear decay to 0 at --steps."""
-    warm = min(1.0, step / args.warmup_steps) if args.warmup_steps else 1.0
-    if args.lr_schedule == "linear":
-        return args.lr * warm * min(1.0, max(0.0, (args.steps - step + 1) / max(1, args.steps - args.warmup_steps)))
-    return args.lr * warm
-
-
 # ---------------------------------------------------------------------------------------------
 # Data: one batch of prompts encoded by the model's family (the rows: data.load_rows).
 def encode(family, rows, step, args, device):
@@ -425,7 +412,7 @@ def sft_loss(model, family, rows, coord_space, task, chunk, device="cpu"):
     prompt, sizes = family.encode(rows, device)
     tok = family.tokenizer
     texts = [(r.get("response") or data.sft_target(task, r, gt)) + tok.convert_ids_to_tokens(family.eos_id)
-             for r, gt in zip(rows, ground_truths(rows, sizes, coord_space))]
+             for r, gt in zip(rows, data.ground_truths(rows, sizes, coord_space))]
     ids = tok(texts, return_tensors="pt", padding=True, padding_side="right", add_special_tokens=False)["input_ids"]
     mask = completion_mask(ids.to(device), family.eos_id)
     logp = completion_logps(model, family, prompt, torch.arange(len(rows), device=device), ids.to(device), mask, 1.0,
@@ -486,7 +473,7 @@ def evaluate(model, family, rows, coord_space, task="rec", batch_size=64, max_ne
         prompt, sizes = family.encode(batch, model.device.type)
         o, _ = sample_group(model, family, prompt, 1, max_new_tokens or EVAL_TOKENS[task], 1.0)
         texts = completion_texts(family.tokenizer, o, completion_mask(o, family.eos_id))
-        preds += [rewards.score(task, *x) for x in zip(batch, ground_truths(batch, sizes, coord_space), texts)]
+        preds += [rewards.score(task, *x) for x in zip(batch, data.ground_truths(batch, sizes, coord_space), texts)]
     return rewards.summarize(task, preds), preds
 
 
@@ -540,8 +527,9 @@ def train(args):
     bad_steps, b = state.get("bad_steps", 0) if state else 0, B // world
     for step in range(start + 1, args.steps + 1):
         t0 = time.time()
+        lr = infra.lr_at(args, step)
         for group in opt.param_groups:
-            group["lr"] = lr_at(args, step)
+            group["lr"] = lr
         batch = rng.sample(rows, B)[rank * b:(rank + 1) * b]  # B prompts, the same on every process: b are ours
         mine = slice(rank * b * G, (rank + 1) * b * G)  # our completions' rows in the global batch
         prompt, sizes = encode(family, batch, step, args, device)
@@ -554,7 +542,7 @@ def train(args):
         mask = completion_mask(o, family.eos_id)
         texts = completion_texts(family.tokenizer, o, mask)
         # (1) rewards
-        gts = [gt for gt in ground_truths(batch, sizes, coord_space, iou_threshold) for _ in range(G)]
+        gts = [gt for gt in data.ground_truths(batch, sizes, coord_space, iou_threshold) for _ in range(G)]
         r, components = compute_rewards(texts, gts, weights)
         # (2) advantages and (6) token weights over the global batch, then our rows. DDP averages gradients
         # over the processes, so the weights are scaled by `world` to make the sum of all processes' losses.
@@ -565,7 +553,7 @@ def train(args):
         stats, grad_norm, skipped = policy_update(policy, opt, model, ref_model, family, prompt, o, mask,
                                                   logp_rollout, A, tw, args, world)
         bad_steps = bad_steps + 1 if skipped else 0
-        m = infra.step_row(step, r_all, components, stats, grad_norm, mask_all, args.mu, world, lr=lr_at(args, step),
+        m = infra.step_row(step, r_all, components, stats, grad_norm, mask_all, args.mu, world, lr=lr,
                            **({"max_len": max_len} if args.length_schedule else {}),
                            **({"iou_threshold": iou_threshold} if args.iou_threshold_schedule else {}),
                            **rewards.rollout_stats(args.task, texts, gts), seconds=time.time() - t0,

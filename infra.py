@@ -195,6 +195,14 @@ def resume(args, defaults, rng):
     return ckpt, state
 
 
+def lr_at(args, step):
+    """Linear warm-up over --warmup-steps, then constant or linear decay to 0 at --steps."""
+    warm = min(1.0, step / args.warmup_steps) if args.warmup_steps else 1.0
+    if args.lr_schedule == "linear":
+        return args.lr * warm * min(1.0, max(0.0, (args.steps - step + 1) / max(1, args.steps - args.warmup_steps)))
+    return args.lr * warm
+
+
 def prompt_sampler(seed):
     """The prompt sampler (its state is the data position); torch's RNG seeded alongside."""
     torch.manual_seed(seed)

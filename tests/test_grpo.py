@@ -224,7 +224,7 @@ def test_eval_scores_known_boxes_and_right_object(tmp_path):
 def test_sft_target_is_a_perfect_answer_and_lists_objects():
     """The SFT target scores format 1 and IoU ~1 under the GRPO rewards, and lists every object left to right."""
     rows = data.load_rows(g.Args(train_size=8))[0]
-    gts = g.ground_truths(rows, [(112, 112, 128, 128)] * len(rows), "abs_resized")
+    gts = data.ground_truths(rows, [(112, 112, 128, 128)] * len(rows), "abs_resized")
     for row, gt in zip(rows, gts):
         text = data.sft_target("rec", row, gt)
         assert rewards.format_reward(text) == 1.0

@@ -13,6 +13,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import data  # noqa: E402
 import grpo_vlm as g  # noqa: E402
+import infra  # noqa: E402
 import vlm  # noqa: E402
 
 SMALL = ["--prompts-per-step", "2", "--num-generations", "4", "--max-completion-length", "48", "--train-size", "16",
@@ -147,8 +148,8 @@ def test_freeze_vision_keeps_the_vision_tower(tmp_path):
 
 def test_lr_schedule():
     a = g.Args(lr=1.0, steps=10, warmup_steps=2, lr_schedule="linear")
-    assert [round(g.lr_at(a, s), 3) for s in (1, 2, 3, 10)] == [0.5, 1.0, 1.0, 0.125]
-    assert g.lr_at(g.Args(lr=1.0, steps=10), 7) == 1.0
+    assert [round(infra.lr_at(a, s), 3) for s in (1, 2, 3, 10)] == [0.5, 1.0, 1.0, 0.125]
+    assert infra.lr_at(g.Args(lr=1.0, steps=10), 7) == 1.0
 
 
 def test_shared_prefill_rollout_matches_the_plain_one():

@@ -24,7 +24,7 @@ def test_sft_target_is_a_perfect_answer_under_the_task_rewards(task):
     """Every synthetic row's SFT target scores the maximum of each of the task's rewards, and tokenizes with no
     unknown word in the task's tokenizer."""
     rows = data.load_rows(g.parse_args(["--task", task, "--train-size", "24"]))[0]
-    gts = g.ground_truths(rows, [(112, 112, 128, 128)] * len(rows), "abs_resized")
+    gts = data.ground_truths(rows, [(112, 112, 128, 128)] * len(rows), "abs_resized")
     tok = mtm.build_tokenizer(task)
     for row, gt in zip(rows, gts):
         text = data.sft_target(task, row, gt)
