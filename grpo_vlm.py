@@ -5,16 +5,18 @@
     torchrun --nproc_per_node 2 grpo_vlm.py ...        # DDP; --resume DIR continues a run
 
 Equations (../shared/REFERENCE.md):
-  (0) o_i ~ pi_old(. | q), i = 1..G, at temperature T           -> sample_group, draw, sample_keys
+  (0) o_i ~ pi_old(. | q), i = 1..G, at temperature T           -> sample_group, draw (keys: infra.sample_keys)
   (1) r_i = sum_k w_k R_k(o_i, gt)                              -> compute_rewards
   (2) A_i = (r_i - mean(r_group)) / (std(r_group) + eps)        -> group_advantages
-  (3) rho_t = exp(logp - logp_old)                              -> grpo_loss
+  (3) rho_t = exp(logp - logp_old); GSPO: s_i = exp(mean_t(...))  -> grpo_loss
   (4) L_t = -min(rho_t A, clip(rho_t, 1-eps_low, 1+eps_high) A) -> grpo_loss
   (5) KL_t = exp(logp_ref - logp) - (logp_ref - logp) - 1  (k3) -> grpo_loss
   (6) aggregation: per-sequence / token-mean / Dr. GRPO         -> token_weights
   log pi(o_t | q, o_<t) / T over completion tokens only         -> packed_logps, chunked_logps
   Algorithm 1 (DeepSeekMath): batch, rollout, reward, advantage, mu passes   -> train, policy_update
   Vision-R1: cold start, staged length, progressive rule refinement          -> cold_start, stage_value
+  DAPO: dynamic sampling -> rollout; overlong filtering and soft punishment -> train, compute_rewards
+  entropy H_t = -sum_v p_v log p_v of softmax(logits / T), at each sampled token  -> sample_group
 
 Where we depart from the paper's plain description, and why:
   - keyed sampling: each token is an exact inverse-CDF draw whose uniform is a hash of (seed, step, completion,
@@ -35,7 +37,6 @@ import time
 from dataclasses import dataclass
 
 import torch
-from torch.utils.checkpoint import checkpoint
 
 import data
 import infra
@@ -91,6 +92,14 @@ class Args:
     """token aggregation: grpo (per-sequence mean), token (token mean), drgrpo (sum / (N * max_len))"""
     scale_rewards: str = "group"
     """advantage std scaling: group, batch or none (Dr. GRPO)"""
+    importance_sampling: str = "token"
+    """ratio: token (eq. 3) or sequence (GSPO, Zheng et al. 2025: s_i = exp(mean_t(logp - logp_old)), clipped per sequence)"""
+    dynamic_sampling: int = 0
+    """DAPO (Yu et al. 2025): drop groups whose rewards are all equal; refill from up to N more rounds of B prompts (0: off)"""
+    overlong_filter: bool = False
+    """DAPO's overlong filtering: a completion cut off at the length cap gets no loss"""
+    overlong_buffer: int = 0
+    """DAPO's soft overlong punishment over the last N tokens before the cap L: r += clip((L - N - |o|) / N, -1, 0) (0: off)"""
     lr: float = 2e-4
     """AdamW learning rate"""
     lr_schedule: str = "constant"
@@ -150,12 +159,15 @@ PRESETS = {"vlm-r1": dict(lr=1e-6, beta=0.04, num_generations=8, temperature=1.0
                           scale_rewards="group", gradient_checkpointing=True)}
 CHOICES = {"task": data.TASKS, "preset": ("", *PRESETS), "loss_agg": ("grpo", "token", "drgrpo"),
            "scale_rewards": ("group", "batch", "none"), "lr_schedule": ("constant", "linear"),
+           "importance_sampling": ("token", "sequence"),
            "coord_space": ("auto", "abs_resized", "norm1000", "abs_original")}
 
 
 def parse_args(argv=None):
     args = infra.parse_args(Args, argv, TASK_DEFAULTS, PRESETS, CHOICES, "grpo_vlm.py")
     args.output_dir = args.output_dir or os.path.join("runs", args.task)
+    if args.importance_sampling == "sequence" and args.loss_agg != "grpo":
+        sys.exit("error: --importance-sampling sequence (GSPO) aggregates per sequence: use --loss-agg grpo")
     for name, default in (("length_schedule", 0), ("iou_threshold_schedule", 0.0)):
         try:
             stage_value(getattr(args, name), 0, default)
@@ -176,26 +188,10 @@ def stage_value(spec, step, default):
 # ---------------------------------------------------------------------------------------------
 # (0) Group sampling: G completions per prompt from one prefill of each prompt, each token an exact
 # inverse-CDF draw of softmax(logits / T) whose u is hashed from (seed, step, completion, position).
-M32 = 0xFFFFFFFF
-
-
-def hash32(x):
-    """A bijective 32-bit integer hash (Wellons' lowbias32), elementwise on an int64 tensor."""
-    x = x & M32
-    x = ((x ^ (x >> 16)) * 0x7FEB352D) & M32
-    x = ((x ^ (x >> 15)) * 0x846CA68B) & M32
-    return x ^ (x >> 16)
-
-
-def sample_keys(seed, step, indices):
-    """One key per completion: its global index in the step's batch, hashed with the seed and step."""
-    base = hash32(hash32(torch.tensor(seed)) + step)
-    return hash32(base + torch.as_tensor(indices))
-
-
 def draw(logits, keys, position):
     """Sample one token per row of softmax(logits) by inverse CDF, with u in (0, 1) hashed from (key, position)."""
-    u = (hash32(hash32(keys + hash32(torch.tensor(position, device=keys.device)))).double() + 0.5) / 2**32
+    h = infra.hash32
+    u = (h(h(keys + h(torch.tensor(position, device=keys.device)))).double() + 0.5) / 2**32
     cdf = logits.double().softmax(-1).cumsum(-1)
     token = torch.searchsorted(cdf, u[:, None] * cdf[:, -1:], right=True).squeeze(1)
     return token.clamp(max=logits.shape[-1] - 1)
@@ -203,7 +199,8 @@ def draw(logits, keys, position):
 
 @torch.no_grad()
 def sample_group(model, family, prompt, G, max_new_tokens, temperature, keys=None, min_new_tokens=0):
-    """(completions [B*G, max_new_tokens], their log-probs / T): G samples per prompt with `keys`, greedy if None.
+    """(completions [B*G, max_new_tokens], their log-probs / T, the entropy H_t = -sum_v p_v log p_v of softmax(logits
+    / T) at each of their tokens): G samples per prompt with `keys`, greedy if None.
 
     Rows are prompt-major (prompt 0's G samples first). Decoding stops when every completion has ended;
     after its EOS a completion is padded. No EOS is drawn before `min_new_tokens`."""
@@ -213,10 +210,11 @@ def sample_group(model, family, prompt, G, max_new_tokens, temperature, keys=Non
     logits, state = family.prefill(model, prompt, G, max_new_tokens)
     keys = keys.to(logits.device) if keys is not None else None
     done = torch.zeros(len(logits), dtype=torch.bool, device=logits.device)
-    tokens, logps = [], []
+    tokens, logps, entropy = [], [], []
     for t in range(max_new_tokens):
         scaled = logits / temperature
         logp_all = scaled.log_softmax(-1)  # the policy's log-probs, as the training forward computes them
+        entropy.append(-(logp_all.exp() * logp_all).sum(-1))  # where the full distribution exists anyway
         scaled[:, family.suppress] = -float("inf")  # e.g. a sampled image placeholder would break the next forward
         if t < min_new_tokens:
             scaled[:, eos_id] = -float("inf")
@@ -230,7 +228,7 @@ def sample_group(model, family, prompt, G, max_new_tokens, temperature, keys=Non
     model.train(was_training)
     pad = max_new_tokens - len(tokens)  # pad to a fixed width
     completion = torch.nn.functional.pad(torch.stack(tokens, 1), (0, pad), value=pad_id)
-    return completion, torch.nn.functional.pad(torch.stack(logps, 1), (0, pad))
+    return completion, *(torch.nn.functional.pad(torch.stack(x, 1), (0, pad)) for x in (logps, entropy))
 
 
 def completion_mask(completion_ids, eos_id):
@@ -261,9 +259,12 @@ def reward_weights(args):
     return weights
 
 
-def compute_rewards(texts, gts, weights):
+def compute_rewards(texts, gts, weights, lengths=None, L_max=0, L_cache=0):
     components = {k: torch.tensor([rewards.REWARDS[k](t, gt) for t, gt in zip(texts, gts)]) for k in weights}
     total = sum(w * components[k] for k, w in weights.items())
+    if L_cache:  # DAPO's soft overlong punishment: 0 up to L_max - L_cache tokens, then down to -1 at the cap L_max
+        components["overlong"] = ((L_max - L_cache - lengths) / L_cache).clamp(-1, 0)
+        total = total + components["overlong"]
     return total, components
 
 
@@ -284,42 +285,6 @@ def group_advantages(r, G, scale="group", eps=1e-4):
 
 
 # ---------------------------------------------------------------------------------------------
-# log pi(o_t | q, o_<t) / T of completion tokens only, from the family's packed forward, in chunks whose
-# [chunk, vocab] logits are recomputed in backward (checkpoint): only log-probs are kept.
-def _chunk_logps(h, y, lm_head, T):
-    logits = lm_head(h).float() / T
-    return logits.log_softmax(-1).gather(-1, y[:, None]).squeeze(-1)
-
-
-def chunked_logps(hidden, lm_head, targets, T, chunk):
-    h, y = hidden.reshape(-1, hidden.shape[-1]), targets.reshape(-1)
-    out = [checkpoint(_chunk_logps, hc, yc, lm_head, T, use_reentrant=False) if torch.is_grad_enabled()
-           else _chunk_logps(hc, yc, lm_head, T) for hc, yc in zip(h.split(chunk), y.split(chunk))]
-    return torch.cat(out).view_as(targets)
-
-
-def packed_logps(model, family, packed, T, chunk):
-    with vlm.precision(model):
-        return chunked_logps(family.hidden(model, packed), model.lm_head, packed["targets"], T, chunk)
-
-
-def completion_logps(model, family, prompt, copies, completion_ids, comp_mask, T, chunk):
-    """log pi(o_t | q, o_<t) / T for every completion token; completion i continues prompt copies[i]."""
-    return packed_logps(model, family, family.pack(model, prompt, copies, completion_ids, comp_mask), T, chunk)
-
-
-class Policy(torch.nn.Module):
-    """The training forward (completion log-probs) as one module, so DDP can wrap exactly what backward runs."""
-
-    def __init__(self, model, family, T, chunk):
-        super().__init__()
-        self.model, self.family, self.T, self.chunk = model, family, T, chunk
-
-    def forward(self, packed):
-        return packed_logps(self.model, self.family, packed, self.T, self.chunk)
-
-
-# ---------------------------------------------------------------------------------------------
 # (6) Aggregation as per-token weights over the *full* batch, so that k micro-batches of
 # sum(L_t * tw_t) add up to exactly the full-batch loss (gradient accumulation is exact).
 def token_weights(mask, mode):
@@ -335,9 +300,12 @@ def token_weights(mask, mode):
 
 # ---------------------------------------------------------------------------------------------
 # (3)-(5) Clipped surrogate with k3 KL, per token.
-def grpo_loss(logp, logp_old, logp_ref, A, tw, eps_low, eps_high, beta):
+def grpo_loss(logp, logp_old, logp_ref, A, tw, eps_low, eps_high, beta, sequence=False):
     """sum_t tw_t * L_t, and the KL and clipped-token sums over the tokens with tw_t > 0."""
+    mask = (tw > 0).float()
     rho = torch.exp(logp - logp_old)  # (3); exactly 1 when logp_old = logp.detach()
+    if sequence:  # GSPO: one ratio per completion, s_i = exp(mean_t(logp - logp_old)), clipped as a whole by (4)
+        rho = torch.exp(((logp - logp_old) * mask).sum(1, keepdim=True) / mask.sum(1, keepdim=True).clamp(min=1))
     A = A[:, None]
     per_token = -torch.min(rho * A, torch.clamp(rho, 1 - eps_low, 1 + eps_high) * A)  # (4)
     kl = torch.zeros_like(logp)
@@ -346,7 +314,6 @@ def grpo_loss(logp, logp_old, logp_ref, A, tw, eps_low, eps_high, beta):
         kl = torch.exp(delta) - delta - 1  # (5) k3 estimator, >= 0
         per_token = per_token + beta * kl
     loss = (per_token * tw).sum()
-    mask = (tw > 0).float()
     clipped = ((((rho < 1 - eps_low) & (A < 0)) | ((rho > 1 + eps_high) & (A > 0))).float() * mask).sum()
     return loss, {"kl_sum": (kl.detach() * mask).sum(), "clip_sum": clipped}  # tensors: no host sync here
 
@@ -363,8 +330,8 @@ def policy_update(policy, opt, model, ref_model, family, prompt, o, mask, logp_r
         packed = [family.pack(model, family.select(prompt, s.start // G, (s.stop - 1) // G + 1),
                               torch.arange(s.start, s.stop, device=o.device) // G - s.start // G, o[s], mask[s])
                   for s in mbs]
-        logp_old = [packed_logps(model, family, p, T, args.logp_chunk) for p in packed] if args.mu > 1 else None
-        logp_ref = [packed_logps(ref_model, family, p, T, args.logp_chunk) for p in packed] if ref_model else None
+        logp_old = [vlm.packed_logps(model, family, p, T, args.logp_chunk) for p in packed] if args.mu > 1 else None
+        logp_ref = [vlm.packed_logps(ref_model, family, p, T, args.logp_chunk) for p in packed] if ref_model else None
     stats = {k: torch.zeros((), device=A.device) for k in ("loss", "kl", "clipped", "logp_gap", "logp_gap_max")}
     skipped = 0
     for k in range(args.mu):
@@ -375,7 +342,7 @@ def policy_update(policy, opt, model, ref_model, family, prompt, o, mask, logp_r
                 logp = policy(packed[j])
                 loss, st = grpo_loss(logp, logp_old[j] if logp_old else logp.detach(),
                                      logp_ref[j] if logp_ref else None, A[s], tw[s], args.eps_low, args.eps_high,
-                                     args.beta)
+                                     args.beta, args.importance_sampling == "sequence")
                 loss.backward()
             pass_loss += loss.detach() / world
             stats["loss"] += loss.detach() / world
@@ -404,6 +371,50 @@ def encode(family, rows, step, args, device):
         sys.exit(f"error: {e} (step {step}; last checkpoint in {args.output_dir}; --resume after fixing it)")
 
 
+def rollout(model, family, rows, rng, step, max_len, iou_threshold, weights, coord_space, args, rank, world, device):
+    """(0) and (1) of a step: B prompts, the same on every process (b = B / world are ours), G completions each from
+    pi_old, and their rewards. DAPO's dynamic sampling drops the groups whose rewards are all equal and rolls out up
+    to --dynamic-sampling more rounds of B prompts; the batch is the first B informative groups in draw order (at the
+    cap, those found: the same number on every process), so one process or two train on the same batch."""
+    B, G, b = args.prompts_per_step, args.num_generations, args.prompts_per_step // world
+    rewarded = lambda batch, prompt, sizes, o, logp, H: score(  # noqa: E731
+        family, batch, prompt, sizes, o, logp, H, max_len, iou_threshold, weights, coord_space, args)
+    pool, spent = [], 0
+    for k in range(1 + args.dynamic_sampling):
+        drawn = rng.sample(rows, B)
+        prompt, sizes = encode(family, drawn[rank * b:(rank + 1) * b], step, args, device)
+        first = (k * B + rank * b) * G  # the global index of our first completion in the step: its sampling key
+        ro = rewarded(drawn[rank * b:(rank + 1) * b], prompt, sizes, *sample_group(
+            model, family, prompt, G, max_len, args.temperature, infra.sample_keys(args.seed, step, range(first, first + b * G)),
+            args.min_completion_length))
+        if not args.dynamic_sampling:
+            return ro
+        every = {key: infra.gather(ro[key].to(device), world) for key in ("o", "logp", "H", "r")}
+        spent, rg = spent + B, every["r"].view(B, G)
+        pool += [(drawn[j], {key: v[j * G:(j + 1) * G] for key, v in every.items()}) for j in range(B)
+                 if rg[j].max() > rg[j].min()]
+        if len(pool) >= B:
+            break
+    n = min(len(pool), B) // world  # informative groups per process
+    dynamic = {"rollouts": spent * G, "shortfall": B - n * world}
+    if n == 0:  # not one informative group: the last round, as plain GRPO would train it
+        return {**ro, "dynamic": dynamic}
+    batch = [row for row, _ in pool[rank * n:(rank + 1) * n]]
+    prompt, sizes = encode(family, batch, step, args, device)
+    o, logp, H = (torch.cat([group[key] for _, group in pool[rank * n:(rank + 1) * n]]) for key in ("o", "logp", "H"))
+    return {**rewarded(batch, prompt, sizes, o, logp, H), "dynamic": dynamic}
+
+
+def score(family, batch, prompt, sizes, o, logp, H, max_len, iou_threshold, weights, coord_space, args):
+    """(1) for a batch's completions: their masks, texts, ground truths, rewards r and components."""
+    mask = completion_mask(o, family.eos_id)
+    texts = completion_texts(family.tokenizer, o, mask)
+    gts = [gt for gt in data.ground_truths(batch, sizes, coord_space, iou_threshold) for _ in range(len(o) // len(batch))]
+    r, components = compute_rewards(texts, gts, weights, mask.sum(1), max_len, args.overlong_buffer)
+    return dict(batch=batch, prompt=prompt, o=o, logp=logp, H=H, mask=mask, texts=texts, gts=gts, r=r,
+                components=components, dynamic={})
+
+
 # ---------------------------------------------------------------------------------------------
 # Vision-R1's cold start: supervised steps on chain-of-thought targets before RL: a row's `response` if it has
 # one, else data.sft_target. sft.py runs the same steps alone (the SFT baseline; the tiny bases' warm start).
@@ -415,7 +426,7 @@ def sft_loss(model, family, rows, coord_space, task, chunk, device="cpu"):
              for r, gt in zip(rows, data.ground_truths(rows, sizes, coord_space))]
     ids = tok(texts, return_tensors="pt", padding=True, padding_side="right", add_special_tokens=False)["input_ids"]
     mask = completion_mask(ids.to(device), family.eos_id)
-    logp = completion_logps(model, family, prompt, torch.arange(len(rows), device=device), ids.to(device), mask, 1.0,
+    logp = vlm.completion_logps(model, family, prompt, torch.arange(len(rows), device=device), ids.to(device), mask, 1.0,
                             chunk)
     return -(logp * mask).sum() / mask.sum()
 
@@ -471,7 +482,7 @@ def evaluate(model, family, rows, coord_space, task="rec", batch_size=64, max_ne
     for i in range(0, len(rows), batch_size):
         batch = rows[i:i + batch_size]
         prompt, sizes = family.encode(batch, model.device.type)
-        o, _ = sample_group(model, family, prompt, 1, max_new_tokens or EVAL_TOKENS[task], 1.0)
+        o = sample_group(model, family, prompt, 1, max_new_tokens or EVAL_TOKENS[task], 1.0)[0]
         texts = completion_texts(family.tokenizer, o, completion_mask(o, family.eos_id))
         preds += [rewards.score(task, *x) for x in zip(batch, data.ground_truths(batch, sizes, coord_space), texts)]
     return rewards.summarize(task, preds), preds
@@ -516,7 +527,7 @@ def train(args):
     if args.gradient_checkpointing:
         vlm.enable_checkpointing(model)
     model.train()
-    policy = infra.ddp(Policy(model, family, T, args.logp_chunk), world, device)  # infra: DDP
+    policy = infra.ddp(infra.Policy(model, family, T, args.logp_chunk), world, device)  # infra: DDP
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr, weight_decay=0.0)
     if state:
         opt.load_state_dict(state["optimizer"])
@@ -524,41 +535,39 @@ def train(args):
     eval_every = 0 if args.train_data else args.eval_every  # the held-out splits are synthetic
     if eval_every and not state:
         held_out_eval(model, family, coord_space, args, 0, log, world)  # the starting point of the curves
-    bad_steps, b = state.get("bad_steps", 0) if state else 0, B // world
+    bad_steps = state.get("bad_steps", 0) if state else 0
     for step in range(start + 1, args.steps + 1):
         t0 = time.time()
         lr = infra.lr_at(args, step)
         for group in opt.param_groups:
             group["lr"] = lr
-        batch = rng.sample(rows, B)[rank * b:(rank + 1) * b]  # B prompts, the same on every process: b are ours
-        mine = slice(rank * b * G, (rank + 1) * b * G)  # our completions' rows in the global batch
-        prompt, sizes = encode(family, batch, step, args, device)
-        # (0) G completions per prompt from pi_old, with Vision-R1's staged length and rule refinement
+        # (0) G completions per prompt from pi_old and (1) their rewards, with Vision-R1's staged length and rule
+        # refinement (functions of the step) and DAPO's dynamic sampling
         max_len = stage_value(args.length_schedule, step, args.max_completion_length)
         iou_threshold = stage_value(args.iou_threshold_schedule, step, 0.0)
-        o, logp_rollout = sample_group(model, family, prompt, G, max_len, T,
-                                       sample_keys(args.seed, step, range(mine.start, mine.stop)),
-                                       args.min_completion_length)
-        mask = completion_mask(o, family.eos_id)
-        texts = completion_texts(family.tokenizer, o, mask)
-        # (1) rewards
-        gts = [gt for gt in data.ground_truths(batch, sizes, coord_space, iou_threshold) for _ in range(G)]
-        r, components = compute_rewards(texts, gts, weights)
+        ro = rollout(model, family, rows, rng, step, max_len, iou_threshold, weights, coord_space, args, rank, world,
+                     device)
+        o, mask, r, N = ro["o"], ro["mask"], ro["r"], len(ro["o"])
         # (2) advantages and (6) token weights over the global batch, then our rows. DDP averages gradients
         # over the processes, so the weights are scaled by `world` to make the sum of all processes' losses.
-        r_all, mask_all = infra.gather(r.to(device), world), infra.gather(mask, world)
-        A = group_advantages(r_all, G, args.scale_rewards)[mine]
-        tw = token_weights(mask_all, args.loss_agg)[mine] * world
+        # DAPO's overlong filtering gives a completion cut off at the cap (no EOS) no loss.
+        truncated = (~(o == family.eos_id).any(1)).float()
+        r_all, mask_all, cut_all = (infra.gather(x.to(device), world) for x in (r, mask, truncated))
+        A = group_advantages(r_all, G, args.scale_rewards)[rank * N:(rank + 1) * N]
+        tw = token_weights(mask_all * (1 - cut_all[:, None]) if args.overlong_filter else mask_all,
+                           args.loss_agg)[rank * N:(rank + 1) * N] * world
         # (3)-(5) mu passes of the clipped objective with the KL to pi_ref
-        stats, grad_norm, skipped = policy_update(policy, opt, model, ref_model, family, prompt, o, mask,
-                                                  logp_rollout, A, tw, args, world)
+        stats, grad_norm, skipped = policy_update(policy, opt, model, ref_model, family, ro["prompt"], o, mask,
+                                                  ro["logp"], A, tw, args, world)
+        stats["entropy"] = (ro["H"] * mask).sum()
         bad_steps = bad_steps + 1 if skipped else 0
-        m = infra.step_row(step, r_all, components, stats, grad_norm, mask_all, args.mu, world, lr=lr,
+        m = infra.step_row(step, r_all, ro["components"], stats, grad_norm, mask_all, args.mu, world, lr=lr,
+                           **infra.batch_stats(r_all, G, cut_all), **ro["dynamic"],
                            **({"max_len": max_len} if args.length_schedule else {}),
                            **({"iou_threshold": iou_threshold} if args.iou_threshold_schedule else {}),
-                           **rewards.rollout_stats(args.task, texts, gts), seconds=time.time() - t0,
+                           **rewards.rollout_stats(args.task, ro["texts"], ro["gts"]), seconds=time.time() - t0,
                            **({"skipped_updates": skipped} if skipped else {}))
-        log.write(m, infra.step_line(m, args, components, bad_steps, batch, texts, r))  # infra: log
+        log.write(m, infra.step_line(m, args, ro["components"], bad_steps, ro["batch"], ro["texts"], r))  # infra: log
         if step == start + 1:  # the alarm for an adapter's silent failure: sampler and trainer disagree on pi_old
             infra.check_logp_gap(m, args.max_logp_gap or vlm.logp_gap_limit(model), model.config.model_type)
         if eval_every and (step % eval_every == 0 or step == args.steps):

@@ -22,6 +22,8 @@ from dataclasses import fields
 
 import torch
 
+import vlm
+
 
 # ---------------------------------------------------------------------------------------------
 # Arguments: one flag per field of the dataclass, its docstring as the help.
@@ -108,6 +110,17 @@ def all_max(x, world):
 def barrier(world):
     if world > 1:
         torch.distributed.barrier()
+
+
+class Policy(torch.nn.Module):
+    """The training forward (completion log-probs) as one module, so DDP can wrap exactly what backward runs."""
+
+    def __init__(self, model, family, T, chunk):
+        super().__init__()
+        self.model, self.family, self.T, self.chunk = model, family, T, chunk
+
+    def forward(self, packed):
+        return vlm.packed_logps(self.model, self.family, packed, self.T, self.chunk)
 
 
 def ddp(module, world, device):
@@ -203,6 +216,25 @@ def lr_at(args, step):
     return args.lr * warm
 
 
+M32 = 0xFFFFFFFF
+
+
+def hash32(x):
+    """A bijective 32-bit integer hash (Wellons' lowbias32), elementwise on an int64 tensor."""
+    x = x & M32
+    x = ((x ^ (x >> 16)) * 0x7FEB352D) & M32
+    x = ((x ^ (x >> 15)) * 0x846CA68B) & M32
+    return x ^ (x >> 16)
+
+
+def sample_keys(seed, step, indices):
+    """One key per completion: its global index in the step's batch, hashed with the seed and step. Each token's
+    uniform draw hashes the key with its position (grpo_vlm.draw), so a completion depends only on the model and its
+    index: one process or two, before or after a resume, the same completions are drawn."""
+    base = hash32(hash32(torch.tensor(seed)) + step)
+    return hash32(base + torch.as_tensor(indices))
+
+
 def prompt_sampler(seed):
     """The prompt sampler (its state is the data position); torch's RNG seeded alongside."""
     torch.manual_seed(seed)
@@ -261,8 +293,16 @@ def step_row(step, r_all, components, stats, grad_norm, mask_all, mu, world, **e
             **{f"reward_{k}": gather(v.to(r_all.device), world).mean().item() for k, v in components.items()},
             "loss": s["loss"] / mu, "kl": s["kl"] / n_tok, "clip_frac": s["clipped"] / n_tok,
             "logp_gap": s["logp_gap"] / n_tok, "logp_gap_max": all_max(stats["logp_gap_max"], world).item(),
+            "entropy": s["entropy"] / n_tok,
             "completion_len": n_tok / len(mask_all), "grad_norm": float(grad_norm),
             **extra}
+
+
+def batch_stats(r_all, G, truncated_all):
+    """The share of the batch's groups whose rewards are all equal (no signal), and of completions cut off at the cap."""
+    rg = r_all.view(-1, G)
+    return {"frac_reward_zero_std": (rg.amax(1) == rg.amin(1)).float().mean().item(),
+            "truncated_frac": truncated_all.mean().item()}
 
 
 def step_line(m, args, components, bad_steps, batch, texts, r):

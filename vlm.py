@@ -19,6 +19,7 @@ import os
 import sys
 
 import torch
+from torch.utils.checkpoint import checkpoint
 from transformers.cache_utils import DynamicLayer
 
 import data
@@ -426,6 +427,32 @@ def load(path, device="cpu"):
     if tokenizer.pad_token_id is None:
         sys.exit(f"error: {path}: the tokenizer has no pad token")
     return model, family(tokenizer, image_processor(path, family).from_pretrained(path), config)
+
+
+# ---------------------------------------------------------------------------------------------
+# log pi(o_t | q, o_<t) / T of completion tokens only, from the family's packed forward, in chunks whose
+# [chunk, vocab] logits are recomputed in backward (checkpoint): only log-probs are kept.
+def _chunk_logps(h, y, lm_head, T):
+    logits = lm_head(h).float() / T
+    return logits.log_softmax(-1).gather(-1, y[:, None]).squeeze(-1)
+
+
+def chunked_logps(hidden, lm_head, targets, T, chunk):
+    h, y = hidden.reshape(-1, hidden.shape[-1]), targets.reshape(-1)
+    out = [checkpoint(_chunk_logps, hc, yc, lm_head, T, use_reentrant=False) if torch.is_grad_enabled()
+           else _chunk_logps(hc, yc, lm_head, T) for hc, yc in zip(h.split(chunk), y.split(chunk))]
+    return torch.cat(out).view_as(targets)
+
+
+def packed_logps(model, family, packed, T, chunk):
+    """log pi(o_t | q, o_<t) / T of every completion token of a family.pack(): the training forward."""
+    with precision(model):
+        return chunked_logps(family.hidden(model, packed), model.lm_head, packed["targets"], T, chunk)
+
+
+def completion_logps(model, family, prompt, copies, completion_ids, comp_mask, T, chunk):
+    """log pi(o_t | q, o_<t) / T for every completion token; completion i continues prompt copies[i]."""
+    return packed_logps(model, family, family.pack(model, prompt, copies, completion_ids, comp_mask), T, chunk)
 
 
 def enable_checkpointing(model):

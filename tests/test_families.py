@@ -76,8 +76,8 @@ def test_rollout_equals_generate_and_packed_equals_plain(family_dir):
     assert family.coord_space == COORDS[name]
     prompt = two_prompts(family)
     G, L = 3, 20
-    keys = g.sample_keys(0, 3, range(2 * G))
-    ids, logps = g.sample_group(model, family, prompt, G, L, 1.0, keys)
+    keys = infra.sample_keys(0, 3, range(2 * G))
+    ids, logps, _ = g.sample_group(model, family, prompt, G, L, 1.0, keys)
     assert len({tuple(r.tolist()) for r in ids}) > 2
 
     class Keyed:  # the same keyed draws, as a logits processor of HF generate (which then takes the argmax)
@@ -100,7 +100,7 @@ def test_rollout_equals_generate_and_packed_equals_plain(family_dir):
     mask[[0, 4], 5:] = 1
     mask[3, 5:12] = 1
     with torch.no_grad():
-        packed = g.completion_logps(model, family, prompt, copies, ids, mask, 1.0, 64)
+        packed = vlm.completion_logps(model, family, prompt, copies, ids, mask, 1.0, 64)
         logits = model(**plain_inputs(family, prompt, copies, ids, mask)).logits[:, prompt["input_ids"].shape[1] - 1:-1]
         plain = logits.float().log_softmax(-1).gather(-1, ids[..., None]).squeeze(-1)
     gap = ((packed - plain).abs() * mask).max()

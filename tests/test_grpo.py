@@ -74,8 +74,8 @@ def test_chunked_logps_match_plain_and_use_temperature():
     h, y = torch.randn(3, 5, 8), torch.randint(0, 50, (3, 5))
     for T in (1.0, 0.7):
         plain = (head(h) / T).log_softmax(-1).gather(-1, y[..., None]).squeeze(-1)
-        assert torch.allclose(g.chunked_logps(h, head, y, T, 4), plain, atol=1e-5)
-    assert not torch.allclose(g.chunked_logps(h, head, y, 0.7, 4), g.chunked_logps(h, head, y, 1.0, 4))
+        assert torch.allclose(vlm.chunked_logps(h, head, y, T, 4), plain, atol=1e-5)
+    assert not torch.allclose(vlm.chunked_logps(h, head, y, 0.7, 4), vlm.chunked_logps(h, head, y, 1.0, 4))
 
 
 def test_mask_from_lengths_with_pad_equal_eos():
@@ -144,12 +144,12 @@ def test_left_padding_and_shared_image_features(tiny):
     comp = torch.tensor([tok.convert_tokens_to_ids(["<think>", "red", "</think>"]) + [tok.eos_token_id]])
     mask = g.completion_mask(comp, tok.eos_token_id)
     with torch.no_grad():
-        lp_pad = g.completion_logps(model, family, family.select(prompt, 0, 1), torch.tensor([0]), comp, mask, 1.0, 7)
-        lp_one = g.completion_logps(model, family, single, torch.tensor([0]), comp, mask, 1.0, 7)
+        lp_pad = vlm.completion_logps(model, family, family.select(prompt, 0, 1), torch.tensor([0]), comp, mask, 1.0, 7)
+        lp_one = vlm.completion_logps(model, family, single, torch.tensor([0]), comp, mask, 1.0, 7)
         # rows that share a prompt share its image features: the same log-probs as separate encodings
         comps = torch.cat([comp, comp, comp])
-        shared = g.completion_logps(model, family, prompt, torch.tensor([0, 0, 1]), comps, mask.repeat(3, 1), 1.0, 7)
-        lp_row1 = g.completion_logps(model, family, family.select(prompt, 1, 2), torch.tensor([0]), comp, mask, 1.0, 7)
+        shared = vlm.completion_logps(model, family, prompt, torch.tensor([0, 0, 1]), comps, mask.repeat(3, 1), 1.0, 7)
+        lp_row1 = vlm.completion_logps(model, family, family.select(prompt, 1, 2), torch.tensor([0]), comp, mask, 1.0, 7)
     assert prompt["attention_mask"][0, 0] == 0
     assert torch.allclose(lp_pad, lp_one, atol=1e-5)
     assert torch.allclose(shared[0], lp_pad[0], atol=1e-5) and torch.allclose(shared[1], lp_pad[0], atol=1e-5)

@@ -34,24 +34,24 @@ def test_keyed_sampler_draws_from_softmax_at_temperature():
     n = 40_000
     for T in (1.0, 2.0):
         scores = p.log().expand(n, 5).clone()
-        draws = g.draw(scores / T, g.sample_keys(0, 1, range(n)), 2)
+        draws = g.draw(scores / T, infra.sample_keys(0, 1, range(n)), 2)
         freq = torch.bincount(draws, minlength=5).float() / n
         expect = torch.softmax(p.log() / T, -1)
         assert (freq - expect).abs().max() < 0.01, (T, freq, expect)  # 4 sigma at n=40k is ~0.01
         assert freq[2] == 0
     # a new position or a new step draws anew
-    keys, s = g.sample_keys(0, 1, range(2000)), torch.zeros(2000, 9)
+    keys, s = infra.sample_keys(0, 1, range(2000)), torch.zeros(2000, 9)
     assert (g.draw(s, keys, 2) != g.draw(s, keys, 3)).float().mean() > 0.8
-    assert (g.draw(s, keys, 2) != g.draw(s, g.sample_keys(0, 2, range(2000)), 2)).float().mean() > 0.8
+    assert (g.draw(s, keys, 2) != g.draw(s, infra.sample_keys(0, 2, range(2000)), 2)).float().mean() > 0.8
 
 
 def test_a_completion_depends_on_its_key_not_on_the_batch():
     """What makes 1 and 2 processes (and a resumed run) draw the same completions."""
     model, family = vlm.load(g.TINY_MODEL)
     rows = data.load_rows(g.Args(train_size=4))[0][:2]
-    both, _ = g.sample_group(model, family, family.encode(rows)[0], 3, 16, 1.0, keys=g.sample_keys(0, 5, range(6)))
-    second, _ = g.sample_group(model, family, family.encode(rows[1:])[0], 3, 16, 1.0,
-                               keys=g.sample_keys(0, 5, range(3, 6)))
+    both = g.sample_group(model, family, family.encode(rows)[0], 3, 16, 1.0, keys=infra.sample_keys(0, 5, range(6)))[0]
+    second = g.sample_group(model, family, family.encode(rows[1:])[0], 3, 16, 1.0,
+                            keys=infra.sample_keys(0, 5, range(3, 6)))[0]
     assert torch.equal(both[3:], second)
     assert len({tuple(c.tolist()) for c in both[:3]}) > 1  # and the G samples of a prompt differ
 
@@ -162,8 +162,8 @@ def test_shared_prefill_rollout_matches_the_plain_one():
     rows[1] = dict(rows[1], problem=rows[1]["problem"] + " please please")  # left padding in row 0
     prompt, _ = family.encode(rows)
     G, L, eos, pad = 4, 40, tok.eos_token_id, tok.pad_token_id
-    keys = g.sample_keys(0, 3, range(2 * G))
-    ids, logps = g.sample_group(model, family, prompt, G, L, 1.0, keys)
+    keys = infra.sample_keys(0, 3, range(2 * G))
+    ids, logps, _ = g.sample_group(model, family, prompt, G, L, 1.0, keys)
     mask = g.completion_mask(ids, eos)
     assert mask.sum(1).min() > 10 and len({tuple(r.tolist()) for r in ids}) > 2
 
@@ -180,7 +180,7 @@ def test_shared_prefill_rollout_matches_the_plain_one():
         out = model.generate(**rep, pixel_values=pixels, mm_token_type_ids=vlm.mm_types(rep["input_ids"], model.config.image_token_id),
                              max_new_tokens=L, do_sample=False, logits_processor=[Keyed()], eos_token_id=eos,
                              pad_token_id=pad, suppress_tokens=family.suppress)
-        plain = g.completion_logps(model, family, {**rep, "pixel_values": pixels}, torch.arange(2 * G), ids, mask, 1.0,
+        plain = vlm.completion_logps(model, family, {**rep, "pixel_values": pixels}, torch.arange(2 * G), ids, mask, 1.0,
                                    64)
     hf = out[:, rep["input_ids"].shape[1]:]
     assert torch.equal(ids[:, :hf.shape[1]] * mask[:, :hf.shape[1]].long(), hf * mask[:, :hf.shape[1]].long())
