@@ -8,9 +8,11 @@ grpo_vlm.py never reaches into a model; it calls these hooks of the adapter that
   family.pack(model, prompt, copies, ids, mask)  shared-prefix layout of completions for the training forward
   family.hidden(model, packed)                   the hidden states that predict each completion token
   family.vision(model)                           what --freeze-vision freezes
-  family.coord_space, family.suppress            the boxes' coordinate space; tokens never sampled
+  family.coord_space, family.suppress, eos_id    the boxes' coordinate space; tokens never sampled; the EOS
   family.save(model, out)                        everything load() reads back
-A model type with no adapter is refused before any weight is loaded: a family we have not tested never trains.
+packed_logps turns a pack's hidden states into log pi(o_t | q, o_<t) / T (the training forward). Families: Qwen2-VL,
+Qwen2.5-VL, Qwen3-VL, Qwen3.5, Gemma 3 (ADAPTERS). A model type with no adapter is refused before any weight is
+loaded: a family we have not tested never trains.
 """
 
 import contextlib
