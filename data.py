@@ -7,9 +7,15 @@ loading path as RefCOCO:
      "normalized_solution": [...0-1000...], "width": W, "height": H}
 
 `image` is relative to an image root; `solution` is in original-image pixels.
+
+The readers (`load_data`) take the public formats as they are and turn each row into that schema, with the same
+upfront check and one-line "FILE:LINE: what is wrong" errors: problem/solution rows, VLM-R1's `conversations` JSONL,
+chat `messages` rows, and HF datasets (a save_to_disk folder, parquet, Arrow, or a hub id), several joined by `:`.
 """
 
 import functools
+import glob
+import io
 import json
 import math
 import os
@@ -17,6 +23,7 @@ import random
 import re
 import sys
 import warnings
+from dataclasses import dataclass
 
 from PIL import Image, ImageDraw
 
@@ -45,10 +52,36 @@ def build_messages(problem):
 
 
 # ---------------------------------------------------------------------------------------------
-# Real-format reader: VLM-R1 REC JSONL rows with an image root
+# Readers of the public formats. Every row becomes the schema above (plus `image_path`, `_where` = "FILE:LINE" and
+# `_size` = the image's (w, h)) and is checked upfront; a bad row is one line "FILE:LINE: what is wrong", where LINE
+# is the JSONL line, or for a table (parquet, Arrow, hub) the row number from 1.
 # ---------------------------------------------------------------------------------------------
 class BadInput(ValueError):
     """A row or image that cannot be used; the message is one line naming the file and the line."""
+
+
+@dataclass
+class DataFlags:
+    """The readers' flags; grpo_vlm.Args inherits them (one docstring per flag, as there)."""
+
+    eval_data: str = ""
+    """held-out rows in any --train-data format, evaluated every --eval-every steps (its first --eval-n rows)"""
+    max_prompt_length: int = 512
+    """most prompt tokens, image tokens included; a longer row stops the run upfront or is skipped (0: no limit)"""
+    problem_key: str = ""
+    """key (column) of the question in problem/solution rows (empty: problem, else question)"""
+    solution_key: str = ""
+    """key of the answer (empty: solution, else answer; chat rows: else the last assistant message)"""
+    image_key: str = ""
+    """key of the image: a path, bytes, a {bytes, path} struct or a one-image list (empty: image, else images)"""
+
+
+DEFAULT_KEYS = {"image": ("image", "images"), "problem": ("problem", "question"), "solution": ("solution", "answer")}
+
+
+def keys_of(args):
+    """{image, problem, solution: the key flag given, or ""} of a run's Args."""
+    return {k: getattr(args, f"{k}_key", "") for k in DEFAULT_KEYS}
 
 
 MIN_SIDE = 28  # px: one merged vision token of Qwen2/2.5-VL (patch 14 x merge 2); smaller images hold less than one
@@ -57,18 +90,46 @@ BOX_SLACK = 1.0  # px a box may stick out of the image (rounding in converted an
 
 
 def _short(v, n=60):
-    s = json.dumps(v, ensure_ascii=False)
+    s = json.dumps(v, ensure_ascii=False, default=lambda x: f"<{type(x).__name__}>")
     return s if len(s) <= n else s[: n - 3] + "..."
 
 
+class Cell:
+    """A cell of an Arrow table that holds bytes (an image): read when used, never copied into the row."""
+
+    __slots__ = ("column", "i")
+
+    def __init__(self, column, i):
+        self.column, self.i = column, i
+
+    def get(self):
+        return self.column[self.i].as_py()
+
+
+class Embedded:
+    """An image stored in a dataset (bytes, or a PIL image), named "FILE:ROW"; load_image opens it like a file."""
+
+    def __init__(self, name, fetch):
+        self.name, self.fetch = name, fetch
+
+    def __str__(self):
+        return self.name
+
+    __repr__ = __str__
+
+    def open(self):
+        v = self.fetch()
+        return v.copy() if isinstance(v, Image.Image) else Image.open(io.BytesIO(v))
+
+
 def _open_image(path, use):
-    """use(PIL image) on the opened file; any failure becomes a one-line BadInput naming the file.
+    """use(PIL image) on the opened file (or Embedded image); any failure becomes a one-line BadInput naming it.
     PIL's DecompressionBombWarning (above 89 MP) is silenced: the image processor resizes such images down;
     above 179 MP PIL raises DecompressionBombError instead, and the image is rejected."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            with Image.open(path) as im:
+            with path.open() if isinstance(path, Embedded) else Image.open(path) as im:
                 return use(im)
     except Exception as e:  # whatever PIL raises on a bad file: OSError, SyntaxError, ValueError, ...
         if isinstance(e, MemoryError):
@@ -106,32 +167,134 @@ def _to_rgb(im):
 
 
 def load_image(path):
-    """Open an image as RGB (grayscale, palette and CMYK converted; transparency composited on white).
-    Raises BadInput naming the file when it cannot be opened or decoded."""
+    """Open an image (a file, or an Embedded one) as RGB (grayscale, palette and CMYK converted; transparency
+    composited on white). Raises BadInput naming the file when it cannot be opened or decoded."""
     return _open_image(path, _to_rgb)
 
 
-def check_row(line, image_root, task="rec", sizes=None):
-    """One JSONL line -> its row with `image_path` resolved, or BadInput saying in one line what is wrong.
-    `sizes` caches image sizes (or errors) by path, for the many rows that share an image."""
-    try:
-        row = json.loads(line)
-    except ValueError as e:  # JSONDecodeError, or bytes that are not UTF-8
-        where = f": column {e.colno}" if isinstance(e, json.JSONDecodeError) else ""
-        raise BadInput(f"not valid JSON ({getattr(e, 'msg', e)}{where})") from None
+def _value(row, key):
+    v = row[key]
+    return v.get() if isinstance(v, Cell) else v
+
+
+def _find(row, what, keys):
+    """The key of `row` that holds `what` (image, problem, solution): the --WHAT-key flag's, else the first default
+    present (one holding null only when none holds more); None if absent."""
+    present = [k for k in ((keys[what],) if keys.get(what) else DEFAULT_KEYS[what]) if k in row]
+    return next((k for k in present if row[k] is not None), present[0] if present else None)
+
+
+def _missing(whats, keys):
+    names = [repr(keys[w]) + f" (--{w}-key)" if keys.get(w) else
+             " or ".join(map(repr, DEFAULT_KEYS[w])).replace(" or ", " (or ", 1) + ")" for w in whats]
+    return BadInput(f"missing key{'s' * (len(whats) > 1)} " + ", ".join(names))
+
+
+def _several(n):
+    return BadInput(f"{n} images in one row; one image per row is supported for now")
+
+
+def _from_conversations(turns):
+    """(problem, solution) of VLM-R1's grpo_jsonl.py rows: the first human turn, its <image> placeholder removed, and
+    the gpt turn after it (<answer> tags and JSON text are handled by check_solution)."""
+    if not isinstance(turns, list) or not all(isinstance(t, dict) and "value" in t for t in turns):
+        raise BadInput(f'conversations must be a list of {{"from", "value"}} turns, got {_short(turns)}')
+    who = [t.get("from") for t in turns]
+    human = next((i for i, w in enumerate(who) if w in ("human", "user")), None)
+    gpt = next((i for i, w in enumerate(who) if w in ("gpt", "assistant") and human is not None and i > human), None)
+    if human is None or gpt is None:
+        raise BadInput(f"conversations needs a human turn and a gpt turn after it, got turns from {_short(who)}")
+    problem = turns[human]["value"]
+    if isinstance(problem, str) and problem.count("<image>") > 1:
+        raise _several(problem.count("<image>"))
+    return problem.replace("<image>", "").strip() if isinstance(problem, str) else problem, turns[gpt]["value"]
+
+
+def _content(content):
+    """(text, images) of a chat message's content: a string (with <image> placeholders) or a list of parts."""
+    if isinstance(content, str):
+        return content.replace("<image>", "").strip(), content.count("<image>")
+    if isinstance(content, list) and all(isinstance(p, dict) for p in content):
+        texts = [p.get("text") or "" for p in content if p.get("type", "text") == "text"]
+        n = sum(p.get("type") in ("image", "image_url") for p in content) + sum(t.count("<image>") for t in texts)
+        return " ".join(t.replace("<image>", "").strip() for t in texts if t.strip()), n
+    raise BadInput(f"a message's content must be text or a list of parts, got {_short(content)}")
+
+
+def _from_messages(row, key, keys):
+    """(problem, solution) of a chat row (TRL, verl, ms-swift): `messages` (or `prompt`), a list of {"role",
+    "content"}. The problem is the last user message's text (a system message is not used: our prompt template
+    applies); the solution is the `solution` field, else `answer`, else the last message if it is the assistant's."""
+    msgs = _value(row, key)
+    if not all(isinstance(m, dict) and "role" in m and "content" in m for m in msgs):
+        raise BadInput(f'{key} must be a list of {{"role", "content"}} messages, got {_short(msgs)}')
+    answered = bool(msgs) and msgs[-1]["role"] == "assistant"
+    users = [m for m in (msgs[:-1] if answered else msgs) if m["role"] == "user"]
+    if not users:
+        raise BadInput(f"{key} has no user message")
+    problem, n = _content(users[-1]["content"])
+    if n > 1:
+        raise _several(n)
+    k = _find(row, "solution", keys)
+    if k is None and keys.get("solution"):
+        raise BadInput(f"missing key {keys['solution']!r} (--solution-key)")
+    if k is None and not answered:
+        raise BadInput("no solution: no 'solution' or 'answer' field, and the last message is not the assistant's")
+    return problem, _value(row, k) if k else _content(msgs[-1]["content"])[0]
+
+
+def _one_image(value, where):
+    """(file name, None) or (None, Embedded) of a row's image: a path, bytes, a {bytes, path} struct (HF's Image
+    feature in Arrow/parquet), a PIL image, or a list holding one of these. Several images are refused."""
+    get = value.get if isinstance(value, Cell) else (lambda: value)
+    v = get()
+    if isinstance(v, (list, tuple)):
+        if len(v) > 1:
+            raise _several(len(v))
+        if v:
+            v, get = v[0], (lambda g=get: g()[0])
+    if isinstance(v, dict) and ("bytes" in v or "path" in v):
+        if v.get("bytes") is not None:
+            return None, Embedded(where, lambda g=get: g()["bytes"])
+        v = v.get("path")  # a struct that points to a file
+    if isinstance(v, (bytes, bytearray, Image.Image)):
+        return None, Embedded(where, get)
+    if isinstance(v, str) and v.strip():
+        return v, None
+    raise BadInput(f"image must be a file name, image bytes or a {{bytes, path}} struct, got {_short(v)}")
+
+
+def check_row(line, image_root, task="rec", sizes=None, keys=None, where=""):
+    """One row -> the checked row with `image_path` resolved, or BadInput saying in one line what is wrong.
+    `line` is a JSONL line or a row dict of any format: problem/solution (keys: DEFAULT_KEYS or the --*-key flags),
+    VLM-R1 `conversations`, or chat `messages`/`prompt`. `sizes` caches image sizes (or errors) by path, for the many
+    rows that share an image; `where` names an embedded image."""
+    if isinstance(line, (bytes, str)):
+        try:
+            line = json.loads(line)
+        except ValueError as e:  # JSONDecodeError, or bytes that are not UTF-8
+            at = f": column {e.colno}" if isinstance(e, json.JSONDecodeError) else ""
+            raise BadInput(f"not valid JSON ({getattr(e, 'msg', e)}{at})") from None
+    row, keys = line, keys or {}
     if not isinstance(row, dict):
         raise BadInput(f"expected a JSON object, got {_short(row)}")
-    missing = [k for k in ("image", "problem", "solution") if k not in row]
-    if missing:
-        raise BadInput(f"missing key{'s' * (len(missing) > 1)} " + ", ".join(map(repr, missing)))
-    problem, box = row["problem"], row["solution"]
+    chat = next((k for k in ("messages", "prompt") if isinstance(row.get(k), list)), None)
+    image_key = _find(row, "image", keys)
+    if "conversations" in row or chat:
+        if image_key is None:
+            raise _missing(["image"], keys)
+        problem, box = (_from_conversations(_value(row, "conversations")) if "conversations" in row
+                        else _from_messages(row, chat, keys))
+    else:
+        found = {w: _find(row, w, keys) for w in DEFAULT_KEYS}
+        if None in found.values():
+            raise _missing([w for w, k in found.items() if k is None], keys)
+        problem, box = _value(row, found["problem"]), _value(row, found["solution"])
     if not isinstance(problem, str) or not problem.strip():
         raise BadInput(f"problem must be a non-empty string, got {_short(problem)}")
-    image = row["image"][0] if isinstance(row["image"], list) and row["image"] else row["image"]
-    if not isinstance(image, str) or not image.strip():
-        raise BadInput(f"image must be a file name, got {_short(row['image'])}")
+    image, embedded = _one_image(row[image_key], where)
     solution, labels = check_solution(box, task)
-    path = image if os.path.isabs(image) else os.path.join(image_root or "", image)
+    path = embedded or (image if os.path.isabs(image) else os.path.join(image_root or "", image))
     sizes = {} if sizes is None else sizes
     if path not in sizes:
         try:
@@ -150,7 +313,9 @@ def check_row(line, image_root, task="rec", sizes=None):
     for b in [solution] if task == "rec" else solution if task == "det" else []:
         if min(b[:2]) < -BOX_SLACK or b[2] > w + BOX_SLACK or b[3] > h + BOX_SLACK:
             raise BadInput(f"{'box' if task == 'det' else 'solution'} {_short(b)} lies outside the {w}x{h} image '{path}'")
-    return {**row, "image_path": path, "solution": solution, **({"labels": labels} if task == "det" else {})}
+    kept = {k: v for k, v in row.items() if not isinstance(v, Cell)}
+    return {**kept, "image": image or where, "problem": problem, "image_path": path, "solution": solution,
+            "_where": where, "_size": (w, h), **({"labels": labels} if task == "det" else {})}
 
 
 def _is_box(b):
@@ -158,10 +323,33 @@ def _is_box(b):
     return isinstance(b, list) and len(b) == 4 and all(map(is_num, b)) and b[0] < b[2] and b[1] < b[3]
 
 
+ANSWER_TAG = re.compile(r"<answer>(.*?)</answer>", re.S)
+JSON_FENCE = re.compile(r"```(?:json)?\s*(.*?)\s*```", re.S)
+
+
+def solution_text(sol, task):
+    """A solution given as text, as R1-V, Visual-RFT and VLM-R1 write it: the last <answer>...</answer> in it (if
+    any), a ```json fence removed, and for rec and det the JSON inside parsed ("[10, 10, 100, 100]"). Other values
+    as given."""
+    if not isinstance(sol, str):
+        return sol
+    tagged = ANSWER_TAG.findall(sol)
+    text = tagged[-1].strip() if tagged else sol
+    fenced = JSON_FENCE.fullmatch(text.strip())
+    text = fenced.group(1) if fenced else text
+    if task in ("rec", "det"):
+        try:
+            return json.loads(text)
+        except ValueError:
+            return sol
+    return text if tagged or fenced else sol
+
+
 def check_solution(sol, task):
-    """(solution in the form the rewards take, det labels) or BadInput. rec: [x1, y1, x2, y2] in original pixels;
-    det: a list (maybe empty) of boxes, each [x1, y1, x2, y2] or {"bbox_2d" (or "bbox", "box"): [...],
-    "label": ...} -> the boxes; cls: a non-empty label; count: a number (or a numeric string) -> float."""
+    """(solution in the form the rewards take, det labels) or BadInput. Text is read first (solution_text). rec:
+    [x1, y1, x2, y2] in original pixels; det: a list (maybe empty) of boxes, each [x1, y1, x2, y2] or {"bbox_2d" (or
+    "bbox", "box"): [...], "label": ...} -> the boxes; cls: a non-empty label; count: a number (or numeric text)."""
+    sol = solution_text(sol, task)
     if task == "rec":
         if not _is_box(sol):
             raise BadInput(f"solution must be [x1, y1, x2, y2] with x1 < x2, y1 < y2, got {_short(sol)}")
@@ -194,34 +382,188 @@ def check_solution(sol, task):
     raise ValueError(f"unknown task {task!r}; known: {TASKS}")
 
 
-def load_jsonl(path, image_root, task="rec", skip_bad_rows=False, limit=None):
-    """Read VLM-R1-style JSONL rows, resolve `image` against `image_root`, and check every row upfront:
-    a JSON object with `image`, `problem` (non-empty text) and `solution` (see check_solution; boxes inside the
-    image), an image that PIL opens and verifies, at least MIN_SIDE px a side with an aspect ratio of at most
-    MAX_ASPECT. Stops after `limit` good rows.
+# Where the rows come from: (where, row) pairs of one source, a row being a JSONL line or a dict.
+DATA_EXTENSIONS = (".jsonl", ".json", ".parquet", ".arrow")
+HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+(/[\w.-]+)?")
 
-    Returns (rows, bad): without skip_bad_rows the first bad row raises BadInput ("FILE:LINE: what is wrong");
-    with it, `bad` holds that line for every skipped row. No usable row at all raises BadInput either way."""
-    rows, bad, sizes = [], [], {}
+
+def _jsonl_records(path):
     try:
         f = open(path, "rb")
     except OSError as e:
         raise BadInput(f"{path}: cannot open ({e.strerror})") from None
     with f:
         for lineno, line in enumerate(f, 1):
-            if limit is not None and len(rows) >= limit:
-                break
-            if not line.strip():
-                continue
-            try:
-                rows.append(check_row(line.rstrip(b"\r\n"), image_root, task, sizes))
-            except BadInput as e:
-                if not skip_bad_rows:
-                    raise BadInput(f"{path}:{lineno}: {e}") from None
-                bad.append(f"{path}:{lineno}: {e}")
+            if line.strip():
+                yield f"{path}:{lineno}", line.rstrip(b"\r\n")
+
+
+def _holds_bytes(t):
+    import pyarrow as pa
+
+    if pa.types.is_binary(t) or pa.types.is_large_binary(t) or pa.types.is_fixed_size_binary(t):
+        return True
+    if pa.types.is_struct(t):
+        return any(_holds_bytes(t.field(i).type) for i in range(t.num_fields))
+    listed = pa.types.is_list(t) or pa.types.is_large_list(t) or pa.types.is_fixed_size_list(t)
+    return listed and _holds_bytes(t.value_type)
+
+
+def _table_records(name, table):
+    """Rows of a pyarrow Table as dicts; the columns that hold bytes (images) stay in the table, as Cells."""
+    heavy = [f.name for f in table.schema if _holds_bytes(f.type)]
+    light = table.select([c for c in table.column_names if c not in heavy])
+    cols = {c: table.column(c) for c in heavy}
+    rows = light.to_pylist() if light.num_columns else [{} for _ in range(table.num_rows)]
+    for i, row in enumerate(rows):
+        yield f"{name}:{i + 1}", {**row, **{c: Cell(col, i) for c, col in cols.items()}}
+
+
+def _read_arrow(path):
+    import pyarrow as pa
+
+    source = pa.memory_map(path)  # the table's buffers point into the file: embedded images are read when used
+    try:
+        return pa.ipc.open_stream(source).read_all()  # what datasets' save_to_disk writes
+    except pa.ArrowInvalid:
+        return pa.ipc.open_file(source).read_all()
+
+
+def read_table(path):
+    """One pyarrow Table of a parquet or Arrow file, a folder of them, or a datasets save_to_disk folder (its Arrow
+    files, listed in state.json). A DatasetDict folder is refused with its split names."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    files = [path]
+    if os.path.isdir(path):
+        if os.path.exists(os.path.join(path, "dataset_dict.json")):
+            with open(os.path.join(path, "dataset_dict.json")) as f:
+                splits = json.load(f).get("splits") or ["train"]
+            raise BadInput(f"{path}: a DatasetDict with splits {', '.join(splits)}; give one, e.g. "
+                           f"{os.path.join(path, splits[0])}")
+        if os.path.exists(os.path.join(path, "state.json")):
+            with open(os.path.join(path, "state.json")) as f:
+                files = [os.path.join(path, d["filename"]) for d in json.load(f)["_data_files"]]
+        else:
+            found = [sorted(glob.glob(os.path.join(path, f"*.{ext}"))) for ext in ("parquet", "arrow")]
+            files = found[0] or found[1]
+        if not files:
+            raise BadInput(f"{path}: a folder with no parquet or Arrow file (nor a datasets save_to_disk folder)")
+    tables = []
+    for f in files:
+        kind = "parquet" if f.endswith(".parquet") else "Arrow"
+        try:
+            tables.append(pq.read_table(f) if kind == "parquet" else _read_arrow(f))
+        except (OSError, pa.ArrowException) as e:
+            raise BadInput(" ".join(f"{f}: cannot read as {kind} ({e})".split())) from None
+    try:
+        return pa.concat_tables(tables) if len(tables) > 1 else tables[0]
+    except pa.ArrowInvalid as e:
+        raise BadInput(" ".join(f"{path}: its files have different columns ({e})".split())) from None
+
+
+def hub_table(spec):
+    """The pyarrow Table of a hub dataset "owner/name" (split train) or "owner/name/split", with `datasets` (imported
+    here only: local data never needs it)."""
+    parts = spec.split("/")
+    repo, split = "/".join(parts[:2]), parts[2] if len(parts) > 2 else "train"
+    try:
+        import datasets
+    except ImportError:
+        raise BadInput(f"{spec}: no such file or folder; as a hub dataset id it needs `pip install datasets`") from None
+    try:
+        ds = datasets.load_dataset(repo, split=split)
+    except Exception as e:  # offline, no such dataset or split, ...
+        raise BadInput(" ".join(f"{spec}: no such file or folder, nor a hub dataset that loads "
+                                f"({type(e).__name__}: {str(e)[:200]})".split())) from None
+    return ds.with_format("arrow")[:]
+
+
+def _records(path):
+    """(where, row) of one source: a JSONL file; a parquet or Arrow file, a folder of them or a save_to_disk folder;
+    or a hub dataset id (a path that does not exist, looks like owner/name[/split] and has no data file extension)."""
+    if os.path.isdir(path) or (os.path.isfile(path) and path.endswith((".parquet", ".arrow"))):
+        return _table_records(path, read_table(path))
+    if not os.path.exists(path) and HUB_ID.fullmatch(path) and not path.endswith(DATA_EXTENSIONS):
+        return _table_records(path, hub_table(path))
+    return _jsonl_records(path)
+
+
+def _check_all(records, image_root, task, skip_bad_rows, limit, keys, rows, bad, sizes):
+    for where, record in records:
+        if limit is not None and len(rows) >= limit:
+            break
+        try:
+            rows.append(check_row(record, image_root, task, sizes, keys, where))
+        except BadInput as e:
+            if not skip_bad_rows:
+                raise BadInput(f"{where}: {e}") from None
+            bad.append(f"{where}: {e}")
+
+
+def load_jsonl(path, image_root, task="rec", skip_bad_rows=False, limit=None, keys=None):
+    """Read JSONL rows (any row format check_row takes), resolve images against `image_root`, and check every row
+    upfront: a JSON object with an image, a problem (non-empty text) and a solution (see check_solution; boxes inside
+    the image), an image that PIL opens and verifies, at least MIN_SIDE px a side with an aspect ratio of at most
+    MAX_ASPECT. Stops after `limit` good rows.
+
+    Returns (rows, bad): without skip_bad_rows the first bad row raises BadInput ("FILE:LINE: what is wrong");
+    with it, `bad` holds that line for every skipped row. No usable row at all raises BadInput either way."""
+    rows, bad = [], []
+    _check_all(_jsonl_records(path), image_root, task, skip_bad_rows, limit, keys, rows, bad, {})
     if not rows:
         raise BadInput(f"{path}: no usable rows" + (f" ({len(bad)} bad, the first: {bad[0]})" if bad else ""))
     return rows, bad
+
+
+def load_data(spec, image_root, task="rec", skip_bad_rows=False, limit=None, keys=None):
+    """load_jsonl for every format: `spec` is one source (_records) or several joined by ':', with `image_root` one
+    folder for all or one per source joined by ':' (VLM-R1's --data_file_paths and --image_folders). Rows in order,
+    the first `limit` good ones; (rows, bad) as load_jsonl."""
+    paths, roots = spec.split(":"), (image_root or "").split(":")
+    if len(set(roots)) == 1:
+        roots = roots[:1] * len(paths)
+    if len(roots) != len(paths):
+        raise BadInput(f"{spec}: {len(paths)} data sources but {len(roots)} image folders in {image_root!r}; give one "
+                       f"folder for all, or one per source joined by ':' (as VLM-R1's --image_folders)")
+    rows, bad, sizes = [], [], {}
+    for path, root in zip(paths, roots):
+        if limit is None or len(rows) < limit:
+            _check_all(_records(path), root, task, skip_bad_rows, limit, keys, rows, bad, sizes)
+    if not rows:
+        raise BadInput(f"{spec}: no usable rows" + (f" ({len(bad)} bad, the first: {bad[0]})" if bad else ""))
+    return rows, bad
+
+
+def refuse_long(rows, lengths, limit, skip_bad_rows, bad):
+    """The rows whose prompt fits in `limit` tokens; `lengths` holds (prompt tokens, image tokens) per row. A longer
+    row raises BadInput "FILE:LINE: ...", or with skip_bad_rows is listed in `bad` and dropped."""
+    kept = []
+    for r, (n, image) in zip(rows, lengths):
+        if n <= limit:
+            kept.append(r)
+            continue
+        why = (f"{r['_where']}: the prompt is {n} tokens ({image} of them the image's), above --max-prompt-length "
+               f"{limit}")
+        if not skip_bad_rows:
+            raise BadInput(why)
+        bad.append(why)
+    if not kept:
+        raise BadInput(f"no usable rows: all {len(rows)} prompts are longer than --max-prompt-length {limit}")
+    return kept
+
+
+def draw(rng, rows, k):
+    """k rows for one step. At least k rows: rng.sample(rows, k), the draw order of every earlier run. Fewer (a few-shot
+    set): in epochs, every row once in a shuffled order, then again, the last pass a sample of the rest; so no row
+    comes more than ceil(k / len(rows)) times. Either way the state of `rng` is the data position (resume is exact)."""
+    if k <= len(rows):
+        return rng.sample(rows, k)
+    out = []
+    while len(out) < k:
+        out += rng.sample(rows, min(len(rows), k - len(out)))
+    return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -412,18 +754,23 @@ def ground_truths(rows, sizes, coord_space, iou_threshold=0.0):
 
 
 def load_rows(args):
-    """(rows, bad): the training rows of a run's Args (--train-data, or the synthetic world), and one line per row
-    skipped by --skip-bad-rows. Every row and image is checked here, before any model is loaded; a bad one stops
-    the run with one line."""
+    """(rows, bad): the training rows of a run's Args (--train-data in any format load_data reads, or the synthetic
+    world), and one line per row skipped by --skip-bad-rows. Every row and image is checked here, before any model is
+    loaded; a bad one stops the run with one line."""
     try:
         if not args.train_data:
             path = make_synthetic(SYNTHETIC_ROOT, "train", args.train_size or 2000, args.seed, args.task)
             return load_jsonl(path, SYNTHETIC_ROOT, args.task, args.skip_bad_rows)
         limit = args.train_size if args.train_size and args.task != "cls" else None
-        rows, bad = load_jsonl(args.train_data, args.image_root, args.task, args.skip_bad_rows, limit)
+        rows, bad = load_data(args.train_data, args.image_root, args.task, args.skip_bad_rows, limit, keys_of(args))
     except BadInput as e:
         sys.exit(f"error: {e}")
     return (class_balanced(rows, args.train_size) if args.train_size and args.task == "cls" else rows), bad
+
+
+def load_eval_rows(args):
+    """(rows, bad) of --eval-data: its first --eval-n good rows (0: all), in any format, images under --image-root."""
+    return load_data(args.eval_data, args.image_root, args.task, args.skip_bad_rows, args.eval_n or None, keys_of(args))
 
 
 def synthetic_vocab(tasks=("rec",)):

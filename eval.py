@@ -1,6 +1,9 @@
 """Evaluate checkpoints with batched greedy decoding and one prompt for every model.
 
-    python eval.py --task rec|cls|count|det --model PATH [PATH ...] [--data JSONL --image-root DIR [--skip-bad-rows]] [--split test ood] [--n 512] --json OUT
+    python eval.py --task rec|cls|count|det --model PATH [PATH ...] [--data DATA --image-root DIR [--skip-bad-rows]] [--split test ood] [--n 512] --json OUT
+
+--data takes every format grpo_vlm.py's --train-data takes (data.load_data: problem/solution, VLM-R1 conversations and
+chat messages JSONL; parquet, Arrow, a save_to_disk folder, a hub id; several joined by ':'), with the same key flags.
 
 The decoding is grpo_vlm.evaluate (the trainer's held-out eval); the metrics by task are rewards.score/summarize:
   rec:   acc50 (IoU >= 0.5), miou, center_error, area_ratio, right_object, format_rate
@@ -46,8 +49,10 @@ def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", nargs="+", default=[], help="checkpoint paths or hub ids (default: the task's tiny base)")
     p.add_argument("--task", default="rec", choices=data.TASKS, help="task to evaluate")
-    p.add_argument("--data", default="", help="VLM-R1 JSONL; empty: the synthetic world's --split")
-    p.add_argument("--image-root", default="", help="folder the JSONL image paths are relative to")
+    p.add_argument("--data", default="", help="rows in any --train-data format; empty: the synthetic world's --split")
+    p.add_argument("--image-root", default="", help="folder the rows' image paths are relative to (':' one per source)")
+    for what, default in data.DEFAULT_KEYS.items():
+        p.add_argument(f"--{what}-key", default="", help=f"key of the {what} (empty: {' or '.join(default)})")
     p.add_argument("--split", nargs="+", default=["test"], choices=["test", "ood", "train"],
                    help="synthetic splits: test (in-domain), ood (colour-shape pairs never seen in training)")
     p.add_argument("--n", type=int, default=512, help="number of samples (first n rows)")
@@ -68,7 +73,7 @@ def run(a):
     splits = ["file"] if a.data else a.split
     bad = []
     if a.data:  # every row up to the first n good ones is checked before any model loads
-        file_rows, bad = data.load_jsonl(a.data, a.image_root, a.task, a.skip_bad_rows, limit=a.n)
+        file_rows, bad = data.load_data(a.data, a.image_root, a.task, a.skip_bad_rows, a.n, data.keys_of(a))
         if bad:
             more = [f"... and {len(bad) - 10} more"] if len(bad) > 10 else []
             print(f"skipped {len(bad)} bad rows:", *bad[:10], *more, sep="\n  ", file=sys.stderr, flush=True)

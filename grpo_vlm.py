@@ -53,7 +53,7 @@ def tiny_model(task):
 
 
 @dataclass
-class Args:
+class Args(data.DataFlags):  # + the readers' flags: --eval-data, --max-prompt-length, --problem/solution/image-key
     task: str = "rec"
     """rec (referring expression -> box), cls (image -> label), count (image -> number), det (image -> boxes)"""
     preset: str = ""
@@ -61,9 +61,9 @@ class Args:
     model: str = ""
     """HF hub id or local path of a Qwen2-VL / Qwen2.5-VL model; empty: the task's shipped tiny model"""
     train_data: str = ""
-    """VLM-R1 JSONL rows; empty: the synthetic shapes world"""
+    """rows: JSONL (problem/solution, conversations, messages), parquet, Arrow, hub id; a:b joins; empty: synthetic"""
     image_root: str = ""
-    """folder that the `image` paths of --train-data are relative to"""
+    """folder that the image paths of the rows are relative to (one per --train-data source, joined by ':')"""
     output_dir: str = ""
     """where metrics.jsonl, checkpoints and the final model go (empty: runs/TASK)"""
     steps: int = 1000
@@ -123,7 +123,7 @@ class Args:
     train_size: int = 0
     """training rows: synthetic images to make (0: 2000) or the first N of --train-data (0: all); cls balances classes"""
     eval_every: int = 250
-    """greedy eval on the synthetic test and ood splits every N steps and at the end (0 or --train-data: never)"""
+    """greedy eval of the synthetic test/ood splits (not with --train-data) and --eval-data every N steps (0: never)"""
     eval_n: int = 128
     """held-out images per split for --eval-every"""
     skip_bad_rows: bool = False
@@ -156,7 +156,7 @@ TASK_DEFAULTS = {"cls": dict(steps=800, lr=5e-5, lr_schedule="linear"),
                  "det": dict(steps=300, max_completion_length=128)}
 PRESETS = {"vlm-r1": dict(lr=1e-6, beta=0.04, num_generations=8, temperature=1.0, eps_low=0.2, eps_high=0.2, mu=1,
                           max_completion_length=256, prompts_per_step=16, micro_batch_size=8, loss_agg="grpo",
-                          scale_rewards="group", gradient_checkpointing=True)}
+                          scale_rewards="group", gradient_checkpointing=True, max_prompt_length=1024)}
 CHOICES = {"task": data.TASKS, "preset": ("", *PRESETS), "loss_agg": ("grpo", "token", "drgrpo"),
            "scale_rewards": ("group", "batch", "none"), "lr_schedule": ("constant", "linear"),
            "importance_sampling": ("token", "sequence"),
@@ -381,7 +381,7 @@ def rollout(model, family, rows, rng, step, max_len, iou_threshold, weights, coo
         family, batch, prompt, sizes, o, logp, H, max_len, iou_threshold, weights, coord_space, args)
     pool, spent = [], 0
     for k in range(1 + args.dynamic_sampling):
-        drawn = rng.sample(rows, B)
+        drawn = data.draw(rng, rows, B)  # B prompts, the same on every process (any number of rows)
         prompt, sizes = encode(family, drawn[rank * b:(rank + 1) * b], step, args, device)
         first = (k * B + rank * b) * G  # the global index of our first completion in the step: its sampling key
         ro = rewarded(drawn[rank * b:(rank + 1) * b], prompt, sizes, *sample_group(
@@ -433,12 +433,12 @@ def sft_loss(model, family, rows, coord_space, task, chunk, device="cpu"):
 
 def sft_steps(model, family, rows, coord_space, args, steps, lr, device="cpu"):
     """Yield (step, loss) over `steps` supervised steps of --prompts-per-step rows, drawn as GRPO draws its
-    prompts (random.Random(seed)), so an SFT run with GRPO's seed and B sees GRPO's images in GRPO's order."""
+    prompts (data.draw with random.Random(seed)), so an SFT run with GRPO's seed and B sees GRPO's images in order."""
     rng = random.Random(args.seed)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
     model.train()
     for step in range(1, steps + 1):
-        loss = sft_loss(model, family, rng.sample(rows, args.prompts_per_step), coord_space, args.task,
+        loss = sft_loss(model, family, data.draw(rng, rows, args.prompts_per_step), coord_space, args.task,
                         args.logp_chunk, device)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
@@ -488,19 +488,19 @@ def evaluate(model, family, rows, coord_space, task="rec", batch_size=64, max_ne
     return rewards.summarize(task, preds), preds
 
 
-def held_out(model, family, coord_space, n, task="rec"):
-    """Greedy metrics on the first n rows of each synthetic held-out split, as flat {split_metric: v}."""
+def held_out(model, family, coord_space, splits, task="rec"):
+    """Greedy metrics on each held-out split {name: rows} (infra.load_data), as flat {split_metric: v}."""
     out = {}
-    for split in SPLITS.get(task, ("test",)):
-        summary, _ = evaluate(model, family, data.synthetic_split(split, n, task), coord_space, task)
+    for split, rows in splits.items():
+        summary, _ = evaluate(model, family, rows, coord_space, task)
         out.update({f"{split}_{k}": v for k, v in summary.items() if k != "n"})
     return out
 
 
-def held_out_eval(model, family, coord_space, args, step, log, world):
+def held_out_eval(model, family, coord_space, args, step, log, world, splits):
     """On the main process, log and print held_out(); the others wait."""
     if log.main:
-        ev = held_out(model, family, coord_space, args.eval_n, args.task)
+        ev = held_out(model, family, coord_space, splits, args.task)
         log.write({"step": step, **ev}, infra.eval_line(step, ev))
     infra.barrier(world)
 
@@ -512,10 +512,11 @@ def train(args):
     B, G, T, main = args.prompts_per_step, args.num_generations, args.temperature, rank == 0
     if B % world:
         sys.exit(f"error: --prompts-per-step {B} must be a multiple of the {world} processes")
-    weights, (rows, bad_rows) = reward_weights(args), data.load_rows(args)
+    weights, base = reward_weights(args), args.model or tiny_model(args.task)
+    rows, bad_rows, held = infra.load_data(args, base, SPLITS.get(args.task, ("test",)))  # infra: checked upfront
     rng = infra.prompt_sampler(args.seed)  # infra: seeds; the prompt sampler's state is the data position
     ckpt, state = infra.resume(args, Args, rng)  # infra: checked resume (None, None for a new run)
-    start, base = state["step"] if state else 0, args.model or tiny_model(args.task)
+    start = state["step"] if state else 0
     model, family = vlm.load(ckpt or base, device)  # pi_theta in fp32, and its family's adapter
     coord_space = family.coord_space if args.coord_space == "auto" else args.coord_space
     if args.freeze_vision:
@@ -532,9 +533,9 @@ def train(args):
     if state:
         opt.load_state_dict(state["optimizer"])
     infra.start_banner(args, log, rows, bad_rows, weights, coord_space, device, world, start if state else None)
-    eval_every = 0 if args.train_data else args.eval_every  # the held-out splits are synthetic
+    eval_every = args.eval_every if held else 0  # synthetic splits (no --train-data) and --eval-data
     if eval_every and not state:
-        held_out_eval(model, family, coord_space, args, 0, log, world)  # the starting point of the curves
+        held_out_eval(model, family, coord_space, args, 0, log, world, held)  # the starting point of the curves
     bad_steps = state.get("bad_steps", 0) if state else 0
     for step in range(start + 1, args.steps + 1):
         t0 = time.time()
@@ -571,7 +572,7 @@ def train(args):
         if step == start + 1:  # the alarm for an adapter's silent failure: sampler and trainer disagree on pi_old
             infra.check_logp_gap(m, args.max_logp_gap or vlm.logp_gap_limit(model), model.config.model_type)
         if eval_every and (step % eval_every == 0 or step == args.steps):
-            held_out_eval(model, family, coord_space, args, step, log, world)
+            held_out_eval(model, family, coord_space, args, step, log, world, held)
         infra.save_or_stop(args, step, bad_steps, model, family, opt, rng, rank, world, device)  # infra: checkpoints
     return infra.finish(args, model, family, log, bad_rows, rank, world)  # infra: curves, final model
 

@@ -1,6 +1,7 @@
 """The runtime: what a training run needs that the GRPO paper does not cover.
 
   parse_args        argparse built from a dataclass and its field docstrings; task defaults < preset < flags
+  load_data         the rows, checked upfront: formats and images (data.py), prompt lengths (the family's tokenizer)
   setup_distributed torchrun processes (gloo on the CPU, NCCL on GPUs); gather, all_sum, ddp
   resume, save_state atomic checkpoints (model, optimizer, step, prompt sampler, RNG) and a checked resume
   MetricsLog        metrics.jsonl, cut back to the checkpoint on a resume; the progress line; the curves
@@ -22,16 +23,19 @@ from dataclasses import fields
 
 import torch
 
+import data
 import vlm
-
 
 # ---------------------------------------------------------------------------------------------
 # Arguments: one flag per field of the dataclass, its docstring as the help.
 # ---------------------------------------------------------------------------------------------
 def field_docs(cls):
-    """{field: the docstring written under it in the class's source}."""
-    body = ast.parse(inspect.getsource(cls)).body[0].body
-    return {a.target.id: b.value.value for a, b in zip(body, body[1:]) if isinstance(a, ast.AnnAssign)}
+    """{field: the docstring written under it in the source of the class or of the dataclass it extends}."""
+    docs = {}
+    for c in reversed([c for c in cls.__mro__ if "__dataclass_fields__" in vars(c)]):
+        body = ast.parse(inspect.getsource(c)).body[0].body
+        docs.update({a.target.id: b.value.value for a, b in zip(body, body[1:]) if isinstance(a, ast.AnnAssign)})
+    return docs
 
 
 def boolean(text):
@@ -52,7 +56,8 @@ def parse_args(cls, argv, task_defaults, presets, choices, prog):
     docs, default = field_docs(cls), cls()
     p = OneLineParser(prog=prog, allow_abbrev=False, formatter_class=argparse.ArgumentDefaultsHelpFormatter,
                       description="Flags take --name value or --name=value; a bare boolean flag means true.")
-    for f in fields(cls):
+    own = vars(cls).get("__annotations__", {})
+    for f in sorted(fields(cls), key=lambda f: f.name not in own):  # the class's own flags first, then inherited ones
         kw = {"nargs": "?", "const": True, "type": boolean, "metavar": "BOOL"} if f.type is bool else \
              {"type": f.type, "metavar": f.type.__name__.upper(), "choices": choices.get(f.name)}
         p.add_argument("--" + f.name.replace("_", "-"), default=argparse.SUPPRESS, **kw,
@@ -67,6 +72,38 @@ def parse_args(cls, argv, task_defaults, presets, choices, prog):
     for k, v in {**presets.get(preset, {}), **given}.items():
         setattr(args, k, v)
     return args
+
+
+# ---------------------------------------------------------------------------------------------
+# Data, checked before any model loads.
+# ---------------------------------------------------------------------------------------------
+def load_data(args, model_path, splits):
+    """(rows, bad rows, held-out splits {name: rows}), all checked before a weight loads: the training rows
+    (data.load_rows); with --eval-every, the synthetic held-out `splits` when there is no --train-data, and
+    --eval-data as the split "eval". The training and --eval-data prompts must fit in --max-prompt-length tokens,
+    image tokens included, counted with the tokenizer and image processor of `model_path` (vlm.adapter: no weight
+    is loaded): a longer row stops the run with one line, or is skipped and listed with --skip-bad-rows."""
+    rows, bad = data.load_rows(args)
+    held, evaluating = {}, args.eval_every > 0
+    try:
+        if evaluating and not args.train_data:
+            held = {s: data.synthetic_split(s, args.eval_n, args.task) for s in splits}
+        if evaluating and args.eval_data:
+            held["eval"], bad_eval = data.load_eval_rows(args)
+            bad += bad_eval
+        if args.max_prompt_length > 0:
+            family = vlm.adapter(model_path)
+
+            def fitting(part):
+                return data.refuse_long(part, vlm.prompt_lengths(family, part), args.max_prompt_length,
+                                        args.skip_bad_rows, bad)
+
+            rows = fitting(rows)
+            if "eval" in held:
+                held["eval"] = fitting(held["eval"])
+    except data.BadInput as e:
+        sys.exit(f"error: {e}")
+    return rows, bad, held
 
 
 # ---------------------------------------------------------------------------------------------
@@ -139,7 +176,7 @@ def ddp(module, world, device):
 # is a function of the step, so the step is the schedule's whole state.
 # ---------------------------------------------------------------------------------------------
 RUN_DEFINING = ("model", "task", "train_data", "seed", "prompts_per_step", "num_generations", "train_size",
-                "freeze_vision", "sft_steps")
+                "freeze_vision", "sft_steps", "problem_key", "solution_key", "image_key")
 
 
 def save_state(args, step, model, family, opt, rng, extra):

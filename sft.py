@@ -1,8 +1,8 @@
 """Supervised fine-tuning on the same rows (the tiny models' warm start; the SFT baseline).
 
-    python sft.py --task TASK --model PATH --output-dir DIR --steps N --prompts-per-step B [--train-data JSONL --image-root DIR]
+    python sft.py --task TASK --model PATH --output-dir DIR --steps N --prompts-per-step B [--train-data DATA --image-root DIR]
 
-Same arguments as grpo_vlm.py (those that apply). With the same --task, --steps, --prompts-per-step and --seed as
+Same arguments as grpo_vlm.py (those that apply: the data formats, --eval-data, --max-prompt-length too). With the same --task, --steps, --prompts-per-step and --seed as
 a GRPO run, it trains on the same images in the same order: the matched-budget SFT baseline. The steps are
 grpo_vlm.sft_steps, which is also Vision-R1's cold start (grpo_vlm.py --sft-steps N).
 
@@ -23,7 +23,6 @@ import time
 
 import torch
 
-import data
 import grpo_vlm as g
 import infra
 import vlm
@@ -35,15 +34,18 @@ def main(argv=None):
     if not any(a.split("=")[0] == "--output-dir" for a in argv):  # never GRPO's default folder
         args.output_dir = f"runs/sft-{args.task}"
     torch.manual_seed(args.seed)
-    model, family = vlm.load(args.model or g.tiny_model(args.task))
+    base = args.model or g.tiny_model(args.task)
+    rows, bad, held = infra.load_data(args, base, g.SPLITS.get(args.task, ("test",)))  # before the model loads
+    if bad:
+        print(f"skipped {len(bad)} bad rows (--skip-bad-rows):", *bad[:10], sep="\n  ", flush=True)
+    model, family = vlm.load(base)
     coord_space = family.coord_space if args.coord_space == "auto" else args.coord_space
-    rows = data.load_rows(args)[0]
     t0 = time.time()
     for step, loss in g.sft_steps(model, family, rows, coord_space, args, args.steps, args.lr):
         if step % 50 == 0 or step == 1:
             print(f"sft step {step}/{args.steps} loss={loss:.4f} {time.time() - t0:.0f}s", flush=True)
-        if args.eval_every and not args.train_data and (step % args.eval_every == 0 or step == args.steps):
-            m = g.held_out(model, family, coord_space, args.eval_n, args.task)
+        if held and args.eval_every and (step % args.eval_every == 0 or step == args.steps):
+            m = g.held_out(model, family, coord_space, held, args.task)
             print(infra.eval_line(step, m), flush=True)
     family.save(model, args.output_dir)
     print(f"saved {args.output_dir}", flush=True)

@@ -10,6 +10,7 @@ grpo_vlm.py never reaches into a model; it calls these hooks of the adapter that
   family.vision(model)                           what --freeze-vision freezes
   family.coord_space, family.suppress, eos_id    the boxes' coordinate space; tokens never sampled; the EOS
   family.save(model, out)                        everything load() reads back
+  family.prompt_text, family.image_tokens        the prompt's text and an image's token count (prompt_lengths)
 packed_logps turns a pack's hidden states into log pi(o_t | q, o_<t) / T (the training forward). Families: Qwen2-VL,
 Qwen2.5-VL, Qwen3-VL, Qwen3.5, Gemma 3 (ADAPTERS). A model type with no adapter is refused before any weight is
 loaded: a family we have not tested never trains.
@@ -130,16 +131,22 @@ class Qwen2VL:
         images = [data.load_image(r["image_path"]) for r in rows]
         vis = self.image_processor(images=images, return_tensors="pt")
         grid, merge = vis["image_grid_thw"], self.image_processor.merge_size
-        texts = []
-        for r, g in zip(rows, grid):
-            text = self.tokenizer.apply_chat_template(data.build_messages(r["problem"]), tokenize=False,
-                                                      add_generation_prompt=True)
-            texts.append(text.replace(self.image_token, self.image_token * int(g.prod() // merge**2), 1))
+        texts = [self.prompt_text(r["problem"], int(g.prod() // merge**2)) for r, g in zip(rows, grid)]
         enc = self.tokenizer(texts, return_tensors="pt", padding=True, padding_side="left", add_special_tokens=False)
         patch = self.image_processor.patch_size
         sizes = [(int(g[2]) * patch, int(g[1]) * patch, im.width, im.height) for g, im in zip(grid, images)]
         return {"input_ids": enc["input_ids"].to(device), "attention_mask": enc["attention_mask"].to(device),
                 "pixel_values": vis["pixel_values"].to(device), "image_grid_thw": grid.to(device)}, sizes
+
+    def prompt_text(self, problem, image_tokens):
+        """The chat-templated prompt of a problem, its image placeholder expanded to `image_tokens` tokens."""
+        text = self.tokenizer.apply_chat_template(data.build_messages(problem), tokenize=False,
+                                                  add_generation_prompt=True)
+        return text.replace(self.image_token, self.image_token * image_tokens, 1)
+
+    def image_tokens(self, width, height):
+        """The tokens of a width x height image: its patches after the processor's resize, merge_size^2 to a token."""
+        return self.image_processor.get_number_of_image_patches(height, width) // self.image_processor.merge_size**2
 
     def select(self, prompt, first, last):
         """Prompts first..last-1 with their images (pixel_values holds each image's patches one after another)."""
@@ -322,14 +329,19 @@ class Gemma3(Qwen2VL):
     def encode(self, rows, device="cpu"):
         images = [data.load_image(r["image_path"]) for r in rows]
         vis = self.image_processor(images=images, return_tensors="pt")
-        block = f"\n\n{self.boi}{self.soft * self.config.mm_tokens_per_image}{self.eoi}\n\n"  # as Gemma3Processor
-        texts = [self.tokenizer.apply_chat_template(data.build_messages(r["problem"]), tokenize=False,
-                                                    add_generation_prompt=True).replace(self.boi, block, 1)
-                 for r in rows]
+        texts = [self.prompt_text(r["problem"], self.config.mm_tokens_per_image) for r in rows]
         enc = self.tokenizer(texts, return_tensors="pt", padding=True, padding_side="left", add_special_tokens=False)
         h, w = vis["pixel_values"].shape[-2:]  # every image is resized to the same square
         return {"input_ids": enc["input_ids"].to(device), "attention_mask": enc["attention_mask"].to(device),
                 "pixel_values": vis["pixel_values"].to(device)}, [(int(w), int(h), im.width, im.height) for im in images]
+
+    def prompt_text(self, problem, image_tokens):
+        block = f"\n\n{self.boi}{self.soft * image_tokens}{self.eoi}\n\n"  # as Gemma3Processor
+        return self.tokenizer.apply_chat_template(data.build_messages(problem), tokenize=False,
+                                                  add_generation_prompt=True).replace(self.boi, block, 1)
+
+    def image_tokens(self, width, height):
+        return self.config.mm_tokens_per_image  # every image is resized to one square
 
     def select(self, prompt, first, last):
         return {k: v[first:last] for k, v in prompt.items()}  # one image per prompt
@@ -401,18 +413,35 @@ def image_processor(path, family):
     return getattr(transformers, named, None) or getattr(transformers, family.image_processor_class)
 
 
+def adapter(path, config=None):
+    """The family adapter of a checkpoint (its tokenizer, PIL image processor and config) without its weights: all
+    the upfront prompt-length check needs. A model type with no adapter is refused with one line."""
+    from transformers import AutoConfig
+
+    config = config or AutoConfig.from_pretrained(path)
+    family = ADAPTERS.get(config.model_type)
+    if family is None:
+        sys.exit(f"error: {path}: model type {config.model_type!r} is not supported (untested families are never "
+                 f"trained); supported: {', '.join(ADAPTERS)}")
+    tokenizer = family.load_tokenizer(path)
+    if tokenizer.chat_template is None:  # real Qwen checkpoints keep it beside the processor
+        with open(file_of(path, "chat_template.json")) as f:
+            tokenizer.chat_template = json.load(f)["chat_template"]
+    if tokenizer.pad_token_id is None:
+        sys.exit(f"error: {path}: the tokenizer has no pad token")
+    return family(tokenizer, image_processor(path, family).from_pretrained(path), config)
+
+
 def load(path, device="cpu"):
-    """(model, family): the HF model in fp32 with SDPA attention, and its family's adapter.
+    """(model, family): the HF model in fp32 with SDPA attention, and its family's adapter (loaded first: an
+    unsupported model type is refused before a weight loads).
 
     We never use AutoProcessor: it can silently return only the tokenizer, and Qwen's processor needs torchvision
     for videos. The tokenizer and the family's image-only PIL processor suffice."""
     from transformers import AutoConfig, AutoModelForImageTextToText, GenerationConfig
 
     config = AutoConfig.from_pretrained(path)
-    family = ADAPTERS.get(config.model_type)
-    if family is None:
-        sys.exit(f"error: {path}: model type {config.model_type!r} is not supported (untested families are never "
-                 f"trained); supported: {', '.join(ADAPTERS)}")
+    family = adapter(path, config)
     # fp32 weights everywhere; on a GPU the forwards run in bf16 autocast (precision()). SDPA, also where flash-attn
     # is installed: the training forward's block attention mask (pack) is beyond flash-attn's kernels.
     model = AutoModelForImageTextToText.from_pretrained(path, dtype=torch.float32, attn_implementation="sdpa")
@@ -422,13 +451,20 @@ def load(path, device="cpu"):
     gc = model.generation_config
     model.generation_config = GenerationConfig(bos_token_id=gc.bos_token_id, eos_token_id=gc.eos_token_id,
                                                pad_token_id=gc.pad_token_id)
-    tokenizer = family.load_tokenizer(path)
-    if tokenizer.chat_template is None:  # real Qwen checkpoints keep it beside the processor
-        with open(file_of(path, "chat_template.json")) as f:
-            tokenizer.chat_template = json.load(f)["chat_template"]
-    if tokenizer.pad_token_id is None:
-        sys.exit(f"error: {path}: the tokenizer has no pad token")
-    return model, family(tokenizer, image_processor(path, family).from_pretrained(path), config)
+    return model, family
+
+
+def prompt_lengths(family, rows):
+    """(prompt tokens, image tokens) of each checked row, as family.encode will make them, from the problem's text and
+    the image's size alone (no pixel is decoded; the text is tokenized once per distinct problem)."""
+    text, out = {}, []
+    for r in rows:
+        if r["problem"] not in text:
+            text[r["problem"]] = len(family.tokenizer(family.prompt_text(r["problem"], 0),
+                                                      add_special_tokens=False)["input_ids"])
+        n = family.image_tokens(*r["_size"])
+        out.append((text[r["problem"]] + n, n))
+    return out
 
 
 # ---------------------------------------------------------------------------------------------

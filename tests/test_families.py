@@ -137,6 +137,22 @@ def test_freeze_vision_freezes_the_family_vision_part(family_dir):
     assert all(p.requires_grad for n, p in model.named_parameters() if "language_model" in n)
 
 
+def test_prompt_lengths_equal_what_encode_makes(family_dir, tmp_path):
+    """--max-prompt-length's upfront count (vlm.prompt_lengths: the text once per problem, the image's tokens from its
+    size, no weight loaded) equals the prompt encode() makes, for images of several sizes."""
+    from PIL import Image
+
+    _, path = family_dir
+    family = vlm.adapter(path)
+    rows = []
+    for i, (w, h) in enumerate([(128, 128), (30, 500), (640, 480), (200, 90)]):
+        Image.new("RGB", (w, h), (i * 50, 90, 30)).save(tmp_path / f"{i}.png")
+        rows.append(data.check_row(json.dumps({"image": f"{i}.png", "problem": "the red circle " * i + "x",
+                                               "solution": [0, 0, 20, 20]}), str(tmp_path)))
+    assert [n for n, _ in vlm.prompt_lengths(family, rows)] == [int(family.encode([r])[0]["attention_mask"].sum())
+                                                                for r in rows]
+
+
 def test_an_untested_family_is_refused_with_one_line(tmp_path):
     from transformers import PaliGemmaConfig
 
