@@ -750,7 +750,8 @@ def synthetic_split(split, n, task="rec"):
 def ground_truths(rows, sizes, coord_space, iou_threshold=0.0):
     """The `gt` dicts the rewards read (rewards.py), from rows and their (input w, input h, original w, h) sizes."""
     return [{"solution": r["solution"], "width": W, "height": H, "input_width": w, "input_height": h,
-             "coord_space": coord_space, "iou_threshold": iou_threshold} for r, (w, h, W, H) in zip(rows, sizes)]
+             "coord_space": coord_space, "iou_threshold": iou_threshold, "image": r["image"], "problem": r["problem"]}
+            for r, (w, h, W, H) in zip(rows, sizes)]
 
 
 def load_rows(args):

@@ -1,6 +1,6 @@
 """Evaluate checkpoints with batched greedy decoding and one prompt for every model.
 
-    python eval.py --task rec|cls|count|det --model PATH [PATH ...] [--data DATA --image-root DIR [--skip-bad-rows]] [--split test ood] [--n 512] --json OUT
+    python eval.py --task rec|cls|count|det --model PATH [PATH ...] [--data DATA --image-root DIR [--skip-bad-rows]] [--split test ood] [--n 512] --json OUT [--visualize N]
 
 --data takes every format grpo_vlm.py's --train-data takes (data.load_data: problem/solution, VLM-R1 conversations and
 chat messages JSONL; parquet, Arrow, a save_to_disk folder, a hub id; several joined by ':'), with the same key flags.
@@ -12,6 +12,8 @@ The decoding is grpo_vlm.evaluate (the trainer's held-out eval); the metrics by 
   det:   map (COCO-style, IoU 0.50:0.95, 101-point), ap50, ap75, pred_per_gt (#pred / #gt), parsed_rate, format_rate
 Writes JSON summaries and per-sample predictions as JSONL beside them (OUT with .jsonl), and prints a markdown
 table of every model x split.
+--visualize N (rec, det) also draws the first N images of each split with the true boxes and every model's boxes in
+its own colour, the phrase and the IoU (viz.py), as OUT-SPLIT.png beside OUT.
 A bad row or image in --data stops it before any model loads, with one line "error: FILE:LINE: what is wrong";
 with --skip-bad-rows such rows are counted, listed on stderr and recorded as `bad_rows` in the summaries.
 """
@@ -26,6 +28,7 @@ import torch
 import data
 import grpo_vlm as g
 import infra
+import viz
 import vlm
 
 
@@ -61,7 +64,11 @@ def main():
     p.add_argument("--json", default="eval.json", help="summaries output; predictions go to the same name .jsonl")
     p.add_argument("--skip-bad-rows", nargs="?", const=True, default=False, type=infra.boolean, metavar="BOOL",
                    help="skip and count --data rows whose JSON, text, box or image is unusable, instead of stopping")
+    p.add_argument("--visualize", type=int, default=0, metavar="N",
+                   help="rec, det: draw the first N images of each split with every model's boxes (OUT-SPLIT.png)")
     a = p.parse_args()
+    if a.visualize and a.task not in viz.TASKS:
+        p.error(f"--visualize draws boxes: --task {' or '.join(viz.TASKS)}")
     a.model = a.model or [g.tiny_model(a.task)]
     try:
         run(a)
@@ -79,11 +86,12 @@ def run(a):
             print(f"skipped {len(bad)} bad rows:", *bad[:10], *more, sep="\n  ", file=sys.stderr, flush=True)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     summaries, all_preds = [], []
+    rows_of = {split: file_rows if a.data else data.synthetic_split(split, a.n, a.task) for split in splits}
     for path in a.model:
         model, family = vlm.load(path, device)
         model.eval()
         for split in splits:
-            rows = file_rows if a.data else data.synthetic_split(split, a.n, a.task)
+            rows = rows_of[split]
             summary, preds = g.evaluate(model, family, rows, family.coord_space, a.task, a.batch_size,
                                         a.max_new_tokens)
             summaries.append({"model": path, "split": split, **summary, "bad_rows": len(bad)})
@@ -95,6 +103,13 @@ def run(a):
     with open(os.path.splitext(a.json)[0] + ".jsonl", "w") as f:
         f.writelines(json.dumps(q) + "\n" for q in all_preds)
     print(markdown_table(summaries, a.task))
+    for split in splits if a.visualize else []:
+        labels = [viz.model_label(m) for m in a.model]
+        labels = labels if len(set(labels)) == len(labels) else a.model  # never two models under one name
+        preds = {label: [q for q in all_preds if q["model"] == m and q["split"] == split]
+                 for label, m in zip(labels, a.model)}
+        path = viz.save_grid(f"{os.path.splitext(a.json)[0]}-{split}.png", a.task, rows_of[split], preds, a.visualize)
+        print(f"saved {path}", flush=True)
 
 
 if __name__ == "__main__":

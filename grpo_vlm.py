@@ -41,6 +41,7 @@ import torch
 import data
 import infra
 import rewards
+import viz
 import vlm
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -113,13 +114,16 @@ class Args(data.DataFlags):  # + the readers' flags: --eval-data, --max-prompt-l
     gradient_checkpointing: bool = True
     """recompute activations in backward to save memory"""
     reward_weights: str = ""
-    """comma list name=w overriding the task's reward weights, e.g. iou=1,format=0.5"""
+    """comma list name=w overriding the task's reward weights, e.g. iou=1,format=0.5; a name may be a plug-in,
+    path/to/file.py:function, taking (completion, gt) -> float (README: "Reward plug-ins")"""
     coord_space: str = "auto"
     """box coordinates the model emits: auto, abs_resized (Qwen2.5-VL), norm1000 (Qwen2-VL), abs_original"""
     logp_chunk: int = 1024
     """tokens per chunk when computing log-probs (the [tokens, vocab] logits never exist at once)"""
     sample_every: int = 100
     """print a few sample completions every N steps"""
+    report_to: str = "none"
+    """also log metrics.jsonl's rows and the sample completions to tensorboard (events in --output-dir) or wandb"""
     train_size: int = 0
     """training rows: synthetic images to make (0: 2000) or the first N of --train-data (0: all); cls balances classes"""
     eval_every: int = 250
@@ -160,7 +164,7 @@ PRESETS = {"vlm-r1": dict(lr=1e-6, beta=0.04, num_generations=8, temperature=1.0
 CHOICES = {"task": data.TASKS, "preset": ("", *PRESETS), "loss_agg": ("grpo", "token", "drgrpo"),
            "scale_rewards": ("group", "batch", "none"), "lr_schedule": ("constant", "linear"),
            "importance_sampling": ("token", "sequence"),
-           "coord_space": ("auto", "abs_resized", "norm1000", "abs_original")}
+           "coord_space": ("auto", "abs_resized", "norm1000", "abs_original"), "report_to": infra.REPORT_TO}
 
 
 def parse_args(argv=None):
@@ -247,16 +251,13 @@ def completion_texts(tokenizer, completion_ids, mask):
 # ---------------------------------------------------------------------------------------------
 # (1) Rewards: r_i = sum_k w_k R_k(o_i, gt); each component is also returned for logging.
 def reward_weights(args):
-    """w_k: the task's reward weights, with --reward-weights name=w,... overriding them."""
+    """w_k: the task's reward weights, with --reward-weights name=w,... (a built-in or file.py:function) overriding."""
     if args.task not in rewards.TASK_REWARDS:
         sys.exit(f"error: --task {args.task!r} is not supported; choose from {sorted(rewards.TASK_REWARDS)}")
-    weights = dict(rewards.TASK_REWARDS[args.task])
-    for item in filter(None, args.reward_weights.split(",")):
-        k, w = item.split("=")
-        if k not in rewards.REWARDS:
-            sys.exit(f"error: unknown reward {k!r}; known: {sorted(rewards.REWARDS)}")
-        weights[k] = float(w)
-    return weights
+    try:
+        return rewards.parse_weights(args.task, args.reward_weights)
+    except ValueError as e:
+        sys.exit(f"error: --reward-weights: {e}")
 
 
 def compute_rewards(texts, gts, weights, lengths=None, L_max=0, L_cache=0):
@@ -502,6 +503,8 @@ def held_out_eval(model, family, coord_space, args, step, log, world, splits):
     if log.main:
         ev = held_out(model, family, coord_space, splits, args.task)
         log.write({"step": step, **ev}, infra.eval_line(step, ev))
+        if step == args.steps:  # the end of the run: a picture of the final model's boxes on held-out images
+            viz.held_out_grid(args, lambda rows: evaluate(model, family, rows, coord_space, args.task)[1])
     infra.barrier(world)
 
 
@@ -521,7 +524,7 @@ def train(args):
     coord_space = family.coord_space if args.coord_space == "auto" else args.coord_space
     if args.freeze_vision:
         family.vision(model).requires_grad_(False)
-    log = infra.MetricsLog(args.output_dir, main, start if state else None)  # infra: metrics.jsonl
+    log = infra.MetricsLog(args.output_dir, main, start if state else None, args)  # infra: metrics.jsonl, --report-to
     if args.sft_steps and not state:
         cold_start(model, family, rows, coord_space, args, log, device)
     ref_model = reference_model(args, model, state, base, device)
@@ -568,7 +571,7 @@ def train(args):
                            **({"iou_threshold": iou_threshold} if args.iou_threshold_schedule else {}),
                            **rewards.rollout_stats(args.task, ro["texts"], ro["gts"]), seconds=time.time() - t0,
                            **({"skipped_updates": skipped} if skipped else {}))
-        log.write(m, infra.step_line(m, args, ro["components"], bad_steps, ro["batch"], ro["texts"], r))  # infra: log
+        log.step(m, args, ro["components"], bad_steps, ro["batch"], ro["texts"], r)  # infra: log, progress, samples
         if step == start + 1:  # the alarm for an adapter's silent failure: sampler and trainer disagree on pi_old
             infra.check_logp_gap(m, args.max_logp_gap or vlm.logp_gap_limit(model), model.config.model_type)
         if eval_every and (step % eval_every == 0 or step == args.steps):

@@ -4,7 +4,8 @@
   load_data         the rows, checked upfront: formats and images (data.py), prompt lengths (the family's tokenizer)
   setup_distributed torchrun processes (gloo on the CPU, NCCL on GPUs); gather, all_sum, ddp
   resume, save_state atomic checkpoints (model, optimizer, step, prompt sampler, RNG) and a checked resume
-  MetricsLog        metrics.jsonl, cut back to the checkpoint on a resume; the progress line; the curves
+  MetricsLog        metrics.jsonl, cut back to the checkpoint on a resume; the progress line; the curves (matplotlib)
+  Reporter          --report-to tensorboard|wandb: the same rows, and sample completions, to either library
   catch_signals     Ctrl-C / SIGTERM: finish the step, save, exit
 """
 
@@ -279,13 +280,14 @@ def prompt_sampler(seed):
 
 
 # ---------------------------------------------------------------------------------------------
-# Logs: metrics.jsonl (main process only), progress lines, curves.
+# Logs: metrics.jsonl (main process only), progress lines, curves; --report-to sends the same rows elsewhere.
 # ---------------------------------------------------------------------------------------------
 class MetricsLog:
     """metrics.jsonl, written by the main process. A resumed run keeps the rows up to its checkpoint's step
-    and drops those written after it (they will be written again)."""
+    and drops those written after it (they will be written again). With `args.report_to`, every row also goes to
+    TensorBoard or W&B (Reporter), from the main process only."""
 
-    def __init__(self, output_dir, main, resumed_at=None):
+    def __init__(self, output_dir, main, resumed_at=None, args=None):
         self.path, self.main = os.path.join(output_dir, "metrics.jsonl"), main
         os.makedirs(output_dir, exist_ok=True)
         kept = []
@@ -295,18 +297,99 @@ class MetricsLog:
         if main:
             self.file.writelines(kept)
             self.file.flush()
+        report_to = getattr(args, "report_to", "none")
+        self.report = Reporter(report_to, output_dir, vars(args), resumed_at) if main and report_to != "none" else None
 
     def write(self, row, line=None):
         """Append a row; print `line` (the progress line) on the main process."""
         if self.main:
             self.file.write(json.dumps(row) + "\n")
             self.file.flush()
+            if self.report:
+                self.report.scalars(row)
             if line:
                 print(line, flush=True)
+
+    def step(self, m, args, components, bad_steps, batch, texts, r):
+        """A step's row and progress line; every --sample-every steps a few of its completions, also to --report-to."""
+        self.write(m, step_line(m, args, components, bad_steps, batch, texts, r))
+        if self.report and sample_due(args, m["step"]):
+            G = args.num_generations
+            self.report.samples(m["step"], [{"problem": batch[i // G]["problem"], "solution": batch[i // G]["solution"],
+                                             "completion": texts[i], "reward": float(r[i])}
+                                            for i in range(0, len(texts), G)][:4])
 
     def close(self):
         if self.main:
             self.file.close()
+            if self.report:
+                self.report.close()
+
+
+REPORT_TO = ("none", "tensorboard", "wandb")
+
+
+class Reporter:
+    """--report-to: each row of metrics.jsonl as scalars named by its keys (reward, reward_iou, kl, test_acc50, ...)
+    against its step (the cold start's sft_loss against sft_step), and a table of sample completions.
+      tensorboard: event files in the output folder (tensorboard --logdir runs); a resume drops the events after
+                   the checkpoint, as metrics.jsonl drops the rows
+      wandb:       a run in OUTPUT/wandb, project $WANDB_PROJECT or grpo-vlm; WANDB_MODE=offline needs no account
+    Each library is imported here, only when asked for."""
+
+    def __init__(self, kind, output_dir, config, resumed_at=None):
+        self.kind = kind
+        try:
+            if kind == "tensorboard":
+                from torch.utils.tensorboard import SummaryWriter  # needs the tensorboard package
+
+                self.writer = SummaryWriter(output_dir, flush_secs=10,
+                                            purge_step=None if resumed_at is None else resumed_at + 1)
+            elif kind == "wandb":
+                import wandb
+
+                self.wandb = wandb
+                self.run = wandb.init(project=os.environ.get("WANDB_PROJECT", "grpo-vlm"), dir=output_dir,
+                                      name=os.path.basename(os.path.normpath(output_dir)), config=config)
+                self.run.define_metric("sft_loss", step_metric="sft_step")
+                self.run.define_metric("*", step_metric="step")
+            else:
+                raise ValueError(f"unknown --report-to {kind!r}; choose from {REPORT_TO}")
+        except ImportError as e:
+            sys.exit(f"error: --report-to {kind} needs the {kind} package (pip install {kind}): {e}")
+        except Exception as e:  # e.g. wandb online without an account
+            hint = " (no W&B account? WANDB_MODE=offline writes the run locally)" if kind == "wandb" else ""
+            sys.exit(f"error: --report-to {kind}: {type(e).__name__}: {' '.join(str(e).split())[:300]}{hint}")
+
+    def scalars(self, row):
+        x = "sft_step" if "sft_step" in row else "step"
+        values = {k: float(v) for k, v in row.items() if k not in ("step", "sft_step") and
+                  isinstance(v, (int, float)) and not isinstance(v, bool)}
+        if self.kind == "tensorboard":
+            for k, v in values.items():
+                self.writer.add_scalar(k, v, row[x])
+        else:
+            self.run.log({"step": row["step"], **({"sft_step": row["sft_step"]} if x == "sft_step" else {}), **values})
+
+    def samples(self, step, samples):
+        """A table of sample completions: problem, solution, completion, reward."""
+        cols = ["problem", "solution", "completion", "reward"]
+        if self.kind == "tensorboard":
+            cell = lambda v: " ".join(str(v).split()).replace("|", "\\|").replace("<", "&lt;")  # noqa: E731
+            table = ["| " + " | ".join(cols) + " |", "|---" * len(cols) + "|"]
+            table += ["| " + " | ".join(cell(f"{s[c]:.3f}" if c == "reward" else s[c]) for c in cols) + " |"
+                      for s in samples]
+            self.writer.add_text("samples", "\n".join(table), step)
+        else:
+            self.run.log({"step": step, "samples": self.wandb.Table(
+                columns=["step", *cols], data=[[step, s["problem"], str(s["solution"]), s["completion"], s["reward"]]
+                                               for s in samples])})
+
+    def close(self):
+        if self.kind == "tensorboard":
+            self.writer.close()
+        else:
+            self.run.finish()
 
 
 def say(main, *lines):
@@ -342,13 +425,18 @@ def batch_stats(r_all, G, truncated_all):
             "truncated_frac": truncated_all.mean().item()}
 
 
+def sample_due(args, step):
+    """Whether a step shows sample completions: the first, and every --sample-every."""
+    return bool(args.sample_every) and (step % args.sample_every == 0 or step == 1)
+
+
 def step_line(m, args, components, bad_steps, batch, texts, r):
     """The progress line of a step, and every --sample-every steps a few of its completions."""
     G, comp = args.num_generations, " ".join(f"{k}={m['reward_' + k]:.3f}" for k in components)
     line = (f"step {m['step']}/{args.steps} reward={m['reward']:.3f} {comp} kl={m['kl']:.4f} "
             f"clip={m['clip_frac']:.3f} len={m['completion_len']:.1f} {m['seconds']:.2f}s"
             + (f"  SKIPPED: non-finite loss or gradient ({bad_steps} in a row)" if m.get("skipped_updates") else ""))
-    if args.sample_every and (m["step"] % args.sample_every == 0 or m["step"] == 1):
+    if sample_due(args, m["step"]):
         line += "".join(f"\n  [{batch[i // G]['problem'][-40:]}] gt={batch[i // G]['solution']} -> {texts[i]!r} "
                         f"r={r[i]:.2f}" for i in range(0, min(2 * G, len(texts)), G))
     return line
@@ -390,7 +478,7 @@ def finish(args, model, family, log, bad_rows, rank, world):
     return final
 
 
-# Training curves as a PNG, drawn with Pillow (no plotting dependency for four line charts)
+# Training curves as a PNG, drawn with matplotlib (its Agg backend: no display needed)
 REWARD_PANEL = ("reward (moving average over 20 steps)", "reward")
 PANELS = {"rec": [REWARD_PANEL, ("held-out Acc@0.5", "acc50"), ("held-out centre error (/ image diagonal)", "center_error"),
                   ("held-out area ratio (pred / true)", "area_ratio")],
@@ -401,7 +489,6 @@ PANELS = {"rec": [REWARD_PANEL, ("held-out Acc@0.5", "acc50"), ("held-out centre
           "det": [REWARD_PANEL, ("held-out mAP (IoU 0.50:0.95)", "map"),
                   ("#pred / #gt (sampled: pred_per_gt; greedy held-out: test_)", "pred_per_gt"),
                   ("held-out AP50", "ap50")]}
-COLOURS = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75)]
 
 
 def _series(rows, suffix):
@@ -418,47 +505,26 @@ def _series(rows, suffix):
 
 
 def plot_metrics(metrics_path, png_path, task="rec", width=1000, height=700):
-    from PIL import Image, ImageDraw
+    """The task's four panels (PANELS) of metrics.jsonl against steps, each legend beside its axes."""
+    from matplotlib.figure import Figure  # the object API: no pyplot, no global backend, no display
 
     with open(metrics_path) as f:
         rows = [json.loads(line) for line in f if line.strip()]
-    im = Image.new("RGB", (width, height), "white")
-    draw = ImageDraw.Draw(im)
-    pw, ph = width // 2, height // 2
-    for p, (title, suffix) in enumerate(PANELS[task]):
-        x0, y0 = (p % 2) * pw + 55, (p // 2) * ph + 25
-        x1, y1 = (p % 2) * pw + pw - 15, (p // 2) * ph + ph - 45
-        draw.text((x0, y0 - 18), title, fill="black")
+    fig = Figure(figsize=(width / 100, height / 100), dpi=100, layout="constrained")
+    for ax, (title, suffix) in zip(fig.subplots(2, 2).flat, PANELS[task]):
+        ax.set_title(title, fontsize=10)
+        ax.set_xlabel("step", fontsize=9)
+        ax.tick_params(labelsize=8)
+        ax.locator_params(nbins=6)
+        ax.grid(alpha=0.3)
         series = {k: v for k, v in _series(rows, suffix).items() if v}
         if not series:
-            draw.text((x0 + 10, y0 + 10), "no data", fill="gray")
-            draw.rectangle([x0, y0, x1, y1], outline="black")
+            ax.text(0.5, 0.5, "no data", ha="center", va="center", color="gray", transform=ax.transAxes)
             continue
-        steps = [s for v in series.values() for s, _ in v]
-        vals = [y for v in series.values() for _, y in v]
-        smin, smax = min(steps), max(max(steps), min(steps) + 1)
-        vmin, vmax = min(vals), max(vals)
-        pad = (vmax - vmin) * 0.05 or 0.5
-        vmin, vmax = vmin - pad, vmax + pad
-        X = lambda s: x0 + (x1 - x0) * (s - smin) / (smax - smin)  # noqa: E731
-        Y = lambda v: y1 - (y1 - y0) * (v - vmin) / (vmax - vmin)  # noqa: E731
-        for i in range(5):  # y ticks and grid
-            v = vmin + (vmax - vmin) * i / 4
-            draw.line([x0, Y(v), x1, Y(v)], fill=(225, 225, 225))
-            draw.text((x0 - 50, Y(v) - 6), f"{v:.3g}", fill="black")
-        for i in range(5):  # x ticks
-            s = smin + (smax - smin) * i / 4
-            draw.text((X(s) - 10, y1 + 4), f"{s:.0f}", fill="black")
-        draw.text(((x0 + x1) // 2 - 10, y1 + 18), "step", fill="black")
-        for j, (name, pts) in enumerate(series.items()):
-            colour = COLOURS[j % len(COLOURS)]
-            xy = [(X(s), Y(v)) for s, v in pts]
-            draw.line(xy, fill=colour, width=2) if len(xy) > 1 else None
-            for x, y in xy if len(xy) < 40 else []:
-                draw.ellipse([x - 2, y - 2, x + 2, y + 2], fill=colour)
-            draw.text((x0 + 8, y0 + 6 + 13 * j), name, fill=colour)
-        draw.rectangle([x0, y0, x1, y1], outline="black")
-    im.save(png_path)
+        for name, pts in series.items():
+            ax.plot(*zip(*pts), label=name, lw=1.5, marker="o" if len(pts) < 40 else None, ms=3)
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0, frameon=False)
+    fig.savefig(png_path)
     print(f"saved {png_path}", flush=True)
 
 

@@ -9,7 +9,8 @@ back to original-image pixels:
      "coord_space": "abs_resized" | "norm1000" | "abs_original",
      "iou_threshold": t}                                              # optional, default 0.0 (see below)
 
-and `solution`, per task:
+`image` (the row's image, as written in the row) and `problem` (the prompt's text), which say which row a
+completion answers; and `solution`, per task:
 
     rec    [x1, y1, x2, y2]                   the box, original pixels
     cls    "label"                            normalized exact match
@@ -20,8 +21,11 @@ and `solution`, per task:
 make the box rules stricter (REC IoU below it scores 0; detection matching never looser than 0.5).
 """
 
+import importlib.util
+import inspect
 import json
 import math
+import os
 import re
 
 FORMAT_RE = re.compile(r"\s*<think>.*?</think>\s*<answer>.*?</answer>\s*", re.DOTALL)
@@ -322,6 +326,92 @@ REWARDS = {"format": format_reward, "iou": iou_reward, "hit": hit_reward, "accur
 # Reward weights w_k per task (r_i = sum_k w_k * R_k); override with --reward-weights.
 TASK_REWARDS = {"rec": {"iou": 1.0, "format": 1.0}, "cls": {"accuracy": 1.0, "format": 1.0},
                 "count": {"count": 1.0, "format": 1.0}, "det": {"det_iou": 1.0, "det_conf": 1.0, "format": 1.0}}
+
+
+# ---------------------------------------------------------------------------------------------
+# Reward plug-ins: --reward-weights path/to/file.py:function=w adds `function` from that file as a component named
+# after the function (logged as reward_<function>, like a built-in). It takes (completion, gt) -> float, the `gt`
+# above. Policy: a plug-in that raises, or returns anything but a finite number, stops the run with one line
+# naming the function and the row (RewardPluginError); a reward it did not compute is never replaced by 0.
+# ---------------------------------------------------------------------------------------------
+class RewardPluginError(SystemExit):
+    """A reward plug-in failed on a completion: exits with status 1 and its one-line message when not caught."""
+
+
+def _one_line(text, n=200):
+    text = " ".join(str(text).split())
+    return text if len(text) <= n else text[:n - 3] + "..."
+
+
+def guarded(fn, label):
+    """`fn` as a reward that returns a finite float or raises RewardPluginError naming `label` and the row."""
+    def reward(completion, gt):
+        try:
+            value = fn(completion, gt)
+            ok = not isinstance(value, (str, bytes)) and math.isfinite(float(value))
+        except Exception as e:  # the plug-in's own bug, or a value float() refuses
+            raise RewardPluginError(f"error: reward plug-in {label} raised {type(e).__name__}: {_one_line(e, 120)} "
+                                    f"{_where(completion, gt)}") from e
+        if not ok:
+            raise RewardPluginError(f"error: reward plug-in {label} returned {_one_line(repr(value), 60)}, not a "
+                                    f"finite number, {_where(completion, gt)}")
+        return float(value)
+
+    reward.plugin = label
+    return reward
+
+
+def _where(completion, gt):
+    problem = _one_line(gt.get("problem", ""), 10**6)
+    return (f"on row {gt.get('image')!r} ({'...' * (len(problem) > 60) + problem[-60:]!r}), completion "
+            f"{_one_line(repr(completion), 60)}; fix it and --resume from the last checkpoint")
+
+
+def load_plugin(spec):
+    """'path/to/file.py:function' -> the function's name, with the function (guarded) added to REWARDS under it.
+    ValueError says in one line what is wrong: no file, an import that fails, no such function, a signature that
+    cannot take (completion, gt), or a name a built-in reward already has."""
+    path, _, name = spec.rpartition(":")
+    if not os.path.isfile(path):
+        raise ValueError(f"reward plug-in {spec!r}: no file {path!r}")
+    module_spec = importlib.util.spec_from_file_location("reward_plugin_" + re.sub(r"\W", "_", path), path)
+    module = importlib.util.module_from_spec(module_spec)
+    try:
+        module_spec.loader.exec_module(module)
+    except Exception as e:
+        raise ValueError(f"reward plug-in {spec!r}: importing {path} raised {type(e).__name__}: {_one_line(e)}") from e
+    fn = getattr(module, name, None)
+    if not callable(fn):
+        raise ValueError(f"reward plug-in {spec!r}: {path} has no function {name!r}")
+    try:
+        inspect.signature(fn).bind("completion", {})
+    except TypeError:
+        raise ValueError(f"reward plug-in {spec!r}: {name}{inspect.signature(fn)} cannot be called as "
+                         f"{name}(completion, gt)") from None
+    if name in REWARDS and getattr(REWARDS[name], "plugin", None) != spec:  # a built-in, or another file's
+        raise ValueError(f"reward plug-in {spec!r}: a reward is already called {name!r}; rename the function")
+    REWARDS[name] = guarded(fn, spec)
+    return name
+
+
+def parse_weights(task, spec=""):
+    """{reward name: w_k}: the task's weights, with `spec` ("name=w,...", a name being a built-in reward or
+    path/to/file.py:function) overriding them. ValueError says in one line what is wrong."""
+    weights = dict(TASK_REWARDS[task])
+    for item in filter(None, (x.strip() for x in spec.split(","))):
+        name, eq, w = item.rpartition("=")
+        try:
+            w = float(w) if eq else None
+        except ValueError:
+            w = None
+        if w is None or not math.isfinite(w):
+            raise ValueError(f"{item!r}: expected name=weight with a finite number as the weight")
+        if ".py:" in name:
+            name = load_plugin(name)
+        elif name not in REWARDS:
+            raise ValueError(f"unknown reward {name!r}; known: {sorted(REWARDS)}, or path/to/file.py:function")
+        weights[name] = w
+    return weights
 
 
 # ---------------------------------------------------------------------------------------------

@@ -88,7 +88,7 @@ def test_resume_equals_an_uninterrupted_run(tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)  # bit for bit
     assert metrics(tmp_path / "a") == metrics(tmp_path / "b")
     assert sorted(os.listdir(tmp_path / "b")) == ["checkpoint-000002", "checkpoint-000004", "curves.png", "final",
-                                                  "metrics.jsonl"]  # no temporary folder left behind
+                                                  "held_out.png", "metrics.jsonl"]  # no temporary folder left behind
     with pytest.raises(SystemExit, match="different --seed"):
         g.train(g.parse_args(flags + ["--steps", "6", "--seed", "1", "--output-dir", str(tmp_path / "b"),
                                       "--resume", str(tmp_path / "b")]))
