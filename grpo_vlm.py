@@ -134,7 +134,7 @@ class Args:
     length_schedule: str = ""
     """Vision-R1's PTST: completion-length cap by stage, "step:cap,..." e.g. 0:16,300:32,600:48 (empty: fixed)"""
     iou_threshold_schedule: str = ""
-    """progressive rule refinement: IoU counts only at or above a threshold by stage, e.g. 0:0,500:0.5 (rec, det)"""
+    """Vision-R1's rule refinement by stage, "step:t,..." (IoU counts from t; rec, det) or "step:t/lo/hi,..." (Eq. 8)"""
     max_logp_gap: float = 0.0
     """stop at step 1 if rollout and training log-probs differ by more than this per token on average, or 50x this at
     any token (0: 1e-4 in fp32, 0.02 under bf16 autocast; negative: never)"""
@@ -156,18 +156,19 @@ CHOICES = {"task": data.TASKS, "preset": ("", *PRESETS), "loss_agg": ("grpo", "t
 def parse_args(argv=None):
     args = infra.parse_args(Args, argv, TASK_DEFAULTS, PRESETS, CHOICES, "grpo_vlm.py")
     args.output_dir = args.output_dir or os.path.join("runs", args.task)
-    for name, default in (("length_schedule", 0), ("iou_threshold_schedule", 0.0)):
+    for name, parse in (("length_schedule", int), ("iou_threshold_schedule", rewards.refinement_stage)):
         try:
-            stage_value(getattr(args, name), 0, default)
-        except ValueError:
-            sys.exit(f"error: --{name.replace('_', '-')} {getattr(args, name)!r}: expected step:value,step:value,...")
+            stage_value(getattr(args, name), 0, None, parse)
+        except ValueError as e:
+            sys.exit(f"error: --{name.replace('_', '-')} {getattr(args, name)!r}: expected step:value,... ({e})")
     return args
 
 
-def stage_value(spec, step, default):
-    """The value of a stage schedule "step:value,step:value,..." at `step`: that of the last stage begun by then."""
-    value = default
-    for start, v in sorted((int(a), type(default)(b)) for a, b in (item.split(":") for item in spec.split(",") if item)):
+def stage_value(spec, step, default, parse=None):
+    """A stage schedule "step:value,..." at `step`: the value of the last stage begun by then (read by `parse`)."""
+    value, parse = default, parse or type(default)
+    stages = ((int(a), parse(b)) for a, _, b in (item.partition(":") for item in spec.split(",") if item))
+    for start, v in sorted(stages, key=lambda stage: stage[0]):
         if step >= start:
             value = v
     return value
@@ -535,14 +536,14 @@ def train(args):
         prompt, sizes = encode(family, batch, step, args, device)
         # (0) G completions per prompt from pi_old, with Vision-R1's staged length and rule refinement
         max_len = stage_value(args.length_schedule, step, args.max_completion_length)
-        iou_threshold = stage_value(args.iou_threshold_schedule, step, 0.0)
+        rule = stage_value(args.iou_threshold_schedule, step, {"iou_threshold": 0.0}, rewards.refinement_stage)
         o, logp_rollout = sample_group(model, family, prompt, G, max_len, T,
                                        sample_keys(args.seed, step, range(mine.start, mine.stop)),
                                        args.min_completion_length)
         mask = completion_mask(o, family.eos_id)
         texts = completion_texts(family.tokenizer, o, mask)
         # (1) rewards
-        gts = [gt for gt in data.ground_truths(batch, sizes, coord_space, iou_threshold) for _ in range(G)]
+        gts = [gt for gt in data.ground_truths(batch, sizes, coord_space, rule) for _ in range(G)]
         r, components = compute_rewards(texts, gts, weights)
         # (2) advantages and (6) token weights over the global batch, then our rows. DDP averages gradients
         # over the processes, so the weights are scaled by `world` to make the sum of all processes' losses.
@@ -555,7 +556,7 @@ def train(args):
         bad_steps = bad_steps + 1 if skipped else 0
         m = infra.step_row(step, r_all, components, stats, grad_norm, mask_all, args.mu, world, lr=lr,
                            **({"max_len": max_len} if args.length_schedule else {}),
-                           **({"iou_threshold": iou_threshold} if args.iou_threshold_schedule else {}),
+                           **(rule if args.iou_threshold_schedule else {}),
                            **rewards.rollout_stats(args.task, texts, gts), seconds=time.time() - t0,
                            **({"skipped_updates": skipped} if skipped else {}))
         log.write(m, infra.step_line(m, args, components, bad_steps, batch, texts, r))  # infra: log
