@@ -747,11 +747,12 @@ def synthetic_split(split, n, task="rec"):
     return load_jsonl(make_synthetic(SYNTHETIC_ROOT, split, n, task=task), SYNTHETIC_ROOT, task)[0]
 
 
-def ground_truths(rows, sizes, coord_space, iou_threshold=0.0):
-    """The `gt` dicts the rewards read (rewards.py), from rows and their (input w, input h, original w, h) sizes."""
+def ground_truths(rows, sizes, coord_space, rule=None):
+    """The `gt` dicts the rewards read (rewards.py), from rows and their (input w, input h, original w, h) sizes, with
+    the rule refinement in force (rewards.refinement_stage's keys; default: IoU threshold 0, no stage)."""
     return [{"solution": r["solution"], "width": W, "height": H, "input_width": w, "input_height": h,
-             "coord_space": coord_space, "iou_threshold": iou_threshold, "image": r["image"], "problem": r["problem"]}
-            for r, (w, h, W, H) in zip(rows, sizes)]
+             "coord_space": coord_space, "iou_threshold": 0.0, **(rule or {}), "image": r["image"],
+             "problem": r["problem"]} for r, (w, h, W, H) in zip(rows, sizes)]
 
 
 def load_rows(args):

@@ -147,7 +147,7 @@ class Args(data.DataFlags):  # + the readers' flags: --eval-data, --max-prompt-l
     length_schedule: str = ""
     """Vision-R1's PTST: completion-length cap by stage, "step:cap,..." e.g. 0:16,300:32,600:48 (empty: fixed)"""
     iou_threshold_schedule: str = ""
-    """progressive rule refinement: IoU counts only at or above a threshold by stage, e.g. 0:0,500:0.5 (rec, det)"""
+    """Vision-R1's rule refinement by stage, "step:t,..." (IoU counts from t; rec, det) or "step:t/lo/hi,..." (Eq. 8)"""
     max_logp_gap: float = 0.0
     """stop at step 1 if rollout and training log-probs differ by more than this per token on average, or 50x this at
     any token (0: 1e-4 in fp32, 0.02 under bf16 autocast; negative: never)"""
@@ -172,18 +172,19 @@ def parse_args(argv=None):
     args.output_dir = args.output_dir or os.path.join("runs", args.task)
     if args.importance_sampling == "sequence" and args.loss_agg != "grpo":
         sys.exit("error: --importance-sampling sequence (GSPO) aggregates per sequence: use --loss-agg grpo")
-    for name, default in (("length_schedule", 0), ("iou_threshold_schedule", 0.0)):
+    for name, parse in (("length_schedule", int), ("iou_threshold_schedule", rewards.refinement_stage)):
         try:
-            stage_value(getattr(args, name), 0, default)
-        except ValueError:
-            sys.exit(f"error: --{name.replace('_', '-')} {getattr(args, name)!r}: expected step:value,step:value,...")
+            stage_value(getattr(args, name), 0, None, parse)
+        except ValueError as e:
+            sys.exit(f"error: --{name.replace('_', '-')} {getattr(args, name)!r}: expected step:value,... ({e})")
     return args
 
 
-def stage_value(spec, step, default):
-    """The value of a stage schedule "step:value,step:value,..." at `step`: that of the last stage begun by then."""
-    value = default
-    for start, v in sorted((int(a), type(default)(b)) for a, b in (item.split(":") for item in spec.split(",") if item)):
+def stage_value(spec, step, default, parse=None):
+    """A stage schedule "step:value,..." at `step`: the value of the last stage begun by then (read by `parse`)."""
+    value, parse = default, parse or type(default)
+    stages = ((int(a), parse(b)) for a, _, b in (item.partition(":") for item in spec.split(",") if item))
+    for start, v in sorted(stages, key=lambda stage: stage[0]):
         if step >= start:
             value = v
     return value
@@ -372,14 +373,14 @@ def encode(family, rows, step, args, device):
         sys.exit(f"error: {e} (step {step}; last checkpoint in {args.output_dir}; --resume after fixing it)")
 
 
-def rollout(model, family, rows, rng, step, max_len, iou_threshold, weights, coord_space, args, rank, world, device):
+def rollout(model, family, rows, rng, step, max_len, rule, weights, coord_space, args, rank, world, device):
     """(0) and (1) of a step: B prompts, the same on every process (b = B / world are ours), G completions each from
     pi_old, and their rewards. DAPO's dynamic sampling drops the groups whose rewards are all equal and rolls out up
     to --dynamic-sampling more rounds of B prompts; the batch is the first B informative groups in draw order (at the
     cap, those found: the same number on every process), so one process or two train on the same batch."""
     B, G, b = args.prompts_per_step, args.num_generations, args.prompts_per_step // world
     rewarded = lambda batch, prompt, sizes, o, logp, H: score(  # noqa: E731
-        family, batch, prompt, sizes, o, logp, H, max_len, iou_threshold, weights, coord_space, args)
+        family, batch, prompt, sizes, o, logp, H, max_len, rule, weights, coord_space, args)
     pool, spent = [], 0
     for k in range(1 + args.dynamic_sampling):
         drawn = data.draw(rng, rows, B)  # B prompts, the same on every process (any number of rows)
@@ -406,11 +407,11 @@ def rollout(model, family, rows, rng, step, max_len, iou_threshold, weights, coo
     return {**rewarded(batch, prompt, sizes, o, logp, H), "dynamic": dynamic}
 
 
-def score(family, batch, prompt, sizes, o, logp, H, max_len, iou_threshold, weights, coord_space, args):
+def score(family, batch, prompt, sizes, o, logp, H, max_len, rule, weights, coord_space, args):
     """(1) for a batch's completions: their masks, texts, ground truths, rewards r and components."""
     mask = completion_mask(o, family.eos_id)
     texts = completion_texts(family.tokenizer, o, mask)
-    gts = [gt for gt in data.ground_truths(batch, sizes, coord_space, iou_threshold) for _ in range(len(o) // len(batch))]
+    gts = [gt for gt in data.ground_truths(batch, sizes, coord_space, rule) for _ in range(len(o) // len(batch))]
     r, components = compute_rewards(texts, gts, weights, mask.sum(1), max_len, args.overlong_buffer)
     return dict(batch=batch, prompt=prompt, o=o, logp=logp, H=H, mask=mask, texts=texts, gts=gts, r=r,
                 components=components, dynamic={})
@@ -548,9 +549,8 @@ def train(args):
         # (0) G completions per prompt from pi_old and (1) their rewards, with Vision-R1's staged length and rule
         # refinement (functions of the step) and DAPO's dynamic sampling
         max_len = stage_value(args.length_schedule, step, args.max_completion_length)
-        iou_threshold = stage_value(args.iou_threshold_schedule, step, 0.0)
-        ro = rollout(model, family, rows, rng, step, max_len, iou_threshold, weights, coord_space, args, rank, world,
-                     device)
+        rule = stage_value(args.iou_threshold_schedule, step, {"iou_threshold": 0.0}, rewards.refinement_stage)
+        ro = rollout(model, family, rows, rng, step, max_len, rule, weights, coord_space, args, rank, world, device)
         o, mask, r, N = ro["o"], ro["mask"], ro["r"], len(ro["o"])
         # (2) advantages and (6) token weights over the global batch, then our rows. DDP averages gradients
         # over the processes, so the weights are scaled by `world` to make the sum of all processes' losses.
@@ -568,7 +568,7 @@ def train(args):
         m = infra.step_row(step, r_all, ro["components"], stats, grad_norm, mask_all, args.mu, world, lr=lr,
                            **infra.batch_stats(r_all, G, cut_all), **ro["dynamic"],
                            **({"max_len": max_len} if args.length_schedule else {}),
-                           **({"iou_threshold": iou_threshold} if args.iou_threshold_schedule else {}),
+                           **(rule if args.iou_threshold_schedule else {}),
                            **rewards.rollout_stats(args.task, ro["texts"], ro["gts"]), seconds=time.time() - t0,
                            **({"skipped_updates": skipped} if skipped else {}))
         log.step(m, args, ro["components"], bad_steps, ro["batch"], ro["texts"], r)  # infra: log, progress, samples

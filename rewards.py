@@ -18,7 +18,10 @@ completion answers; and `solution`, per task:
     det    [[x1, y1, x2, y2], ...]            the true boxes, original pixels (possibly [])
 
 `iou_threshold` is Vision-R1's progressive rule refinement: the trainer raises it over training to
-make the box rules stricter (REC IoU below it scores 0; detection matching never looser than 0.5).
+make the box rules stricter (REC IoU below it scores 0; detection matching never looser than 0.5). The Vision-R1
+rewards (vr1_*) also read "penalty_threshold" and "full_threshold", the thresholds of their differentiation
+mapping (Eq. 8; default 0.5 and 0.75, the paper's first stage). --iou-threshold-schedule sets all three by stage
+(refinement_stage).
 """
 
 import importlib.util
@@ -320,9 +323,179 @@ def det_map_reward(completion, gt):
     return ap * min(1.0, len(gts) / len(preds))
 
 
+# ---------------------------------------------------------------------------------------------
+# Vision-R1 (Zhan et al., arXiv 2503.18013): the criterion-driven reward (Sec. 3.2, Eqs. 3-7) and the
+# progressive rule refinement (Sec. 3.3, Eq. 8). Eq. 7 sums the three parts: --reward-weights
+# vr1_format=1,vr1_recall=1,vr1_precision=1. Detection and REC alike: REC is the one-box case.
+#   xi0: a matched prediction is valid (a true positive) at IoU >= xi0   gt["iou_threshold"], never below 0.5
+#   xi1, xi2: Eq. 8 maps x < xi1 to 0 and x >= xi2 to 1                  gt["penalty_threshold"], gt["full_threshold"]
+# Staged progression (Sec. 3.3): (xi0, xi1, xi2) = (0.5, 0.5, 0.75) in the initial stage and (0.75, 0.75, 0.9) in
+# the advanced one, from a step STEP on: --iou-threshold-schedule "0:0.5/0.5/0.75,STEP:0.75/0.75/0.9".
+# ---------------------------------------------------------------------------------------------
+VISION_R1_STAGES = ((0.5, 0.5, 0.75), (0.75, 0.75, 0.9))
+_NO_MATCH = 1e9  # the cost of a pair whose cost is not a finite number (boxes past float range)
+
+
+def refinement_stage(text):
+    """One stage's value of --iou-threshold-schedule -> the gt keys it sets. "t": the IoU threshold xi0 = t alone
+    (the Vision-R1 rewards keep Eq. 8's default thresholds); "t/lo/hi": xi0 = t and Eq. 8's xi1 = lo, xi2 = hi.
+    ValueError if it is neither, if a number is not finite, or if lo > hi."""
+    try:
+        values = [float(v) for v in text.split("/")]
+    except ValueError:
+        values = []
+    if len(values) not in (1, 3) or not all(map(math.isfinite, values)) or (len(values) == 3 and values[1] > values[2]):
+        raise ValueError(f"a stage's value is t or t/lo/hi, finite numbers with lo <= hi, not {text!r}")
+    return dict(zip(("iou_threshold", "penalty_threshold", "full_threshold"), values))
+
+
+def differentiation(x, low, high):
+    """Vision-R1's differentiation policy (Eq. 8): f(x) = 1 if x >= xi2 (high), 0 if x < xi1 (low), else x. It
+    pushes near-misses to 0 and good enough values to 1; low = 0, high = 1 is the plain value on [0, 1]."""
+    return 1.0 if x >= high else 0.0 if x < low else x
+
+
+def _vr1_rule(gt):
+    """(xi0, xi1, xi2) of a gt: the progressive rule refinement in force for this rollout."""
+    _, low, high = VISION_R1_STAGES[0]
+    return max(0.5, gt.get("iou_threshold", 0.0)), gt.get("penalty_threshold", low), gt.get("full_threshold", high)
+
+
+def parse_localization(completion):
+    """The answer's boxes [(box, confidence)]: a detection list (parse_detections), or REC's one box, a bare
+    [x1, y1, x2, y2] or one {"bbox_2d": [...]} dict, as one prediction of confidence 1. None if malformed."""
+    dets = parse_detections(completion)
+    answer = extract_answer(completion) if dets is None else None
+    if answer is None:
+        return dets
+    m = FENCE_RE.fullmatch(answer)
+    try:
+        item = json.loads(m.group(1) if m else answer)
+    except (ValueError, RecursionError):
+        return None
+    if isinstance(item, list) and len(item) == 4 and not any(isinstance(v, (list, dict)) for v in item):
+        item = {"box": item}
+    one = _detection(item)
+    return None if one is None else [one]
+
+
+def _truths(gt):
+    """The true boxes of a gt in original pixels: REC's one box, or detection's list."""
+    sol = gt["solution"]
+    if len(sol) == 4 and not isinstance(sol[0], (list, tuple)):  # REC: [x1, y1, x2, y2]
+        sol = [sol]
+    return [[float(v) for v in b] for b in sol]
+
+
+def _box_cost(p, t, width, height):
+    """The box-only cost of matching prediction p to truth t: DETR's Hungarian-matcher box terms with its weights,
+    5 x L1 of the image-normalized corners + 2 x (1 - GIoU), the class term dropped (Vision-R1's Eq. 3, Table 3)."""
+    area = lambda b: max(0.0, b[2] - b[0]) * max(0.0, b[3] - b[1])  # noqa: E731
+    inter = area([max(p[0], t[0]), max(p[1], t[1]), min(p[2], t[2]), min(p[3], t[3])])
+    union, hull = area(p) + area(t) - inter, area([min(p[0], t[0]), min(p[1], t[1]), max(p[2], t[2]), max(p[3], t[3])])
+    giou = (inter / union if union > 0 else 0.0) - ((hull - union) / hull if hull > 0 else 0.0)
+    l1 = sum(abs(a - b) / s for a, b, s in zip(p, t, (width, height, width, height)))
+    cost = 5 * l1 + 2 * (1 - giou)
+    return cost if math.isfinite(cost) else _NO_MATCH
+
+
+def _assignment(cost):
+    """Minimum-cost assignment of every row to its own column of a rows <= columns cost matrix: the Hungarian
+    method with potentials and shortest augmenting paths, O(rows^2 x columns). Returns each row's column."""
+    n, m, inf = len(cost), len(cost[0]), float("inf")
+    u, v, owner, way = [0.0] * (n + 1), [0.0] * (m + 1), [0] * (m + 1), [0] * (m + 1)  # 1-based; column 0: the root
+    for i in range(1, n + 1):
+        owner[0], j0, slack, used = i, 0, [inf] * (m + 1), [False] * (m + 1)
+        while owner[j0]:  # grow the alternating tree from row i until it reaches a free column
+            used[j0], i0, delta, j1 = True, owner[j0], inf, 0
+            for j in range(1, m + 1):
+                if not used[j]:
+                    c = cost[i0 - 1][j - 1] - u[i0] - v[j]
+                    if c < slack[j]:
+                        slack[j], way[j] = c, j0
+                    if slack[j] < delta:
+                        delta, j1 = slack[j], j
+            for j in range(m + 1):
+                if used[j]:
+                    u[owner[j]] += delta
+                    v[j] -= delta
+                else:
+                    slack[j] -= delta
+            j0 = j1
+        while j0:  # flip the augmenting path
+            owner[j0], j0 = owner[way[j0]], way[j0]
+    col = [0] * n
+    for j in range(1, m + 1):
+        if owner[j]:
+            col[owner[j] - 1] = j - 1
+    return col
+
+
+def box_prioritized_match(preds, truths, width, height):
+    """Vision-R1's box-prioritized prediction matching (Eq. 3): a one-to-one Hungarian matching of predicted to true
+    boxes on box cost alone (no class term) -> [(pred_index, truth_index, IoU)], min(#pred, #truth) pairs."""
+    if not preds or not truths:
+        return []
+    cost = [[_box_cost(p, t, width, height) for t in truths] for p, _ in preds]
+    if len(preds) <= len(truths):
+        pairs = enumerate(_assignment(cost))
+    else:
+        pairs = ((i, j) for j, i in enumerate(_assignment([list(c) for c in zip(*cost)])))
+    return [(i, j, box_iou(preds[i][0], truths[j])) for i, j in pairs]
+
+
+def _vr1_inputs(completion, gt):
+    """(preds in original pixels, true boxes, matches), or None if the answer is malformed."""
+    preds = parse_localization(completion)
+    if preds is None:
+        return None
+    preds, truths = [(to_original_pixels(b, gt), c) for b, c in preds], _truths(gt)
+    return preds, truths, box_prioritized_match(preds, truths, gt["width"], gt["height"])
+
+
+def vr1_format_reward(completion, gt):
+    """Vision-R1's dual format reward (Eq. 4): 1 iff f_tem (the <answer> is the designated template: a JSON list
+    of box dicts, or REC's one box) and f_cont (every box four finite numbers with x1 < x2, y1 < y2, inside the
+    image with 1 px slack, and any confidence in [0, 1]), else 0. The <think>/<answer> frame is `format`'s."""
+    preds = parse_localization(completion)
+    if preds is None:
+        return 0.0
+    W, H = gt["width"], gt["height"]
+    inside = lambda b: -1 <= b[0] and -1 <= b[1] and b[2] <= W + 1 and b[3] <= H + 1  # noqa: E731
+    return 1.0 if all(inside(to_original_pixels(b, gt)) for b, _ in preds) else 0.0
+
+
+def vr1_recall_reward(completion, gt):
+    """Vision-R1's recall reward (Eq. 5) under Eq. 8: f(#valid matched predictions (IoU >= xi0) / #true boxes).
+    No true boxes: 1 for no prediction, else 0."""
+    inputs = _vr1_inputs(completion, gt)
+    if inputs is None:
+        return 0.0
+    preds, truths, matches = inputs
+    if not truths:
+        return 0.0 if preds else 1.0
+    xi0, xi1, xi2 = _vr1_rule(gt)
+    return differentiation(sum(iou >= xi0 for *_, iou in matches) / len(truths), xi1, xi2)
+
+
+def vr1_precision_reward(completion, gt):
+    """Vision-R1's precision reward (Eq. 6) with Eq. 8 on each instance: the sum over matched predictions of
+    (IoU >= xi0) * f(IoU), over ALL M predictions, so unmatched (extra, duplicate) boxes count 0. No prediction:
+    1 if there is nothing to find, else 0."""
+    inputs = _vr1_inputs(completion, gt)
+    if inputs is None:
+        return 0.0
+    preds, truths, matches = inputs
+    if not preds:
+        return 0.0 if truths else 1.0
+    xi0, xi1, xi2 = _vr1_rule(gt)
+    return sum(differentiation(iou, xi1, xi2) for *_, iou in matches if iou >= xi0) / len(preds)
+
+
 REWARDS = {"format": format_reward, "iou": iou_reward, "hit": hit_reward, "accuracy": accuracy_reward,
            "count": count_reward, "det_iou": det_iou_reward, "det_conf": det_conf_reward,
-           "det_iou_sum": det_iou_sum_reward, "det_map": det_map_reward}
+           "det_iou_sum": det_iou_sum_reward, "det_map": det_map_reward, "vr1_format": vr1_format_reward,
+           "vr1_recall": vr1_recall_reward, "vr1_precision": vr1_precision_reward}
 # Reward weights w_k per task (r_i = sum_k w_k * R_k); override with --reward-weights.
 TASK_REWARDS = {"rec": {"iou": 1.0, "format": 1.0}, "cls": {"accuracy": 1.0, "format": 1.0},
                 "count": {"count": 1.0, "format": 1.0}, "det": {"det_iou": 1.0, "det_conf": 1.0, "format": 1.0}}

@@ -8,10 +8,10 @@ What is fuzzed, and why only that: totality is promised on the *completion* (mod
 can come back). The ground truth comes from our own loader, so gt is drawn from what the loader can
 produce: 4 finite numbers (ints or floats; inverted, zero-size, negative and ~1e308 boxes included),
 positive int sizes, one of the three coord spaces or none (then "abs_original"), sometimes an
-iou_threshold in [0, 1]; a count gt is a finite number or its string; a det gt is a list of 0-4 such
-boxes. Each reward gets the gts of the tasks it serves (REWARD_TASKS). Outside that (an unknown
-coord_space, input_width 0, a missing key, a REC box given to a det reward) raising is right: it is our
-bug, and must be loud.
+iou_threshold and (Vision-R1's Eq. 8) a penalty_threshold and a full_threshold in [0, 1]; a count gt is a
+finite number or its string; a det gt is a list of 0-4 such boxes. Each reward gets the gts of the tasks it
+serves (REWARD_TASKS). Outside that (an unknown coord_space, input_width 0, a missing key, a REC box given to
+a det reward) raising is right: it is our bug, and must be loud.
 """
 
 import math
@@ -28,7 +28,8 @@ import rewards  # noqa: E402
 UNBOUNDED = set()  # rewards allowed outside [0, 1]; a new reward is bounded unless listed here
 # the gts each reward is fed (default: rec); "accuracy" serves REC-style prompts and classification
 REWARD_TASKS = {"accuracy": ("rec", "cls"), "count": ("count",), "det_iou": ("det",), "det_conf": ("det",),
-                "det_iou_sum": ("det",), "det_map": ("det",)}
+                "det_iou_sum": ("det",), "det_map": ("det",), "vr1_format": ("rec", "det"),
+                "vr1_recall": ("rec", "det"), "vr1_precision": ("rec", "det")}
 
 # --- adversarial completions -------------------------------------------------------------------
 NUMBERS = st.one_of(
@@ -174,7 +175,8 @@ PLAUSIBLE_BOX = st.lists(st.integers(0, 1000), min_size=4, max_size=4).map(
 SIZE = st.one_of(st.integers(1, 2000), st.integers(1, 10**5))
 ANY_BOX = st.one_of(PLAUSIBLE_BOX, st.lists(COORD, min_size=4, max_size=4))  # inverted, empty, huge, < 0
 IMAGE = st.fixed_dictionaries({"width": SIZE, "height": SIZE, "input_width": SIZE, "input_height": SIZE}, optional={
-    "coord_space": st.sampled_from(["abs_resized", "norm1000", "abs_original"]), "iou_threshold": st.floats(0, 1)})
+    "coord_space": st.sampled_from(["abs_resized", "norm1000", "abs_original"]), "iou_threshold": st.floats(0, 1),
+    "penalty_threshold": st.floats(0, 1), "full_threshold": st.floats(0, 1)})  # Vision-R1's Eq. 8 (vr1_*)
 COUNT = st.one_of(st.integers(0, 20), st.integers(0, 20), st.integers(0, 20).map(str), st.integers(-10**6, 10**6),
                   st.floats(allow_nan=False, allow_infinity=False))
 
