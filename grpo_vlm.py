@@ -94,13 +94,13 @@ class Args(data.DataFlags):  # + the readers' flags: --eval-data, --max-prompt-l
     scale_rewards: str = "group"
     """advantage std scaling: group, batch or none (Dr. GRPO)"""
     importance_sampling: str = "token"
-    """ratio: token (eq. 3) or sequence (GSPO, Zheng et al. 2025: s_i = exp(mean_t(logp - logp_old)), clipped per sequence)"""
+    """ratio: token (eq. 3) or sequence (GSPO, Zheng et al. 2025: s_i = exp(mean_t(logp - logp_old)) clipped whole)"""
     dynamic_sampling: int = 0
-    """DAPO (Yu et al. 2025): drop groups whose rewards are all equal; refill from up to N more rounds of B prompts (0: off)"""
+    """DAPO (Yu et al. 2025): drop groups whose rewards are all equal, refill from up to N more rounds of B (0: off)"""
     overlong_filter: bool = False
     """DAPO's overlong filtering: a completion cut off at the length cap gets no loss"""
     overlong_buffer: int = 0
-    """DAPO's soft overlong punishment over the last N tokens before the cap L: r += clip((L - N - |o|) / N, -1, 0) (0: off)"""
+    """DAPO's soft overlong punishment over the last N tokens before the cap L: r += clip((L-N-|o|)/N, -1, 0) (0: off)"""
     lr: float = 2e-4
     """AdamW learning rate"""
     lr_schedule: str = "constant"
@@ -384,11 +384,12 @@ def rollout(model, family, rows, rng, step, max_len, rule, weights, coord_space,
     pool, spent = [], 0
     for k in range(1 + args.dynamic_sampling):
         drawn = data.draw(rng, rows, B)  # B prompts, the same on every process (any number of rows)
-        prompt, sizes = encode(family, drawn[rank * b:(rank + 1) * b], step, args, device)
+        mine = drawn[rank * b:(rank + 1) * b]
+        prompt, sizes = encode(family, mine, step, args, device)
         first = (k * B + rank * b) * G  # the global index of our first completion in the step: its sampling key
-        ro = rewarded(drawn[rank * b:(rank + 1) * b], prompt, sizes, *sample_group(
-            model, family, prompt, G, max_len, args.temperature, infra.sample_keys(args.seed, step, range(first, first + b * G)),
-            args.min_completion_length))
+        keys = infra.sample_keys(args.seed, step, range(first, first + b * G))
+        ro = rewarded(mine, prompt, sizes, *sample_group(model, family, prompt, G, max_len, args.temperature, keys,
+                                                         args.min_completion_length))
         if not args.dynamic_sampling:
             return ro
         every = {key: infra.gather(ro[key].to(device), world) for key in ("o", "logp", "H", "r")}
