@@ -177,7 +177,7 @@ def test_stage_changes_at_the_configured_step():
     spec = "0:0.5/0.5/0.75,150:0.75/0.75/0.9"
     rules = {s: g.stage_value(spec, s, {"iou_threshold": 0.0}, R.refinement_stage) for s in (1, 149, 150, 300)}
     assert rules[1] == rules[149] == STAGE1 and rules[150] == rules[300] == STAGE2
-    rows, sizes = [{"solution": [A, B]}], [(100, 100, 100, 100)]
+    rows, sizes = [{"solution": [A, B], "image": "a.png", "problem": "p"}], [(100, 100, 100, 100)]
     text = det(IOU06, [60, 60, 84, 90])
     before, after = ([R.REWARDS[k](text, gt) for k in VR1] for s in (149, 150)
                      for gt in data.ground_truths(rows, sizes, "abs_original", rules[s]))
