@@ -12,7 +12,7 @@ Equations (../shared/REFERENCE.md):
   (4) L_t = -min(rho_t A, clip(rho_t, 1-eps_low, 1+eps_high) A) -> grpo_loss
   (5) KL_t = exp(logp_ref - logp) - (logp_ref - logp) - 1  (k3) -> grpo_loss
   (6) aggregation: per-sequence / token-mean / Dr. GRPO         -> token_weights
-  log pi(o_t | q, o_<t) / T over completion tokens only         -> packed_logps, chunked_logps
+  log pi(o_t | q, o_<t) / T over completion tokens only         -> vlm.packed_logps, vlm.chunked_logps
   Algorithm 1 (DeepSeekMath): batch, rollout, reward, advantage, mu passes   -> train, policy_update
   Vision-R1: cold start, staged length, progressive rule refinement          -> cold_start, stage_value
   DAPO: dynamic sampling -> rollout; overlong filtering and soft punishment -> train, compute_rewards
@@ -30,6 +30,7 @@ The model family's plumbing is in vlm.py; the runtime (flags, processes, checkpo
 
 import contextlib
 import copy
+import functools
 import os
 import random
 import sys
@@ -379,8 +380,8 @@ def rollout(model, family, rows, rng, step, max_len, rule, weights, coord_space,
     to --dynamic-sampling more rounds of B prompts; the batch is the first B informative groups in draw order (at the
     cap, those found: the same number on every process), so one process or two train on the same batch."""
     B, G, b = args.prompts_per_step, args.num_generations, args.prompts_per_step // world
-    rewarded = lambda batch, prompt, sizes, o, logp, H: score(  # noqa: E731
-        family, batch, prompt, sizes, o, logp, H, max_len, rule, weights, coord_space, args)
+    rewarded = functools.partial(score, family, max_len=max_len, rule=rule, weights=weights, coord_space=coord_space,
+                                 args=args)
     pool, spent = [], 0
     for k in range(1 + args.dynamic_sampling):
         drawn = data.draw(rng, rows, B)  # B prompts, the same on every process (any number of rows)
@@ -428,9 +429,9 @@ def sft_loss(model, family, rows, coord_space, task, chunk, device="cpu"):
     texts = [(r.get("response") or data.sft_target(task, r, gt)) + tok.convert_ids_to_tokens(family.eos_id)
              for r, gt in zip(rows, data.ground_truths(rows, sizes, coord_space))]
     ids = tok(texts, return_tensors="pt", padding=True, padding_side="right", add_special_tokens=False)["input_ids"]
-    mask = completion_mask(ids.to(device), family.eos_id)
-    logp = vlm.completion_logps(model, family, prompt, torch.arange(len(rows), device=device), ids.to(device), mask, 1.0,
-                            chunk)
+    ids = ids.to(device)
+    mask = completion_mask(ids, family.eos_id)
+    logp = vlm.completion_logps(model, family, prompt, torch.arange(len(rows), device=device), ids, mask, 1.0, chunk)
     return -(logp * mask).sum() / mask.sum()
 
 

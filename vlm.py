@@ -207,11 +207,13 @@ class Qwen2VL:
 
     def image_embeds(self, model, p):
         """Token embeddings with each image's features (the vision tower runs once per image) in its placeholders,
-        and the features themselves."""
+        and the features themselves. A pack with `copies` has one row per completion: image copies[i] in row i."""
         feats = model.model.get_image_features(p["pixel_values"], p["grid"])
-        merged = feats.pooler_output if hasattr(feats, "pooler_output") else feats  # one tensor per image
+        merged = list(feats.pooler_output if hasattr(feats, "pooler_output") else feats)  # one tensor per image
+        if "copies" in p:
+            merged = [merged[c] for c in p["copies"].tolist()]
         embeds = model.get_input_embeddings()(p["ids"])
-        return embeds.masked_scatter(p["image"][..., None], torch.cat(list(merged)).to(embeds.dtype)), feats
+        return embeds.masked_scatter(p["image"][..., None], torch.cat(merged).to(embeds.dtype)), feats
 
     def hidden(self, model, p):
         """Last hidden states [N, L, D] that predict each completion token of a pack()."""
@@ -299,11 +301,7 @@ class Qwen35(Qwen2VL):
                 "grid": grid, "P": P, "targets": completion_ids}
 
     def hidden(self, model, p):
-        feats = model.model.get_image_features(p["pixel_values"], p["grid"])
-        feats = feats.pooler_output if hasattr(feats, "pooler_output") else feats  # one tensor per image
-        embeds = model.get_input_embeddings()(p["ids"])
-        copies = torch.cat([feats[c] for c in p["copies"].tolist()])  # each image's features into all its rows
-        embeds = embeds.masked_scatter(p["image"][..., None], copies.to(embeds.dtype))
+        embeds, _ = self.image_embeds(model, p)
         hidden = model.model(inputs_embeds=embeds, attention_mask=p["mask"], position_ids=p["pos"]).last_hidden_state
         return hidden[:, p["P"] - 1:-1]  # token t of a completion is predicted at column P - 1 + t
 
