@@ -41,6 +41,7 @@ import torch
 
 import data
 import infra
+import plan
 import rewards
 import viz
 import vlm
@@ -55,7 +56,7 @@ def tiny_model(task):
 
 
 @dataclass
-class Args(data.DataFlags):  # + the readers' flags: --eval-data, --max-prompt-length, --problem/solution/image-key
+class Args(data.DataFlags, infra.EngineFlags):  # + the readers' flags (--eval-data, ...) and the engine's
     task: str = "rec"
     """rec (referring expression -> box), cls (image -> label), count (image -> number), det (image -> boxes)"""
     preset: str = ""
@@ -165,7 +166,8 @@ PRESETS = {"vlm-r1": dict(lr=1e-6, beta=0.04, num_generations=8, temperature=1.0
 CHOICES = {"task": data.TASKS, "preset": ("", *PRESETS), "loss_agg": ("grpo", "token", "drgrpo"),
            "scale_rewards": ("group", "batch", "none"), "lr_schedule": ("constant", "linear"),
            "importance_sampling": ("token", "sequence"),
-           "coord_space": ("auto", "abs_resized", "norm1000", "abs_original"), "report_to": infra.REPORT_TO}
+           "coord_space": ("auto", "abs_resized", "norm1000", "abs_original"), "report_to": infra.REPORT_TO,
+           **infra.ENGINE_CHOICES}
 
 
 def parse_args(argv=None):
@@ -323,18 +325,18 @@ def grpo_loss(logp, logp_old, logp_ref, A, tw, eps_low, eps_high, beta, sequence
 
 # ---------------------------------------------------------------------------------------------
 # Algorithm 1's inner loop: mu passes over the rollout batch, in micro-batches whose gradients accumulate.
-def policy_update(policy, opt, model, ref_model, family, prompt, o, mask, logp_rollout, A, tw, args, world):
+def policy_update(policy, opt, model, ref, family, prompt, o, mask, logp_rollout, A, tw, args, world):
     """mu optimizer steps on the batch's loss. Returns its statistics, summed over this process's tokens:
     loss, kl, clipped tokens, logp_gap (|log-prob of the rollout - of the training forward|, a check that the
     sampler and the trainer agree on pi_old) and its maximum; and the last grad norm and the skipped updates."""
-    N, G, mb, T = len(o), args.num_generations, args.micro_batch_size, args.temperature
+    N, G, mb = len(o), args.num_generations, args.micro_batch_size
     mbs = [slice(i, min(i + mb, N)) for i in range(0, N, mb)]
     with torch.no_grad():  # one layout per micro-batch (with each of its prompts once), for every forward
         packed = [family.pack(model, family.select(prompt, s.start // G, (s.stop - 1) // G + 1),
                               torch.arange(s.start, s.stop, device=o.device) // G - s.start // G, o[s], mask[s])
                   for s in mbs]
-        logp_old = [vlm.packed_logps(model, family, p, T, args.logp_chunk) for p in packed] if args.mu > 1 else None
-        logp_ref = [vlm.packed_logps(ref_model, family, p, T, args.logp_chunk) for p in packed] if ref_model else None
+        logp_old = [policy(p) for p in packed] if args.mu > 1 else None
+        logp_ref = [ref(p) for p in packed] if ref else None
     stats = {k: torch.zeros((), device=A.device) for k in ("loss", "kl", "clipped", "logp_gap", "logp_gap_max")}
     skipped = 0
     for k in range(args.mu):
@@ -462,15 +464,16 @@ def cold_start(model, family, rows, coord_space, args, log, device):
         print(f"saved {os.path.join(args.output_dir, 'cold-start')}", flush=True)
 
 
-def reference_model(args, model, resumed, base, device):
-    """pi_ref of the KL term (5): the starting model (after any cold start), also after a resume; None if beta=0."""
+def reference_model(args, model, family, resumed, base, device):
+    """pi_ref of the KL term (5) as a forward (infra.Policy): the starting model (after any cold start), also after a
+    resume; None if beta=0."""
     if args.beta == 0:
         return None
     cold = os.path.join(args.output_dir, "cold-start")
     ref = vlm.load(cold if args.sft_steps else base, device)[0] if resumed else copy.deepcopy(model)
     if device.startswith("cuda"):
         ref.to(torch.bfloat16)  # never trained: bf16 weights suffice, at half the memory
-    return ref.eval().requires_grad_(False)
+    return infra.Policy(ref.eval().requires_grad_(False), family, args.temperature, args.logp_chunk)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -515,7 +518,7 @@ def held_out_eval(model, family, coord_space, args, step, log, world, splits):
 # Training: Algorithm 1 of the GRPO paper, one rollout batch per step.
 def train(args):
     rank, world, device = infra.setup_distributed()  # infra: processes
-    B, G, T, main = args.prompts_per_step, args.num_generations, args.temperature, rank == 0
+    B, G, main = args.prompts_per_step, args.num_generations, rank == 0
     if B % world:
         sys.exit(f"error: --prompts-per-step {B} must be a multiple of the {world} processes")
     weights, base = reward_weights(args), args.model or tiny_model(args.task)
@@ -530,14 +533,11 @@ def train(args):
     log = infra.MetricsLog(args.output_dir, main, start if state else None, args)  # infra: metrics.jsonl, --report-to
     if args.sft_steps and not state:
         cold_start(model, family, rows, coord_space, args, log, device)
-    ref_model = reference_model(args, model, state, base, device)
+    ref = reference_model(args, model, family, state, base, device)
     if args.gradient_checkpointing:
         vlm.enable_checkpointing(model)
     model.train()
-    policy = infra.ddp(infra.Policy(model, family, T, args.logp_chunk), world, device)  # infra: DDP
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr, weight_decay=0.0)
-    if state:
-        opt.load_state_dict(state["optimizer"])
+    policy, opt = infra.engine(args, model, family, state, world, device)  # infra: DDP or FSDP2, the optimizer
     infra.start_banner(args, log, rows, bad_rows, weights, coord_space, device, world, start if state else None)
     eval_every = args.eval_every if held else 0  # synthetic splits (no --train-data) and --eval-data
     if eval_every and not state:
@@ -563,7 +563,7 @@ def train(args):
         tw = token_weights(mask_all * (1 - cut_all[:, None]) if args.overlong_filter else mask_all,
                            args.loss_agg)[rank * N:(rank + 1) * N] * world
         # (3)-(5) mu passes of the clipped objective with the KL to pi_ref
-        stats, grad_norm, skipped = policy_update(policy, opt, model, ref_model, family, ro["prompt"], o, mask,
+        stats, grad_norm, skipped = policy_update(policy, opt, model, ref, family, ro["prompt"], o, mask,
                                                   ro["logp"], A, tw, args, world)
         stats["entropy"] = (ro["H"] * mask).sum()
         bad_steps = bad_steps + 1 if skipped else 0
@@ -584,4 +584,5 @@ def train(args):
 
 if __name__ == "__main__":
     infra.catch_signals()  # infra: Ctrl-C / SIGTERM finish the step, save and exit
-    train(parse_args())
+    args = parse_args()
+    sys.exit(plan.show(args, args.model or tiny_model(args.task))) if args.plan else train(args)  # plan: memory

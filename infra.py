@@ -11,6 +11,7 @@
 
 import argparse
 import ast
+import contextlib
 import datetime
 import glob
 import inspect
@@ -20,7 +21,7 @@ import random
 import shutil
 import signal
 import sys
-from dataclasses import fields
+from dataclasses import dataclass, fields
 
 import torch
 
@@ -73,6 +74,35 @@ def parse_args(cls, argv, task_defaults, presets, choices, prog):
     for k, v in {**presets.get(preset, {}), **given}.items():
         setattr(args, k, v)
     return args
+
+
+@dataclass
+class EngineFlags:  # how a run uses the hardware; the algorithm's flags are grpo_vlm.Args
+    rollout_batch_size: int = 0
+    """completions that decode at once in the rollout, a multiple of G: bounds the KV cache (0: all of this process's)"""
+    fsdp: bool = False
+    """shard weights, gradients and optimizer state over the torchrun processes with FSDP2 (default engine: DDP)"""
+    lora_r: int = 0
+    """LoRA rank (0: full fine-tune); the reference is then the same model with its adapters off, no copy"""
+    lora_alpha: float = 0.0
+    """LoRA's alpha: the update is alpha / r * B A (0: 2 * --lora-r)"""
+    lora_targets: str = ""
+    """regex of the module names LoRA wraps (empty: the language model's attention and MLP projections)"""
+    merge_lora: bool = False
+    """with LoRA: also save final-merged/, the adapters merged into fp32 weights (loads without peft)"""
+    optim: str = "adamw"
+    """adamw (fp32 moments), or adamw8bit (8-bit moments: bitsandbytes', torchao's under --fsdp)"""
+    plan: bool = False
+    """print the expected peak memory per GPU of this run's rollout and training, part by part, and exit"""
+    processes: int = 0
+    """GPUs that --plan plans for (0: this launch's processes)"""
+    gpu_memory: float = 79.6
+    """GiB of one GPU that --plan compares the peak with (79.6: an 80 GB card)"""
+    image_size: str = "640x480"
+    """WxH of the image that --plan counts each prompt's image tokens at"""
+
+
+ENGINE_CHOICES = {"optim": ("adamw", "adamw8bit")}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -151,14 +181,28 @@ def barrier(world):
 
 
 class Policy(torch.nn.Module):
-    """The training forward (completion log-probs) as one module, so DDP can wrap exactly what backward runs."""
+    """The training forward (completion log-probs) as one module, so DDP or FSDP2 can wrap exactly what backward runs.
+    The reference is one too; `context` is entered around each forward (LoRA's reference: the adapters off)."""
 
-    def __init__(self, model, family, T, chunk):
+    def __init__(self, model, family, T, chunk, context=contextlib.nullcontext):
         super().__init__()
-        self.model, self.family, self.T, self.chunk = model, family, T, chunk
+        self.model, self.family, self.T, self.chunk, self.context = model, family, T, chunk, context
 
     def forward(self, packed):
-        return vlm.packed_logps(self.model, self.family, packed, self.T, self.chunk)
+        with self.context():
+            return vlm.packed_logps(self.model, self.family, packed, self.T, self.chunk)
+
+
+def engine(args, model, family, state, world, device):
+    """(policy, optimizer): the training forward wrapped by the multi-process engine (DDP; FSDP2 with --fsdp) and the
+    optimizer (--optim) over the trainable weights, its state restored on a resume."""
+    if args.fsdp or args.optim != "adamw":
+        sys.exit("error: --fsdp and --optim adamw8bit are not built yet")
+    policy = ddp(Policy(model, family, args.temperature, args.logp_chunk), world, device)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr, weight_decay=0.0)
+    if state:
+        opt.load_state_dict(state["optimizer"])
+    return policy, opt
 
 
 def ddp(module, world, device):

@@ -55,9 +55,9 @@ def project_imports(name):
 
 
 def test_imports_flow_one_way():
-    """rewards/data (-> viz) -> vlm -> infra -> grpo_vlm -> eval, sft: no module imports one that imports it back, and
+    """rewards/data (-> viz) -> vlm -> plan -> infra -> grpo_vlm -> eval, sft: no module imports one that imports it back, and
     grpo_vlm.py (run as __main__) never loads a second copy of itself."""
-    order = ["rewards", "data", "viz", "vlm", "infra", "grpo_vlm", "eval", "sft", "make_tiny_model"]
+    order = ["rewards", "data", "viz", "vlm", "plan", "infra", "grpo_vlm", "eval", "sft", "make_tiny_model"]
     for i, name in enumerate(order):
         assert project_imports(name) <= set(order[:i]), (name, project_imports(name))
     out = subprocess.run([sys.executable, "-c", "import runpy, sys; sys.argv = ['grpo_vlm.py', '--help']\n"
