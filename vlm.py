@@ -36,6 +36,10 @@ def precision(model):
     return torch.autocast("cuda", dtype=torch.bfloat16) if on_gpu else contextlib.nullcontext()
 
 
+# LoRA's default targets (--lora-targets): the language model's attention and MLP projections, never the vision tower
+LORA_TARGETS = r".*language_model\.layers\.\d+\.(self_attn|mlp)\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
+
+
 def logp_gap_limit(model):
     """The default --max-logp-gap: per-token agreement of the rollout and the training forward that fp32, or bf16
     autocast, keeps on every tested family (README: "Model families")."""
