@@ -173,6 +173,8 @@ CHOICES = {"task": data.TASKS, "preset": ("", *PRESETS), "loss_agg": ("grpo", "t
 def parse_args(argv=None):
     args = infra.parse_args(Args, argv, TASK_DEFAULTS, PRESETS, CHOICES, "grpo_vlm.py")
     args.output_dir = args.output_dir or os.path.join("runs", args.task)
+    if args.rollout_batch_size % args.num_generations:
+        sys.exit(f"error: --rollout-batch-size {args.rollout_batch_size} must be a multiple of G={args.num_generations}")
     if args.importance_sampling == "sequence" and args.loss_agg != "grpo":
         sys.exit("error: --importance-sampling sequence (GSPO) aggregates per sequence: use --loss-agg grpo")
     for name, parse in (("length_schedule", int), ("iou_threshold_schedule", rewards.refinement_stage)):
@@ -206,12 +208,19 @@ def draw(logits, keys, position):
 
 
 @torch.no_grad()
-def sample_group(model, family, prompt, G, max_new_tokens, temperature, keys=None, min_new_tokens=0):
+def sample_group(model, family, prompt, G, max_new_tokens, temperature, keys=None, min_new_tokens=0, rows=0):
     """(completions [B*G, max_new_tokens], their log-probs / T, the entropy H_t = -sum_v p_v log p_v of softmax(logits
     / T) at each of their tokens): G samples per prompt with `keys`, greedy if None.
 
     Rows are prompt-major (prompt 0's G samples first). Decoding stops when every completion has ended;
-    after its EOS a completion is padded. No EOS is drawn before `min_new_tokens`."""
+    after its EOS a completion is padded. No EOS is drawn before `min_new_tokens`. At most `rows` completions
+    decode at once (0: all): a keyed draw depends on its key alone, so the chunks draw the same tokens."""
+    n = len(prompt["input_ids"]) if rows else 0
+    if rows and rows < n * G:  # --rollout-batch-size: the KV cache holds `rows` completions, not B * G
+        k = rows // G
+        return tuple(torch.cat(x) for x in zip(*(
+            sample_group(model, family, family.select(prompt, i, min(i + k, n)), G, max_new_tokens, temperature,
+                         keys[i * G:(i + k) * G] if keys is not None else None, min_new_tokens) for i in range(0, n, k))))
     eos_id, pad_id = family.eos_id, family.pad_id
     was_training = model.training
     model.eval()
@@ -363,7 +372,7 @@ def policy_update(policy, opt, model, ref, family, prompt, o, mask, logp_rollout
             opt.step()
         else:  # a NaN/inf loss or gradient: skip this update rather than poison the weights
             skipped += 1
-        opt.zero_grad(set_to_none=True)
+        opt.zero_grad(set_to_none=world == 1)  # one process: free them for the rollout; DDP: keep the bucket views
     return stats, grad_norm, skipped
 
 
@@ -392,7 +401,7 @@ def rollout(model, family, rows, rng, step, max_len, rule, weights, coord_space,
         first = (k * B + rank * b) * G  # the global index of our first completion in the step: its sampling key
         keys = infra.sample_keys(args.seed, step, range(first, first + b * G))
         ro = rewarded(mine, prompt, sizes, *sample_group(model, family, prompt, G, max_len, args.temperature, keys,
-                                                         args.min_completion_length))
+                                                         args.min_completion_length, args.rollout_batch_size))
         if not args.dynamic_sampling:
             return ro
         every = {key: infra.gather(ro[key].to(device), world) for key in ("o", "logp", "H", "r")}

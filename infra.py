@@ -211,8 +211,10 @@ def ddp(module, world, device):
         return module
     from torch.nn.parallel import DistributedDataParallel
 
+    # the gradients live in DDP's buckets (no second copy of them), as long as they are zeroed, never set to None
     return DistributedDataParallel(module, device_ids=[torch.cuda.current_device()] if device.startswith("cuda")
-                                   else None, broadcast_buffers=False)  # same weights loaded; buffers are constants
+                                   else None, broadcast_buffers=False,  # same weights loaded; buffers are constants
+                                   gradient_as_bucket_view=True)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -33,7 +33,8 @@ def precision(model):
     at lr 1e-6 that is far below the spacing of bf16 numbers (1/256 of the weight), so bf16 weights
     would round most updates away; fp32 master weights keep them (as DeepSpeed's bf16 mode does)."""
     on_gpu = next(model.parameters()).device.type == "cuda"
-    return torch.autocast("cuda", dtype=torch.bfloat16) if on_gpu else contextlib.nullcontext()
+    # no cast cache: it would keep a bf16 copy of every weight (2 bytes a parameter) until the region ends
+    return torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=False) if on_gpu else contextlib.nullcontext()
 
 
 # LoRA's default targets (--lora-targets): the language model's attention and MLP projections, never the vision tower
@@ -51,19 +52,26 @@ def mm_types(input_ids, image_token_id):
     return (input_ids == image_token_id).int()
 
 
+def cache_dtype(model):
+    """The rollout's KV cache dtype: bf16 under autocast (attention reads its keys and values in bf16 anyway; RoPE
+    would otherwise leave the keys in fp32, at twice the memory), else the prefill's."""
+    return torch.bfloat16 if isinstance(precision(model), torch.autocast) else None
+
+
 class RoomyLayer(DynamicLayer):
     """One layer's KV cache for decoding G samples per prompt: each prompt's keys and values repeated G times
-    (prompt-major), with room for `extra` more positions. update() writes new keys and values in place and returns
-    views, where DynamicLayer would torch.cat the whole cache at every decode step (O(length^2) bytes copied)."""
+    (prompt-major), with room for `extra` more positions, in `dtype` (None: the prefill's). update() writes new keys
+    and values in place and returns views, where DynamicLayer would torch.cat the whole cache at every decode step
+    (O(length^2) bytes copied)."""
 
-    def __init__(self, layer, G, extra):
+    def __init__(self, layer, G, extra, dtype=None):
         if getattr(layer, "is_sliding", True):  # a sliding or linear-attention layer would be kept wrongly
             raise NotImplementedError(f"the rollout's KV cache does not support {type(layer).__name__}")
         super().__init__()
-        self.dtype, self.device, self.is_initialized = layer.keys.dtype, layer.keys.device, True
+        self.dtype, self.device, self.is_initialized = dtype or layer.keys.dtype, layer.keys.device, True
         (B, H, n, D), self.room = layer.keys.shape, []
         for x in (layer.keys, layer.values):
-            r = x.new_empty(B * G, H, n + extra, D)
+            r = x.new_empty(B * G, H, n + extra, D, dtype=self.dtype)
             r.view(B, G, H, n + extra, D)[..., :n, :] = x[:, None]  # one copy, no repeat_interleave
             self.room.append(r)
         self.keys, self.values = (r[..., :n, :] for r in self.room)
@@ -174,15 +182,15 @@ class Qwen2VL:
                         image_grid_thw=grid, mm_token_type_ids=mm_types(ids, self.config.image_token_id),
                         use_cache=True, logits_to_keep=1)
         cache = out.past_key_values
-        cache.layers = [self.repeat(layer, G, extra) for layer in cache.layers]
+        cache.layers = [self.repeat(model, layer, G, extra) for layer in cache.layers]
         state = {"cache": cache, "P": mask.shape[1],
                  "mask": torch.nn.functional.pad(mask.repeat_interleave(G, 0), (0, extra), value=1),
                  "next_pos": (position_ids.amax(dim=(0, 2)) + 1).repeat_interleave(G)}  # text counts on from the max
         return out.logits[:, -1].float().repeat_interleave(G, 0), state
 
-    def repeat(self, layer, G, extra):
+    def repeat(self, model, layer, G, extra):
         """One cache layer of the prefill, G times."""
-        return RoomyLayer(layer, G, extra)
+        return RoomyLayer(layer, G, extra, cache_dtype(model))
 
     def decode(self, model, tokens, state, t):
         """Logits after feeding completion token t of every row."""
@@ -280,11 +288,11 @@ class Qwen35(Qwen2VL):
             special = {k: v for k, v in json.load(f).items() if k in ("eos_token", "pad_token", "unk_token") and v}
         return PreTrainedTokenizerFast(tokenizer_file=file_of(path, "tokenizer.json"), padding_side="left", **special)
 
-    def repeat(self, layer, G, extra):
+    def repeat(self, model, layer, G, extra):
         from transformers.cache_utils import LinearAttentionCacheLayerMixin
 
         if not isinstance(layer, LinearAttentionCacheLayerMixin):
-            return RoomyLayer(layer, G, extra)
+            return RoomyLayer(layer, G, extra, cache_dtype(model))
         for states in (layer.conv_states, layer.recurrent_states):  # owned copies: decoding updates them in place
             for k, s in states.items():
                 if s is not None:
@@ -364,7 +372,7 @@ class Gemma3(Qwen2VL):
             out = model(input_ids=ids, attention_mask=mask, position_ids=pos, pixel_values=prompt["pixel_values"],
                         token_type_ids=mm_types(ids, self.config.image_token_id), past_key_values=cache,
                         use_cache=True, logits_to_keep=1)
-        cache.layers = [RoomyLayer(layer, G, extra) for layer in cache.layers]
+        cache.layers = [RoomyLayer(layer, G, extra, cache_dtype(model)) for layer in cache.layers]
         state = {"cache": cache, "P": ids.shape[1], "next_pos": (pos[:, -1] + 1).repeat_interleave(G),
                  "mask": torch.nn.functional.pad(mask.repeat_interleave(G, 0), (0, extra), value=1)}
         return out.logits[:, -1].float().repeat_interleave(G, 0), state
