@@ -372,7 +372,7 @@ def policy_update(policy, opt, model, ref, family, prompt, o, mask, logp_rollout
             opt.step()
         else:  # a NaN/inf loss or gradient: skip this update rather than poison the weights
             skipped += 1
-        opt.zero_grad(set_to_none=world == 1)  # one process: free them for the rollout; DDP: keep the bucket views
+        opt.zero_grad(set_to_none=world == 1 or args.fsdp)  # freed for the rollout; DDP's are views of its buckets
     return stats, grad_norm, skipped
 
 
@@ -547,7 +547,7 @@ def train(args):
         vlm.enable_checkpointing(model)
     model.train()
     policy, opt = infra.engine(args, model, family, state, world, device)  # infra: DDP or FSDP2, the optimizer
-    infra.start_banner(args, log, rows, bad_rows, weights, coord_space, device, world, start if state else None)
+    infra.start_banner(args, log, rows, bad_rows, weights, coord_space, device, world, start if state else None, base)
     eval_every = args.eval_every if held else 0  # synthetic splits (no --train-data) and --eval-data
     if eval_every and not state:
         held_out_eval(model, family, coord_space, args, 0, log, world, held)  # the starting point of the curves

@@ -26,6 +26,7 @@ from dataclasses import dataclass, fields
 import torch
 
 import data
+import plan
 import vlm
 
 # ---------------------------------------------------------------------------------------------
@@ -461,6 +462,7 @@ def step_row(step, r_all, components, stats, grad_norm, mask_all, mu, world, **e
             "logp_gap": s["logp_gap"] / n_tok, "logp_gap_max": all_max(stats["logp_gap_max"], world).item(),
             "entropy": s["entropy"] / n_tok,
             "completion_len": n_tok / len(mask_all), "grad_norm": float(grad_norm),
+            **({"gpu_peak_gib": torch.cuda.max_memory_allocated() / plan.GiB} if torch.cuda.is_available() else {}),
             **extra}
 
 
@@ -488,11 +490,15 @@ def step_line(m, args, components, bad_steps, batch, texts, r):
     return line
 
 
-def start_banner(args, log, rows, bad_rows, weights, coord_space, device, world, resumed_at):
+def start_banner(args, log, rows, bad_rows, weights, coord_space, device, world, resumed_at, model_path):
     """What this run is, printed once; the bad rows skipped, listed and counted in metrics.jsonl."""
     say(log.main, f"GRPO {args.task}: {len(rows)} prompts, B={args.prompts_per_step} G={args.num_generations} "
                   f"T={args.temperature} beta={args.beta} coords={coord_space} weights={weights} device={device} "
                   f"processes={world}" + (f", resumed at step {resumed_at}" if resumed_at is not None else ""))
+    if device.startswith("cuda"):  # the plan, to read beside each step's gpu_peak_gib (max_memory_allocated)
+        p = plan.parts(args, model_path, world)
+        say(log.main, "memory plan per GPU (--plan): " + ", ".join(f"{ph} {sum(p[ph].values()) / plan.GiB:.1f} GiB"
+                                                                  for ph in ("rollout", "training")))
     if bad_rows:
         say(log.main, f"skipped {len(bad_rows)} bad rows (--skip-bad-rows):" + "".join("\n  " + b for b in bad_rows[:10]))
         if resumed_at is None:  # a resumed run keeps the row it logged at the start

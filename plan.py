@@ -12,6 +12,7 @@ It cannot see the CUDA context (about 0.5 GiB), the allocator's fragmentation, k
 or NCCL's buffers. benchmarks/memory_plan.py compares every part with a measurement (README: "Memory").
 """
 
+import functools
 import math
 import re
 import types
@@ -24,6 +25,7 @@ GiB = 2**30
 TEXT_TOKENS = 64  # the chat template and a question around the image (the README's REC prompts: 40 to 70 tokens)
 
 
+@functools.lru_cache(maxsize=8)
 def architecture(path, lora_targets=""):
     """What the plan needs of a model, from its config alone: parameter counts (the model built on the meta
     device), the text model's shapes, the cache bytes of one token, and the image tokens of a width x height image."""
@@ -87,9 +89,10 @@ def parts(args, path, world, device="cuda", arch=None, whole_reference=None, tex
     rows = min(args.rollout_batch_size or B * G, B * G)
     D, V = a["hidden"], a["vocab"]
 
-    resident = {"fp32 weights": 4 * N / shard}
-    if lora:
-        resident["fp32 LoRA adapters"] = 4 * lora
+    if lora:  # the frozen base needs no fp32 master copy: bf16 on a GPU; the adapters train in fp32
+        resident = {"bf16 weights (frozen)" if gpu else "fp32 weights (frozen)": half * N, "fp32 LoRA adapters": 4 * lora}
+    else:
+        resident = {"fp32 weights": 4 * N / shard}
     if args.beta > 0 and not lora:  # LoRA's reference is the same model with its adapters off
         whole = not args.fsdp or (reference_whole(args, path, world, a) if whole_reference is None else whole_reference)
         resident["reference (bf16)" if gpu else "reference (fp32)"] = half * N / (1 if whole else world)
@@ -99,7 +102,7 @@ def parts(args, path, world, device="cuda", arch=None, whole_reference=None, tex
 
     # rollout: `rows` completions decode at once from one prefill of their rows / G prompts
     rollout = dict(resident)
-    if world > 1:  # DDP's bucket views (and FSDP's sharded gradients) are zeroed, never freed
+    if world > 1 and not args.fsdp:  # DDP's gradients are views of its buckets: zeroed, never freed
         rollout.update(grads)
     if args.fsdp:  # the weights are gathered once for the whole rollout, in the policy's compute dtype
         rollout["gathered weights"] = half * N * (world - 1) / world

@@ -263,7 +263,11 @@ def main():
         return child(a)
     import grpo_vlm as g
 
-    model_path = g.TINY_MODEL if not big else build_3b(os.path.join(tempfile.gettempdir(), f"qwen2.5-vl-3b-random-{a.scale}"), a.scale)
+    model_path = g.TINY_MODEL
+    if big:  # built once (memory_plan.py reuses it)
+        model_path = os.path.join(tempfile.gettempdir(), f"qwen2.5-vl-3b-random-{a.scale}")
+        if not os.path.exists(os.path.join(model_path, "config.json")):
+            build_3b(model_path, a.scale)
     cmd = [sys.executable, __file__, *sys.argv[1:], "--model-path", model_path, "--B", str(a.B), "--L", str(a.L)]
     env = dict(os.environ, OMP_NUM_THREADS=str(a.threads), TOKENIZERS_PARALLELISM="false")
     results = {"ours": [], "trl": []}

@@ -34,7 +34,11 @@ SHAPES = {  # name: (model, image size, B, G, L, micro-batch, rollout batch)
     "tiny-b": ("tiny", 256, 8, 8, 96, 32, 32),
     "3b/8-a": ("3b/8", 448, 2, 8, 32, 16, 0),
     "3b/8-b": ("3b/8", 448, 4, 8, 64, 8, 16),
+    # on a GPU (gpu_check.sh): the full 3B architecture, a small step and --preset vlm-r1's shape (B=16 x G=8, L=256)
+    "3b-a": ("3b", 448, 4, 8, 128, 8, 0),
+    "3b-b": ("3b", 448, 16, 8, 256, 8, 64),
 }
+CPU_SHAPES = "tiny-a,tiny-b,3b/8-a,3b/8-b"
 PHASES = ("rollout", "training")
 
 
@@ -58,11 +62,12 @@ def model_path(name):
 
     if name == "tiny":
         return g.TINY_MODEL
-    out = os.path.join(tempfile.gettempdir(), "grpo-vlm-bench-3b-scale8")
-    if not os.path.exists(os.path.join(out, "model.safetensors")):
+    scale = 8 if name == "3b/8" else 1
+    out = os.path.join(tempfile.gettempdir(), f"qwen2.5-vl-3b-random-{scale}")  # as grpo_step_vs_trl.py builds it
+    if not os.path.exists(os.path.join(out, "config.json")):
         from grpo_step_vs_trl import build_3b
 
-        build_3b(out, scale=8)
+        build_3b(out, scale=scale)
     return out
 
 
@@ -139,7 +144,7 @@ def planned(shape, device, text_tokens):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--shapes", default=",".join(SHAPES))
+    ap.add_argument("--shapes", default=CPU_SHAPES, help=f"of {', '.join(SHAPES)}")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--json", default="")
