@@ -377,14 +377,7 @@ def policy_update(policy, opt, model, ref, family, prompt, o, mask, logp_rollout
 
 
 # ---------------------------------------------------------------------------------------------
-# Data: one batch of prompts encoded by the model's family (the rows: data.load_rows).
-def encode(family, rows, step, args, device):
-    try:
-        return family.encode(rows, device)
-    except data.BadInput as e:  # an image that passed the upfront check fails now (changed on disk?)
-        sys.exit(f"error: {e} (step {step}; last checkpoint in {args.output_dir}; --resume after fixing it)")
-
-
+# A step's batch: B prompts drawn (data.draw), encoded by the family (infra.encode), G completions and rewards each.
 def rollout(model, family, rows, rng, step, max_len, rule, weights, coord_space, args, rank, world, device):
     """(0) and (1) of a step: B prompts, the same on every process (b = B / world are ours), G completions each from
     pi_old, and their rewards. DAPO's dynamic sampling drops the groups whose rewards are all equal and rolls out up
@@ -397,7 +390,7 @@ def rollout(model, family, rows, rng, step, max_len, rule, weights, coord_space,
     for k in range(1 + args.dynamic_sampling):
         drawn = data.draw(rng, rows, B)  # B prompts, the same on every process (any number of rows)
         mine = drawn[rank * b:(rank + 1) * b]
-        prompt, sizes = encode(family, mine, step, args, device)
+        prompt, sizes = infra.encode(family, mine, step, args, device)
         first = (k * B + rank * b) * G  # the global index of our first completion in the step: its sampling key
         keys = infra.sample_keys(args.seed, step, range(first, first + b * G))
         ro = rewarded(mine, prompt, sizes, *sample_group(model, family, prompt, G, max_len, args.temperature, keys,
@@ -415,7 +408,7 @@ def rollout(model, family, rows, rng, step, max_len, rule, weights, coord_space,
     if n == 0:  # not one informative group: the last round, as plain GRPO would train it
         return {**ro, "dynamic": dynamic}
     batch = [row for row, _ in pool[rank * n:(rank + 1) * n]]
-    prompt, sizes = encode(family, batch, step, args, device)
+    prompt, sizes = infra.encode(family, batch, step, args, device)
     o, logp, H = (torch.cat([group[key] for _, group in pool[rank * n:(rank + 1) * n]]) for key in ("o", "logp", "H"))
     return {**rewarded(batch, prompt, sizes, o, logp, H), "dynamic": dynamic}
 

@@ -138,6 +138,15 @@ def load_data(args, model_path, splits):
     return rows, bad, held
 
 
+def encode(family, rows, step, args, device):
+    """family.encode, where an image that passed the upfront check but fails now (changed on disk?) stops the run
+    with one line."""
+    try:
+        return family.encode(rows, device)
+    except data.BadInput as e:
+        sys.exit(f"error: {e} (step {step}; last checkpoint in {args.output_dir}; --resume after fixing it)")
+
+
 # ---------------------------------------------------------------------------------------------
 # Several processes (torchrun). PyTorch's DDP averages gradients; the trainer gathers rewards and masks.
 # ---------------------------------------------------------------------------------------------
