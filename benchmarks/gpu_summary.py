@@ -12,6 +12,9 @@ MiB = 2**20
 
 
 def main(out):
+    versions = os.path.join(out, "versions.txt")
+    if os.path.exists(versions):
+        print(open(versions).read().strip() + "\n")
     print("| check | what | result |\n|---|---|---|")
     for log in sorted(glob.glob(os.path.join(out, "gap-*", "metrics.jsonl"))):
         arch = os.path.basename(os.path.dirname(log))[4:]
@@ -19,11 +22,11 @@ def main(out):
         if rows:
             r = rows[0]
             verdict = "ok" if r["logp_gap"] <= 0.02 and r["logp_gap_max"] <= 1.0 else "OVER the bf16 limit"
-            print(f"| logp_gap, bf16 | {arch} | {r['logp_gap']:.2e} per token, {r['logp_gap_max']:.2e} at worst "
+            print(f"| logp_gap (bf16 on a GPU) | {arch} | {r['logp_gap']:.2e} per token, {r['logp_gap_max']:.2e} at worst "
                   f"(limit 0.02 / 1.0): {verdict}; max_memory_allocated {r.get('gpu_peak_gib', float('nan')):.2f} GiB |")
     for arch in sorted({os.path.basename(p)[4:-4] for p in glob.glob(os.path.join(out, "gap-*.log"))}):
         if not os.path.exists(os.path.join(out, f"gap-{arch}", "metrics.jsonl")):
-            print(f"| logp_gap, bf16 | {arch} | failed: see gap-{arch}.log |")
+            print(f"| logp_gap (bf16 on a GPU) | {arch} | failed: see gap-{arch}.log |")
     path = os.path.join(out, "memory_plan.json")
     if os.path.exists(path):
         for shape, res in json.load(open(path)).items():
