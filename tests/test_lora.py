@@ -154,6 +154,26 @@ def test_resume_equals_an_uninterrupted_run(tmp_path, engine):
                                       "--resume", str(tmp_path / "b")]))
 
 
+def test_two_processes_make_the_same_lora_update_as_one(tmp_path):
+    """torchrun with 2 gloo processes equals one process (DDP over the adapters only; the reference's toggle of A and
+    B's requires_grad inside the step leaves DDP's gradient sync intact). The task reward, as in test_robustness."""
+    flags = ["--prompts-per-step", "2", "--num-generations", "4", "--max-completion-length", "48", "--train-size", "8",
+             "--sample-every", "0", "--steps", "2", "--micro-batch-size", "4", "--eval-every", "0", "--save-every", "0",
+             "--loss-agg", "token", "--scale-rewards", "batch", "--lora-r", "8", "--lr", "1e-2"]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    two = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    for launcher, out in ((two, "two"), ([sys.executable], "one")):
+        res = subprocess.run(launcher + [os.path.join(ROOT, "grpo_vlm.py"), *flags, "--output-dir", str(tmp_path / out)],
+                             capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
+        assert res.returncode == 0, res.stderr[-3000:]
+    one, two_ = (load_file(tmp_path / run / "final" / "adapter_model.safetensors") for run in ("one", "two"))
+    assert max(one[k].abs().max() for k in one if "lora_B" in k) > 1e-3  # the adapters did move
+    assert all(torch.allclose(one[k], two_[k], rtol=0, atol=1e-6) for k in one)
+    m1, m2 = metrics(tmp_path / "one"), metrics(tmp_path / "two")
+    for key in ("reward", "loss", "kl"):
+        assert [r[key] for r in m1] == pytest.approx([r[key] for r in m2], abs=1e-6)
+
+
 @pytest.mark.parametrize("arch", ["qwen2_vl", "qwen3_vl", "qwen3_5", "gemma3"])
 def test_every_family_trains_lora(arch, tmp_path):
     """Two LoRA steps per family with the KL on: the logp_gap guard passes (train stops otherwise), the first KL is 0
