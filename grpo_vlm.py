@@ -468,9 +468,11 @@ def cold_start(model, family, rows, coord_space, args, log, device):
 
 def reference_model(args, model, family, resumed, base, device):
     """pi_ref of the KL term (5) as a forward (infra.Policy): the starting model (after any cold start), also after a
-    resume; None if beta=0."""
+    resume; with LoRA that is the same model with its adapters off (no copy); None if beta=0."""
     if args.beta == 0:
         return None
+    if args.lora_r:
+        return infra.Policy(model, family, args.temperature, args.logp_chunk, functools.partial(vlm.adapters_off, model))
     cold = os.path.join(args.output_dir, "cold-start")
     ref = vlm.load(cold if args.sft_steps else base, device)[0] if resumed else copy.deepcopy(model)
     if device.startswith("cuda"):
@@ -535,6 +537,8 @@ def train(args):
     log = infra.MetricsLog(args.output_dir, main, start if state else None, args)  # infra: metrics.jsonl, --report-to
     if args.sft_steps and not state:
         cold_start(model, family, rows, coord_space, args, log, device)
+    if args.lora_r and not state:  # LoRA on the starting model: only its adapters train (a resumed run loaded its own)
+        vlm.add_lora(model, family, args, os.path.join(args.output_dir, "cold-start") if args.sft_steps else base)
     ref = reference_model(args, model, family, state, base, device)
     if args.gradient_checkpointing:
         vlm.enable_checkpointing(model)

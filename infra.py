@@ -18,6 +18,7 @@ import inspect
 import json
 import os
 import random
+import re
 import shutil
 import signal
 import sys
@@ -74,7 +75,7 @@ def parse_args(cls, argv, task_defaults, presets, choices, prog):
         p.error(f"unknown --preset {preset!r}; known: {sorted(presets)}")
     for k, v in {**presets.get(preset, {}), **given}.items():
         setattr(args, k, v)
-    return args
+    return check_engine_flags(args) if isinstance(args, EngineFlags) else args
 
 
 @dataclass
@@ -104,6 +105,23 @@ class EngineFlags:  # how a run uses the hardware; the algorithm's flags are grp
 
 
 ENGINE_CHOICES = {"optim": ("adamw", "adamw8bit")}
+
+
+def check_engine_flags(args):
+    """The engine's flags that do not go together, refused with one line before anything loads."""
+    if not args.lora_r:
+        for name in ("lora_alpha", "lora_targets", "merge_lora"):
+            if getattr(args, name):
+                sys.exit(f"error: --{name.replace('_', '-')} is a LoRA flag: give --lora-r too (the adapters' rank)")
+    if args.lora_r < 0:
+        sys.exit(f"error: --lora-r {args.lora_r}: the rank must be positive (0: full fine-tune)")
+    if args.lora_r and args.fsdp:
+        sys.exit("error: --lora-r with --fsdp is not built yet (LoRA's weights and optimizer fit one GPU: drop --fsdp)")
+    try:
+        re.compile(args.lora_targets)
+    except re.error as e:
+        sys.exit(f"error: --lora-targets {args.lora_targets!r} is not a regular expression: {e}")
+    return args
 
 
 # ---------------------------------------------------------------------------------------------
@@ -206,13 +224,23 @@ class Policy(torch.nn.Module):
 def engine(args, model, family, state, world, device):
     """(policy, optimizer): the training forward wrapped by the multi-process engine (DDP; FSDP2 with --fsdp) and the
     optimizer (--optim) over the trainable weights, its state restored on a resume."""
-    if args.fsdp or args.optim != "adamw":
-        sys.exit("error: --fsdp and --optim adamw8bit are not built yet")
+    if args.fsdp:
+        sys.exit("error: --fsdp is not built yet")
     policy = ddp(Policy(model, family, args.temperature, args.logp_chunk), world, device)
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr, weight_decay=0.0)
+    opt = optimizer(args, [p for p in model.parameters() if p.requires_grad])  # with LoRA: A and B only
     if state:
         opt.load_state_dict(state["optimizer"])
     return policy, opt
+
+
+def optimizer(args, params):
+    """AdamW without weight decay (as VLM-R1's GRPO runs): fp32 moments, or with --optim adamw8bit bitsandbytes'
+    8-bit ones (block-wise quantized m and v, a quarter of the memory; tensors under 4096 elements keep fp32)."""
+    if args.optim == "adamw8bit":
+        import bitsandbytes
+
+        return bitsandbytes.optim.AdamW8bit(params, lr=args.lr, weight_decay=0.0)
+    return torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0)
 
 
 def ddp(module, world, device):
@@ -233,7 +261,8 @@ def ddp(module, world, device):
 # is a function of the step, so the step is the schedule's whole state.
 # ---------------------------------------------------------------------------------------------
 RUN_DEFINING = ("model", "task", "train_data", "seed", "prompts_per_step", "num_generations", "train_size",
-                "freeze_vision", "sft_steps", "problem_key", "solution_key", "image_key")
+                "freeze_vision", "sft_steps", "problem_key", "solution_key", "image_key", "lora_r", "lora_alpha",
+                "lora_targets", "optim")
 
 
 def save_state(args, step, model, family, opt, rng, extra):
@@ -531,8 +560,11 @@ def finish(args, model, family, log, bad_rows, rank, world):
         if bad_rows:
             print(f"{len(bad_rows)} bad rows were skipped (see the top of this log and metrics.jsonl)", flush=True)
         plot_metrics(log.path, os.path.join(args.output_dir, "curves.png"), args.task)
-        family.save(model, final)
+        family.save(model, final)  # with LoRA: the adapter (vlm.load puts it on its base)
         print(f"saved {final}", flush=True)
+        if args.merge_lora:
+            vlm.merge_lora(final, final + "-merged")
+            print(f"saved {final}-merged (the adapters merged into fp32 weights)", flush=True)
     if world > 1:
         torch.distributed.barrier()
         torch.distributed.destroy_process_group()

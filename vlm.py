@@ -19,6 +19,7 @@ loaded: a family we have not tested never trains.
 import contextlib
 import json
 import os
+import re
 import sys
 
 import torch
@@ -37,8 +38,10 @@ def precision(model):
     return torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=False) if on_gpu else contextlib.nullcontext()
 
 
-# LoRA's default targets (--lora-targets): the language model's attention and MLP projections, never the vision tower
-LORA_TARGETS = r".*language_model\.layers\.\d+\.(self_attn|mlp)\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
+# LoRA's default targets (--lora-targets): the language model's attention and MLP projections (Qwen3.5's Gated
+# DeltaNet layers: their large projections), never the vision tower
+LORA_TARGETS = (r".*language_model\.layers\.\d+\.(self_attn|linear_attn|mlp)\."
+                r"(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj|in_proj_qkv|in_proj_z|out_proj)")
 
 
 def logp_gap_limit(model):
@@ -444,17 +447,21 @@ def adapter(path, config=None):
 
 def load(path, device="cpu"):
     """(model, family): the HF model in fp32 with SDPA attention, and its family's adapter (loaded first: an
-    unsupported model type is refused before a weight loads).
+    unsupported model type is refused before a weight loads). `path` may be a LoRA adapter folder (a LoRA run's
+    checkpoint or final model): its base model with the adapter in place.
 
     We never use AutoProcessor: it can silently return only the tokenizer, and Qwen's processor needs torchvision
     for videos. The tokenizer and the family's image-only PIL processor suffice."""
     from transformers import AutoConfig, AutoModelForImageTextToText, GenerationConfig
 
-    config = AutoConfig.from_pretrained(path)
+    base = lora_base(path)  # a LoRA adapter folder: its base model, then the adapter
+    config = AutoConfig.from_pretrained(base)
     family = adapter(path, config)
     # fp32 weights everywhere; on a GPU the forwards run in bf16 autocast (precision()). SDPA, also where flash-attn
     # is installed: the training forward's block attention mask (pack) is beyond flash-attn's kernels.
-    model = AutoModelForImageTextToText.from_pretrained(path, dtype=torch.float32, attn_implementation="sdpa")
+    model = AutoModelForImageTextToText.from_pretrained(base, dtype=torch.float32, attn_implementation="sdpa")
+    if base != path:
+        model.load_adapter(path, is_trainable=True)  # A and B train on (a resume); the base weights stay frozen
     model = model.to(device)
     # Rollouts must come from exactly the policy the loss scores: a hub generation_config's repetition penalty,
     # top-k or top-p would change them, so only the special tokens are kept.
@@ -509,3 +516,61 @@ def enable_checkpointing(model):
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     else:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
+# ---------------------------------------------------------------------------------------------
+# LoRA (Hu et al. 2021): W x + (alpha / r) B A x on the targeted linear layers; only A and B train. The adapters go
+# into the HF model in place (transformers' peft integration), so the model stays the HF class every hook above
+# calls; save_pretrained then writes the adapter only (adapter_model.safetensors, adapter_config.json).
+def lora_modules(model, family, targets, freeze_vision=False):
+    """Names of the linear layers whose full name matches the regex `targets` (empty: LORA_TARGETS); with
+    --freeze-vision none in the vision tower (a frozen tower gets no adapter). Refused with one line if none match."""
+    frozen = {id(m) for m in family.vision(model).modules()} if freeze_vision else set()
+    names = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and id(m) not in frozen
+             and re.fullmatch(targets or LORA_TARGETS, n)]
+    if not names:
+        sys.exit(f"error: --lora-targets {targets or LORA_TARGETS!r} matches no linear layer"
+                 f"{' outside the frozen vision tower' if frozen else ''} (full names, as model.named_modules())")
+    return names
+
+
+def add_lora(model, family, args, base):
+    """Rank --lora-r adapters on lora_modules(), in place: A random, B = 0, so the run starts at exactly the base
+    model. Dropout 0: any dropout makes the training forward differ from the rollout (rho != 1 at mu = 1, and the
+    logp_gap check trips). The adapter records `base` (absolute if local), the weights load() puts it on."""
+    from peft import LoraConfig
+
+    names = lora_modules(model, family, args.lora_targets, args.freeze_vision)
+    model.add_adapter(LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha or 2 * args.lora_r, lora_dropout=0.0,
+                                 target_modules=names))
+    model.peft_config["default"].base_model_name_or_path = os.path.abspath(base) if os.path.isdir(base) else base
+
+
+def lora_base(path):
+    """The base model of a LoRA adapter folder (adapter_config.json), else `path` itself."""
+    config = os.path.join(path, "adapter_config.json")
+    if not os.path.exists(config):
+        return path
+    with open(config) as f:
+        return json.load(f)["base_model_name_or_path"]
+
+
+@contextlib.contextmanager
+def adapters_off(model):
+    """The model without its adapters: the base weights, LoRA's pi_ref (no copy). peft's toggle also sets A and B
+    trainable again on the way back."""
+    model.disable_adapters()
+    try:
+        yield
+    finally:
+        model.enable_adapters()
+
+
+def merge_lora(path, out):
+    """The adapter folder `path` merged into its base's fp32 weights, W + (alpha / r) B A (a bf16 base would round
+    small deltas away), saved to `out` as a plain model: loads with from_pretrained, no peft needed."""
+    from peft import PeftModel
+
+    model, _ = load(lora_base(path))
+    family = adapter(path, model.config)  # the tokenizer, processor and chat template the run saved
+    family.save(PeftModel.from_pretrained(model, path).merge_and_unload(), out)
