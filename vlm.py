@@ -463,6 +463,8 @@ def load(path, device="cpu"):
     if base != path:
         model.load_adapter(path, is_trainable=True)  # A and B train on (a resume); the base weights stay frozen
     model = model.to(device)
+    if base != path:
+        frozen_to_bf16(model)
     # Rollouts must come from exactly the policy the loss scores: a hub generation_config's repetition penalty,
     # top-k or top-p would change them, so only the special tokens are kept.
     gc = model.generation_config
@@ -544,6 +546,17 @@ def add_lora(model, family, args, base):
     model.add_adapter(LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha or 2 * args.lora_r, lora_dropout=0.0,
                                  target_modules=names))
     model.peft_config["default"].base_model_name_or_path = os.path.abspath(base) if os.path.isdir(base) else base
+    frozen_to_bf16(model)
+
+
+def frozen_to_bf16(model):
+    """Under bf16 autocast (a GPU), LoRA's frozen base in bf16: it never takes an update, so it needs no fp32 master
+    copy (half its memory, as --plan counts it; the forwards compute in bf16 anyway, as the full fine-tune's bf16
+    reference does). The adapters A and B stay fp32."""
+    if isinstance(precision(model), torch.autocast):
+        for p in model.parameters():
+            if not p.requires_grad:
+                p.data = p.data.to(torch.bfloat16)
 
 
 def lora_base(path):

@@ -184,3 +184,19 @@ def test_plan_counts_the_kv_cache_the_rollout_allocates():
                   image_size="1000x1000")  # a large image: the prompt is capped at P tokens
     planned = plan.parts(args, g.TINY_MODEL, 1, "cpu")["rollout"]["KV cache"]
     assert planned == allocated
+
+
+def test_lora_keeps_its_frozen_base_in_bf16_under_autocast(tmp_path, monkeypatch):
+    """--plan counts LoRA's frozen base at 2 bytes a parameter on a GPU: under bf16 autocast (here on the CPU) the
+    base weights are bf16 and the adapters fp32, and a LoRA step runs with the logp_gap check passing."""
+    monkeypatch.setattr(vlm, "precision", lambda model: torch.autocast("cpu", dtype=torch.bfloat16))
+    args = g.parse_args(["--prompts-per-step", "2", "--num-generations", "4", "--max-completion-length", "16",
+                         "--train-size", "8", "--steps", "1", "--eval-every", "0", "--save-every", "0",
+                         "--sample-every", "0", "--lora-r", "4", "--output-dir", str(tmp_path)])
+    model, family = vlm.load(g.TINY_MODEL)
+    vlm.add_lora(model, family, args, g.TINY_MODEL)
+    dtypes = {(p.requires_grad, p.dtype) for p in model.parameters()}
+    assert dtypes == {(True, torch.float32), (False, torch.bfloat16)}
+    g.train(args)  # the whole run, from the adapter's start to its saved folder
+    reloaded = vlm.load(str(tmp_path / "final"))[0]
+    assert {(p.requires_grad, p.dtype) for p in reloaded.parameters()} == dtypes
