@@ -2,7 +2,7 @@
 
     python grpo_vlm.py --task rec                      # tiny offline model + synthetic world
     python grpo_vlm.py --task rec --model PATH --train-data rows.jsonl --image-root DIR
-    torchrun --nproc_per_node 2 grpo_vlm.py ...        # DDP; --resume DIR continues a run
+    torchrun --nproc_per_node 2 grpo_vlm.py ...        # DDP (--fsdp: FSDP2); --resume DIR continues a run
 
 Equations (../shared/REFERENCE.md):
   (0) o_i ~ pi_old(. | q), i = 1..G, at temperature T           -> sample_group, draw (keys: infra.sample_keys)
@@ -342,7 +342,7 @@ def policy_update(policy, opt, model, ref, family, prompt, o, mask, logp_rollout
     for k in range(args.mu):
         pass_loss = torch.zeros((), device=A.device)
         for j, s in enumerate(mbs):
-            sync = world == 1 or j == len(mbs) - 1  # DDP syncs gradients in the last micro-batch's backward only
+            sync = world == 1 or j == len(mbs) - 1  # DDP syncs gradients in the last micro-batch only; FSDP2 in each
             with policy.no_sync() if not sync else contextlib.nullcontext():
                 logp = policy(packed[j])
                 loss, st = grpo_loss(logp, logp_old[j] if logp_old else logp.detach(),
@@ -555,7 +555,7 @@ def train(args):
         with infra.gathered(policy):  # under FSDP2 the weights are gathered once for the whole rollout
             ro = rollout(model, family, rows, rng, step, max_len, rule, weights, coord_space, args, rank, world, device)
         o, mask, r, N = ro["o"], ro["mask"], ro["r"], len(ro["o"])
-        # (2) advantages and (6) token weights over the global batch, then our rows. DDP averages gradients
+        # (2) advantages and (6) token weights over the global batch, then our rows. DDP and FSDP2 average gradients
         # over the processes, so the weights are scaled by `world` to make the sum of all processes' losses.
         # DAPO's overlong filtering gives a completion cut off at the cap (no EOS) no loss.
         truncated = (~(o == family.eos_id).any(1)).float()

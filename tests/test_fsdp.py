@@ -6,6 +6,7 @@ import os
 import signal
 import subprocess
 import sys
+import types
 
 import pytest
 import torch
@@ -92,7 +93,8 @@ def test_fsdp_step_equals_one_process_and_its_checkpoints_load_and_resume(tmp_pa
 def test_rollout_gathers_the_weights_once_and_samples_the_same_tokens(tmp_path):
     """Each process samples its prompts from the sharded policy inside infra.gathered: the tokens equal the
     unsharded model's, and the all-gathers are one per FSDP unit (3 decoder layers, 2 vision blocks, the root) for
-    8 or for 32 decoded tokens alike; left to FSDP2 they would be one per unit per token."""
+    8 or for 32 decoded tokens alike. Left to FSDP2 (the rollout as a registered forward method, each layer freed
+    after it runs) the same tokens cost every decoder layer's gather at every token."""
     run(TWO, "rollout", str(tmp_path), script=os.path.abspath(__file__))
     for rank in (0, 1):
         r = json.load(open(tmp_path / f"rollout-{rank}.json"))
@@ -100,6 +102,7 @@ def test_rollout_gathers_the_weights_once_and_samples_the_same_tokens(tmp_path):
         for n in ("8", "32"):
             assert r[n]["equal"] and r[n]["tokens"] == int(n), r
             assert r[n]["all_gathers"] == r["units"], r  # once per rollout, not once per token
+            assert r[n]["equal_left_to_fsdp"] and r[n]["all_gathers_left_to_fsdp"] >= 3 * int(n), r
         assert r["sharded_after"]  # the gathered weights are freed after the rollout
 
 
@@ -108,7 +111,7 @@ def test_ctrl_c_under_torchrun_saves_a_checkpoint_and_adamw8bit_resumes_exactly(
     processes finish the step and write one complete checkpoint; resumed, torchao's 8-bit AdamW (set up with its
     lr in place) continues exactly as an uninterrupted run. torch.compile is off: torchao compiles its step for
     every weight shape, 2 minutes on 2 CPU cores; eager runs the same arithmetic in every run compared here."""
-    flags = SMALL + ["--save-every", "0", "--fsdp", "--optim", "adamw8bit"]
+    flags = SMALL + ["--save-every", "0", "--fsdp", "--optim", "adamw8bit", "--micro-batch-size", "2"]  # accumulating
     env = dict(ENV, TORCHDYNAMO_DISABLE="1")
     cmd = TWO + [os.path.join(ROOT, "grpo_vlm.py"), *flags, "--output-dir", str(tmp_path / "b")]
     proc = subprocess.Popen(cmd + ["--steps", "1000"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
@@ -145,7 +148,7 @@ def test_fsdp_is_refused_without_torchrun_or_with_lora(flags, env, says):
 def rollout_worker(out_dir, G=4):
     """The rollout of test_rollout_gathers_the_weights_once_and_samples_the_same_tokens: each process's two prompts,
     first from the whole model, then from the sharded one inside infra.gathered, counting FSDP2's all-gathers."""
-    from torch.distributed.fsdp import FSDPModule
+    from torch.distributed.fsdp import FSDPModule, register_fsdp_forward_method
     from torch.distributed.tensor import DTensor
 
     rank, world, device = infra.setup_distributed()
@@ -170,6 +173,17 @@ def rollout_worker(out_dir, G=4):
             o = g.sample_group(model, family, prompt, G, n, 1.0, keys, min_new_tokens=n)[0]
         result[str(n)] = {"equal": torch.equal(o, whole[n]), "tokens": o.shape[1], "all_gathers": calls[0]}
     result["sharded_after"] = all(isinstance(p, DTensor) for p in model.parameters())
+
+    def left_to_fsdp(self, n):  # the same rollout as a registered forward method, without infra.gathered
+        return g.sample_group(self.model, family, prompt, G, n, 1.0, keys, min_new_tokens=n)[0]
+
+    policy.left_to_fsdp = types.MethodType(left_to_fsdp, policy)
+    register_fsdp_forward_method(policy, "left_to_fsdp")
+    for n in lengths:
+        calls[0] = 0
+        with torch.no_grad():
+            result[str(n)]["equal_left_to_fsdp"] = torch.equal(policy.left_to_fsdp(n), whole[n])
+        result[str(n)]["all_gathers_left_to_fsdp"] = calls[0]
     with open(os.path.join(out_dir, f"rollout-{rank}.json"), "w") as f:
         json.dump(result, f)
     torch.distributed.destroy_process_group()
