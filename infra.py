@@ -27,10 +27,6 @@ import sys
 from dataclasses import dataclass, fields
 
 import torch
-from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method  # noqa
-from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_optimizer_state_dict,
-                                                     set_optimizer_state_dict)
-from torch.distributed.tensor import DTensor
 
 import data
 import plan
@@ -209,6 +205,8 @@ class Policy(torch.nn.Module):
     def gather(self):
         """FSDP2 (a registered forward method, so the root's own hooks gather the root's weights first): every layer's
         weights gathered now and kept until gathered() frees them."""
+        from torch.distributed.fsdp import FSDPModule
+
         for m in self.modules():
             if isinstance(m, FSDPModule) and m is not self:
                 m.unshard()
@@ -272,6 +270,7 @@ def fsdp(module, world, device, reshard_root=False):
     calls submodules, never the HF model's forward, so an HF root's hooks would never gather its own weights. On a
     GPU the gathered weights are bf16 (the master weights stay fp32) and gradients are reduced in fp32."""
     from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
 
     mesh = init_device_mesh(device.split(":")[0], (world,))
     bf16 = device.startswith("cuda")
@@ -291,6 +290,8 @@ def gathered(policy):
     """Under FSDP2, all of the policy's weights gathered once for a block that calls the HF model directly (the
     rollout's prefill and decode steps, the held-out eval) and freed after it. Left to FSDP2, every decoded token
     would gather every layer again (5.5 GB per token at 3B in bf16). Other engines: nothing to do."""
+    from torch.distributed.fsdp import FSDPModule
+
     if not isinstance(policy, FSDPModule):
         yield
         return
@@ -317,6 +318,8 @@ def reference(args, ref, path, device):
 
 def clip_grad_norm(model, max_norm):
     """The gradients' global norm, clipped to max_norm; under FSDP2 the norm of the whole gradient, not of a shard."""
+    from torch.distributed.tensor import DTensor
+
     norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
     return norm.full_tensor() if isinstance(norm, DTensor) else norm
 
@@ -369,6 +372,8 @@ def full_weights(args, model):
     comes back as two copies (lm_head and the embeddings): its alias is dropped, or it would be written twice."""
     if not args.fsdp:
         return None
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
     weights = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     aliases = {n for n, _ in model.named_parameters(remove_duplicate=False)} - {n for n, _ in model.named_parameters()}
     return {k: v for k, v in weights.items() if k not in aliases}
@@ -379,6 +384,7 @@ def save_optimizer_shards(model, opt, folder):
     shards (nothing is gathered: fp32 AdamW's moments are 8 bytes a weight), keyed by weight name, so a resume may
     shard them over another number of processes. torchao's 8-bit moments round-trip exactly."""
     import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
 
     dcp.save({"optimizer": get_optimizer_state_dict(model, opt)}, checkpoint_id=folder)
 
@@ -389,6 +395,7 @@ def load_optimizer(args, model, opt, state):
     if not args.fsdp:
         return opt.load_state_dict(state["optimizer"])
     import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
 
     sharded = {"optimizer": get_optimizer_state_dict(model, opt)}
     dcp.load(sharded, checkpoint_id=os.path.join(state["checkpoint"], "optimizer"))
