@@ -2,7 +2,7 @@
 
     python grpo_vlm.py --task rec                      # tiny offline model + synthetic world
     python grpo_vlm.py --task rec --model PATH --train-data rows.jsonl --image-root DIR
-    torchrun --nproc_per_node 2 grpo_vlm.py ...        # DDP; --resume DIR continues a run
+    torchrun --nproc_per_node 2 grpo_vlm.py ...        # DDP (--fsdp: FSDP2); --resume DIR continues a run
 
 Equations (../shared/REFERENCE.md):
   (0) o_i ~ pi_old(. | q), i = 1..G, at temperature T           -> sample_group, draw (keys: infra.sample_keys)
@@ -351,7 +351,7 @@ def policy_update(policy, opt, model, ref, family, prompt, o, mask, logp_rollout
     for k in range(args.mu):
         pass_loss = torch.zeros((), device=A.device)
         for j, s in enumerate(mbs):
-            sync = world == 1 or j == len(mbs) - 1  # DDP syncs gradients in the last micro-batch's backward only
+            sync = world == 1 or j == len(mbs) - 1  # DDP syncs gradients in the last micro-batch only; FSDP2 in each
             with policy.no_sync() if not sync else contextlib.nullcontext():
                 logp = policy(packed[j])
                 loss, st = grpo_loss(logp, logp_old[j] if logp_old else logp.detach(),
@@ -366,7 +366,7 @@ def policy_update(policy, opt, model, ref, family, prompt, o, mask, logp_rollout
                 gap = (logp.detach() - logp_rollout[s]).abs() * mask[s]
                 stats["logp_gap"] += gap.sum()
                 stats["logp_gap_max"] = torch.maximum(stats["logp_gap_max"], gap.max())
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)  # synced by DDP
+        grad_norm = infra.clip_grad_norm(model, args.max_grad_norm)  # of gradients synced by DDP or FSDP2
         finite = infra.all_sum(torch.isfinite(pass_loss).float(), world).item() == world
         if finite and torch.isfinite(grad_norm):
             opt.step()
@@ -477,7 +477,8 @@ def reference_model(args, model, family, resumed, base, device):
     ref = vlm.load(cold if args.sft_steps else base, device)[0] if resumed else copy.deepcopy(model)
     if device.startswith("cuda"):
         ref.to(torch.bfloat16)  # never trained: bf16 weights suffice, at half the memory
-    return infra.Policy(ref.eval().requires_grad_(False), family, args.temperature, args.logp_chunk)
+    ref = infra.Policy(ref.eval().requires_grad_(False), family, args.temperature, args.logp_chunk)
+    return infra.reference(args, ref, base, device)  # under --fsdp whole if it fits, else sharded
 
 
 # ---------------------------------------------------------------------------------------------
@@ -508,20 +509,21 @@ def held_out(model, family, coord_space, splits, task="rec"):
     return out
 
 
-def held_out_eval(model, family, coord_space, args, step, log, world, splits):
-    """On the main process, log and print held_out(); the others wait."""
-    if log.main:
-        ev = held_out(model, family, coord_space, splits, args.task)
-        log.write({"step": step, **ev}, infra.eval_line(step, ev))
-        if step == args.steps:  # the end of the run: a picture of the final model's boxes on held-out images
-            viz.held_out_grid(args, lambda rows: evaluate(model, family, rows, coord_space, args.task)[1])
-    infra.barrier(world)
+def held_out_eval(policy, model, family, coord_space, args, step, log, world, splits):
+    """On the main process, log and print held_out(); the others wait (under FSDP2 after gathering the weights)."""
+    with infra.gathered(policy):
+        if log.main:
+            ev = held_out(model, family, coord_space, splits, args.task)
+            log.write({"step": step, **ev}, infra.eval_line(step, ev))
+            if step == args.steps:  # the end of the run: a picture of the final model's boxes on held-out images
+                viz.held_out_grid(args, lambda rows: evaluate(model, family, rows, coord_space, args.task)[1])
+        infra.barrier(world)
 
 
 # ---------------------------------------------------------------------------------------------
 # Training: Algorithm 1 of the GRPO paper, one rollout batch per step.
 def train(args):
-    rank, world, device = infra.setup_distributed()  # infra: processes
+    rank, world, device = infra.setup_distributed(args)  # infra: processes
     B, G, main = args.prompts_per_step, args.num_generations, rank == 0
     if B % world:
         sys.exit(f"error: --prompts-per-step {B} must be a multiple of the {world} processes")
@@ -547,20 +549,19 @@ def train(args):
     infra.start_banner(args, log, rows, bad_rows, weights, coord_space, device, world, start if state else None, base)
     eval_every = args.eval_every if held else 0  # synthetic splits (no --train-data) and --eval-data
     if eval_every and not state:
-        held_out_eval(model, family, coord_space, args, 0, log, world, held)  # the starting point of the curves
+        held_out_eval(policy, model, family, coord_space, args, 0, log, world, held)  # the curves' starting point
     bad_steps = state.get("bad_steps", 0) if state else 0
     for step in range(start + 1, args.steps + 1):
         t0 = time.time()
-        lr = infra.lr_at(args, step)
-        for group in opt.param_groups:
-            group["lr"] = lr
+        lr = infra.set_lr(opt, infra.lr_at(args, step))
         # (0) G completions per prompt from pi_old and (1) their rewards, with Vision-R1's staged length and rule
         # refinement (functions of the step) and DAPO's dynamic sampling
         max_len = stage_value(args.length_schedule, step, args.max_completion_length)
         rule = stage_value(args.iou_threshold_schedule, step, {"iou_threshold": 0.0}, rewards.refinement_stage)
-        ro = rollout(model, family, rows, rng, step, max_len, rule, weights, coord_space, args, rank, world, device)
+        with infra.gathered(policy):  # under FSDP2 the weights are gathered once for the whole rollout
+            ro = rollout(model, family, rows, rng, step, max_len, rule, weights, coord_space, args, rank, world, device)
         o, mask, r, N = ro["o"], ro["mask"], ro["r"], len(ro["o"])
-        # (2) advantages and (6) token weights over the global batch, then our rows. DDP averages gradients
+        # (2) advantages and (6) token weights over the global batch, then our rows. DDP and FSDP2 average gradients
         # over the processes, so the weights are scaled by `world` to make the sum of all processes' losses.
         # DAPO's overlong filtering gives a completion cut off at the cap (no EOS) no loss.
         truncated = (~(o == family.eos_id).any(1)).float()
@@ -583,7 +584,7 @@ def train(args):
         if step == start + 1:  # the alarm for an adapter's silent failure: sampler and trainer disagree on pi_old
             infra.check_logp_gap(m, args.max_logp_gap or vlm.logp_gap_limit(model), model.config.model_type)
         if eval_every and (step % eval_every == 0 or step == args.steps):
-            held_out_eval(model, family, coord_space, args, step, log, world, held)
+            held_out_eval(policy, model, family, coord_space, args, step, log, world, held)
         infra.save_or_stop(args, step, bad_steps, model, family, opt, rng, rank, world, device)  # infra: checkpoints
     return infra.finish(args, model, family, log, bad_rows, rank, world)  # infra: curves, final model
 

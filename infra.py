@@ -2,8 +2,11 @@
 
   parse_args        argparse built from a dataclass and its field docstrings; task defaults < preset < flags
   load_data         the rows, checked upfront: formats and images (data.py), prompt lengths (the family's tokenizer)
-  setup_distributed torchrun processes (gloo on the CPU, NCCL on GPUs); gather, all_sum, ddp
-  resume, save_state atomic checkpoints (model, optimizer, step, prompt sampler, RNG) and a checked resume
+  setup_distributed torchrun processes (gloo on the CPU, NCCL on GPUs); gather, all_sum
+  engine            the policy under DDP, or FSDP2 with --fsdp (fsdp; gathered: the weights once per rollout), the
+                    optimizer (--optim); reference: pi_ref whole or sharded
+  resume, save_state atomic checkpoints (model, optimizer, step, prompt sampler, RNG) and a checked resume; under
+                    --fsdp the weights gathered for save_pretrained, the optimizer in shards (DCP)
   MetricsLog        metrics.jsonl, cut back to the checkpoint on a resume; the progress line; the curves (matplotlib)
   Reporter          --report-to tensorboard|wandb: the same rows, and sample completions, to either library
   catch_signals     Ctrl-C / SIGTERM: finish the step, save, exit
@@ -168,8 +171,14 @@ def encode(family, rows, step, args, device):
 # ---------------------------------------------------------------------------------------------
 # Several processes (torchrun). PyTorch's DDP averages gradients; the trainer gathers rewards and masks.
 # ---------------------------------------------------------------------------------------------
-def setup_distributed():
-    """(rank, world size, device); a single process when not launched by torchrun."""
+def setup_distributed(args=None):
+    """(rank, world size, device); a single process when not launched by torchrun. --fsdp needs torchrun's processes
+    (it shards over them) and is refused here, before a weight loads, without them or with LoRA."""
+    fsdp = getattr(args, "fsdp", False)
+    if fsdp and int(os.environ.get("WORLD_SIZE", 1)) < 2:
+        sys.exit("error: --fsdp shards the model over torchrun's processes: launch with torchrun --nproc_per_node N")
+    if fsdp and args.lora_r:
+        sys.exit("error: --fsdp with --lora-r is not supported: drop --fsdp (DDP keeps LoRA's frozen base whole)")
     if "RANK" not in os.environ:
         return 0, 1, "cuda" if torch.cuda.is_available() else "cpu"
     backend = "nccl" if torch.cuda.is_available() else "gloo"
@@ -217,30 +226,61 @@ class Policy(torch.nn.Module):
         self.model, self.family, self.T, self.chunk, self.context = model, family, T, chunk, context
 
     def forward(self, packed):
-        with self.context():
-            return vlm.packed_logps(self.model, self.family, packed, self.T, self.chunk)
+        with self.context():  # a copy, not a view: FSDP2 hooks its backward onto the output (a view's hook can be lost)
+            return vlm.packed_logps(self.model, self.family, packed, self.T, self.chunk).clone()
+
+    def gather(self):
+        """FSDP2 (a registered forward method, so the root's own hooks gather the root's weights first): every layer's
+        weights gathered now and kept until gathered() frees them."""
+        from torch.distributed.fsdp import FSDPModule
+
+        for m in self.modules():
+            if isinstance(m, FSDPModule) and m is not self:
+                m.unshard()
+
+    def no_sync(self):
+        """FSDP2 reduce-scatters each micro-batch's gradients into the shards: accumulating them unsharded instead
+        (DDP's no_sync) would hold a whole copy of the gradients, the memory FSDP2 is there to save."""
+        return contextlib.nullcontext()
 
 
 def engine(args, model, family, state, world, device):
     """(policy, optimizer): the training forward wrapped by the multi-process engine (DDP; FSDP2 with --fsdp) and the
-    optimizer (--optim) over the trainable weights, its state restored on a resume."""
-    if args.fsdp:
-        sys.exit("error: --fsdp is not built yet")
-    policy = ddp(Policy(model, family, args.temperature, args.logp_chunk), world, device)
+    optimizer (--optim) over the trainable weights (under FSDP2 their shards), its state restored on a resume."""
+    module = Policy(model, family, args.temperature, args.logp_chunk)
+    policy = fsdp(module, world, device) if args.fsdp else ddp(module, world, device)
     opt = optimizer(args, [p for p in model.parameters() if p.requires_grad])  # with LoRA: A and B only
     if state:
-        opt.load_state_dict(state["optimizer"])
+        load_optimizer(args, model, opt, state)
     return policy, opt
 
 
 def optimizer(args, params):
-    """AdamW without weight decay (as VLM-R1's GRPO runs): fp32 moments, or with --optim adamw8bit bitsandbytes'
-    8-bit ones (block-wise quantized m and v, a quarter of the memory; tensors under 4096 elements keep fp32)."""
-    if args.optim == "adamw8bit":
+    """AdamW without weight decay (as VLM-R1's GRPO runs): fp32 moments, or with --optim adamw8bit 8-bit ones
+    (block-wise quantized m and v, a quarter of the memory): bitsandbytes' AdamW8bit, or torchao's under --fsdp,
+    because bitsandbytes' fails on FSDP2's sharded (DTensor) weights."""
+    if args.optim == "adamw":
+        return torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0)
+    if not args.fsdp:
         import bitsandbytes
 
         return bitsandbytes.optim.AdamW8bit(params, lr=args.lr, weight_decay=0.0)
-    return torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0)
+    try:
+        from torchao.optim import AdamW8bit
+    except ImportError as e:
+        sys.exit(f"error: --optim adamw8bit with --fsdp needs torchao (pip install torchao): {e}")
+    return AdamW8bit(params, lr=args.lr, weight_decay=0.0)
+
+
+def set_lr(opt, lr):
+    """Set (and return) the learning rate of every parameter group; in place where it is a tensor (torchao's 8-bit
+    AdamW refuses a float written over it)."""
+    for group in opt.param_groups:
+        if isinstance(group["lr"], torch.Tensor):
+            group["lr"].fill_(lr)
+        else:
+            group["lr"] = lr
+    return lr
 
 
 def ddp(module, world, device):
@@ -255,6 +295,67 @@ def ddp(module, world, device):
                                    gradient_as_bucket_view=True)
 
 
+def fsdp(module, world, device, reshard_root=False):
+    """FSDP2 over an infra.Policy: each decoder layer and vision block (the HF model's _no_split_modules) is a unit
+    whose weights are gathered just before it runs and freed after; the Policy is the root, for the rest (embeddings,
+    lm_head, norms, the vision merger). The root must be the module whose forward the step calls: the packed forward
+    calls submodules, never the HF model's forward, so an HF root's hooks would never gather its own weights. On a
+    GPU the gathered weights are bf16 (the master weights stay fp32) and gradients are reduced in fp32."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
+
+    mesh = init_device_mesh(device.split(":")[0], (world,))
+    bf16 = device.startswith("cuda")
+    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else MixedPrecisionPolicy()
+    units = set(module.model._no_split_modules or ())
+    for m in module.model.modules():
+        if type(m).__name__ in units:
+            fully_shard(m, mesh=mesh, mp_policy=mp)
+    # the root's weights stay gathered from forward to backward, as FSDP2 does by default (the reference: freed)
+    fully_shard(module, mesh=mesh, mp_policy=mp, reshard_after_forward=reshard_root)
+    register_fsdp_forward_method(module, "gather")
+    return module
+
+
+@contextlib.contextmanager
+def gathered(policy):
+    """Under FSDP2, all of the policy's weights gathered once for a block that calls the HF model directly (the
+    rollout's prefill and decode steps, the held-out eval) and freed after it. Left to FSDP2, every decoded token
+    would gather every layer again (5.5 GB per token at 3B in bf16). Other engines: nothing to do."""
+    from torch.distributed.fsdp import FSDPModule
+
+    if not isinstance(policy, FSDPModule):
+        yield
+        return
+    policy.set_reshard_after_forward(False)
+    try:
+        policy.gather()
+        yield
+    finally:
+        policy.set_reshard_after_forward(True)
+        policy.set_reshard_after_forward(False, recurse=False)  # the root, as fsdp() set it
+        for m in policy.modules():
+            if isinstance(m, FSDPModule):
+                m.reshard()
+
+
+def reference(args, ref, path, device):
+    """pi_ref as a forward (infra.Policy). Under --fsdp it stays whole on each process when the memory plan fits it
+    (no gathers: the reference runs once per micro-batch), else it is sharded as the policy is."""
+    world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+    if not args.fsdp or plan.reference_whole(args, path, world):
+        return ref
+    return fsdp(ref, world, device, reshard_root=True)
+
+
+def clip_grad_norm(model, max_norm):
+    """The gradients' global norm, clipped to max_norm; under FSDP2 the norm of the whole gradient, not of a shard."""
+    from torch.distributed.tensor import DTensor
+
+    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+    return norm.full_tensor() if isinstance(norm, DTensor) else norm
+
+
 # ---------------------------------------------------------------------------------------------
 # Checkpoints: model (save_pretrained), optimizer, step, prompt sampler state and RNG state, written to a
 # temporary folder and renamed, so a crash mid-write never leaves a half checkpoint behind. The learning rate
@@ -262,16 +363,27 @@ def ddp(module, world, device):
 # ---------------------------------------------------------------------------------------------
 RUN_DEFINING = ("model", "task", "train_data", "seed", "prompts_per_step", "num_generations", "train_size",
                 "freeze_vision", "sft_steps", "problem_key", "solution_key", "image_key", "lora_r", "lora_alpha",
-                "lora_targets", "optim")
+                "lora_targets", "optim", "fsdp")
 
 
-def save_state(args, step, model, family, opt, rng, extra):
+def save_state(args, step, model, family, opt, rng, extra, rank=0, world=1):
+    """Every process calls it; the main process writes the checkpoint to a temporary folder and renames it. Under
+    --fsdp the weights are gathered from all processes, and each writes its shard of the optimizer state. Returns the
+    checkpoint's path."""
     final = os.path.join(args.output_dir, f"checkpoint-{step:06d}")
     tmp = os.path.join(args.output_dir, f".tmp-checkpoint-{step:06d}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    family.save(model, tmp)
-    torch.save({"step": step, "args": vars(args), "optimizer": opt.state_dict(), "prompt_rng": rng.getstate(),
-                "torch_rng": torch.get_rng_state(), **extra}, os.path.join(tmp, "trainer_state.pt"))
+    if rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+    weights = full_weights(args, model)
+    if args.fsdp:
+        barrier(world)  # the temporary folder is gone before the processes write their optimizer shards into it
+        save_optimizer_shards(model, opt, os.path.join(tmp, "optimizer"))
+    if rank != 0:
+        return final
+    family.save(model, tmp, weights)
+    torch.save({"step": step, "args": vars(args), "optimizer": None if args.fsdp else opt.state_dict(),
+                "prompt_rng": rng.getstate(), "torch_rng": torch.get_rng_state(), **extra},
+               os.path.join(tmp, "trainer_state.pt"))
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
     for old in sorted(glob.glob(os.path.join(args.output_dir, "checkpoint-*")))[:-2]:  # keep the last two
@@ -281,11 +393,46 @@ def save_state(args, step, model, family, opt, rng, extra):
 
 
 def checkpoint(args, step, model, family, opt, rng, extra, rank, world):
-    """The main process writes a checkpoint; the others wait for it. Returns its path."""
-    if rank == 0:
-        save_state(args, step, model, family, opt, rng, extra)
+    """A checkpoint (save_state) on every process; the others wait until the main process has written it."""
+    path = save_state(args, step, model, family, opt, rng, extra, rank, world)
     barrier(world)
-    return os.path.join(args.output_dir, f"checkpoint-{step:06d}")
+    return path
+
+
+def full_weights(args, model):
+    """Under --fsdp: the whole model's weights gathered onto the main process's CPU (a collective: every process
+    calls it; the others get {}), for save_pretrained; else None (save_pretrained reads the model). A tied weight
+    comes back as two copies (lm_head and the embeddings): its alias is dropped, or it would be written twice."""
+    if not args.fsdp:
+        return None
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    weights = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    aliases = {n for n, _ in model.named_parameters(remove_duplicate=False)} - {n for n, _ in model.named_parameters()}
+    return {k: v for k, v in weights.items() if k not in aliases}
+
+
+def save_optimizer_shards(model, opt, folder):
+    """Under --fsdp, the optimizer state in PyTorch's distributed checkpoint format: each process writes its own
+    shards (nothing is gathered: fp32 AdamW's moments are 8 bytes a weight), keyed by weight name, so a resume may
+    shard them over another number of processes. torchao's 8-bit moments round-trip exactly."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+    dcp.save({"optimizer": get_optimizer_state_dict(model, opt)}, checkpoint_id=folder)
+
+
+def load_optimizer(args, model, opt, state):
+    """The optimizer state of a checkpoint, back into `opt` (under --fsdp each process reads its shards; this must
+    run before any gradient exists: FSDP2 builds the state it loads into with a step on zero gradients)."""
+    if not args.fsdp:
+        return opt.load_state_dict(state["optimizer"])
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
+
+    sharded = {"optimizer": get_optimizer_state_dict(model, opt)}
+    dcp.load(sharded, checkpoint_id=os.path.join(state["checkpoint"], "optimizer"))
+    set_optimizer_state_dict(model, opt, sharded["optimizer"])
 
 
 def save_or_stop(args, step, bad_steps, model, family, opt, rng, rank, world, device):
@@ -328,7 +475,7 @@ def resume(args, defaults, rng):
                            for k in changed))
     rng.setstate(state["prompt_rng"])
     torch.set_rng_state(state["torch_rng"])
-    return ckpt, state
+    return ckpt, {**state, "checkpoint": ckpt}  # where --fsdp's optimizer shards are
 
 
 def lr_at(args, step):
@@ -555,12 +702,12 @@ def check_logp_gap(m, limit, model_type):
 def finish(args, model, family, log, bad_rows, rank, world):
     """The end of a run: the curves and the final model (main process), then the processes part."""
     log.close()
-    final = os.path.join(args.output_dir, "final")
+    final, weights = os.path.join(args.output_dir, "final"), full_weights(args, model)  # --fsdp: every process
     if rank == 0:
         if bad_rows:
             print(f"{len(bad_rows)} bad rows were skipped (see the top of this log and metrics.jsonl)", flush=True)
         plot_metrics(log.path, os.path.join(args.output_dir, "curves.png"), args.task)
-        family.save(model, final)  # with LoRA: the adapter (vlm.load puts it on its base)
+        family.save(model, final, weights)  # with LoRA: the adapter (vlm.load puts it on its base)
         print(f"saved {final}", flush=True)
         if args.merge_lora:
             vlm.merge_lora(final, final + "-merged")

@@ -53,6 +53,9 @@ def architecture(path, lora_targets=""):
         name=config.model_type, params=sum(p.numel() for p in model.parameters()),
         vision=sum(p.numel() for p in vision.parameters()), lora_per_rank=sum(lora), lora_modules=len(lora),
         layer=max(sum(p.numel() for p in layer.parameters()) for layer in layers), layers=len(layers),
+        root=sum(p.numel() for p in model.parameters()) - sum(  # outside FSDP2's units (infra.fsdp): the root's
+            p.numel() for m in model.modules() if type(m).__name__ in set(model._no_split_modules or ())
+            for p in m.parameters()),
         hidden=text.hidden_size, intermediate=text.intermediate_size, heads=text.num_attention_heads,
         vocab=text.vocab_size, kv_token=attention * 2 * text.num_key_value_heads * head_dim,
         linear_state=(len(kinds) - attention) * linear_state(text), one_row=family is vlm.Qwen35,
@@ -105,7 +108,7 @@ def parts(args, path, world, device="cuda", arch=None, whole_reference=None, tex
     if world > 1 and not args.fsdp:  # DDP's gradients are views of its buckets: zeroed, never freed
         rollout.update(grads)
     if args.fsdp:  # the weights are gathered once for the whole rollout, in the policy's compute dtype
-        rollout["gathered weights"] = half * N * (world - 1) / world
+        rollout["gathered weights"] = half * N
     prompts = math.ceil(rows / G)
     rollout["KV cache"] = half * rows * (a["kv_token"] * (P + L)) + 4 * rows * a["linear_state"]
     rollout["prefill"] = prompts * P * (half * a["kv_token"] + 4 * (4 * D + 3 * a["intermediate"]))
@@ -129,8 +132,8 @@ def parts(args, path, world, device="cuda", arch=None, whole_reference=None, tex
     # measured: 3 fp32 [chunk, vocab] arrays at the peak of its backward (log-softmax, its gradient, the logits'),
     # and on a GPU the bf16 logits before .float()
     training["log-prob chunk"] = chunk * V * (14 if gpu else 12)
-    if args.fsdp:  # one layer gathered, the next prefetched, in the compute dtype
-        training["gathered layers"] = 2 * half * a["layer"]
+    if args.fsdp:  # the root's weights (kept from forward to backward), one layer and the next one prefetched
+        training["gathered layers"] = half * (a["root"] + 2 * a["layer"])
     shape = dict(P=P, L=L, rows=rows, tokens=tokens, params=N, trained=trained)
     return {"rollout": rollout, "training": training, "shape": shape}
 

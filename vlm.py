@@ -9,7 +9,7 @@ grpo_vlm.py never reaches into a model; it calls these hooks of the adapter that
   family.hidden(model, packed)                   the hidden states that predict each completion token
   family.vision(model)                           what --freeze-vision freezes
   family.coord_space, family.suppress, eos_id    the boxes' coordinate space; tokens never sampled; the EOS
-  family.save(model, out)                        everything load() reads back
+  family.save(model, out, weights)               everything load() reads back
   family.prompt_text, family.image_tokens        the prompt's text and an image's token count (prompt_lengths)
 packed_logps turns a pack's hidden states into log pi(o_t | q, o_<t) / T (the training forward). Families: Qwen2-VL,
 Qwen2.5-VL, Qwen3-VL, Qwen3.5, Gemma 3 (ADAPTERS). A model type with no adapter is refused before any weight is
@@ -240,10 +240,11 @@ class Qwen2VL:
         """The vision tower, merger included (VLM-R1's --freeze_vision_modules)."""
         return model.model.visual
 
-    def save(self, model, out):
-        """Model, tokenizer, image processor and chat template: what load() reads."""
+    def save(self, model, out, weights=None):
+        """Model (its `weights` if given: a sharded model's, gathered), tokenizer, image processor and chat template:
+        what load() reads."""
         os.makedirs(out, exist_ok=True)
-        model.save_pretrained(out)
+        model.save_pretrained(out, state_dict=weights)
         self.tokenizer.save_pretrained(out)
         self.image_processor.save_pretrained(out)
         with open(os.path.join(out, "chat_template.json"), "w") as f:
