@@ -119,7 +119,7 @@ def check_engine_flags(args):
     if args.lora_r < 0:
         sys.exit(f"error: --lora-r {args.lora_r}: the rank must be positive (0: full fine-tune)")
     if args.lora_r and args.fsdp:
-        sys.exit("error: --lora-r with --fsdp is not built yet (LoRA's weights and optimizer fit one GPU: drop --fsdp)")
+        sys.exit("error: --fsdp with --lora-r is not built: drop --fsdp (LoRA's weights and optimizer fit one GPU)")
     try:
         re.compile(args.lora_targets)
     except re.error as e:
@@ -173,12 +173,9 @@ def encode(family, rows, step, args, device):
 # ---------------------------------------------------------------------------------------------
 def setup_distributed(args=None):
     """(rank, world size, device); a single process when not launched by torchrun. --fsdp needs torchrun's processes
-    (it shards over them) and is refused here, before a weight loads, without them or with LoRA."""
-    fsdp = getattr(args, "fsdp", False)
-    if fsdp and int(os.environ.get("WORLD_SIZE", 1)) < 2:
+    (it shards over them) and is refused here, before a weight loads, without them (with LoRA: check_engine_flags)."""
+    if getattr(args, "fsdp", False) and int(os.environ.get("WORLD_SIZE", 1)) < 2:
         sys.exit("error: --fsdp shards the model over torchrun's processes: launch with torchrun --nproc_per_node N")
-    if fsdp and args.lora_r:
-        sys.exit("error: --fsdp with --lora-r is not supported: drop --fsdp (DDP keeps LoRA's frozen base whole)")
     if "RANK" not in os.environ:
         return 0, 1, "cuda" if torch.cuda.is_available() else "cpu"
     backend = "nccl" if torch.cuda.is_available() else "gloo"

@@ -226,7 +226,7 @@ def test_lora_after_a_cold_start_refers_to_the_cold_started_model(tmp_path):
 @pytest.mark.parametrize("flags,says", [(["--lora-alpha", "16"], "--lora-alpha is a LoRA flag: give --lora-r"),
                                         (["--lora-targets", "q_proj"], "--lora-targets is a LoRA flag"),
                                         (["--merge-lora"], "--merge-lora is a LoRA flag"),
-                                        (["--lora-r", "8", "--fsdp"], "--lora-r with --fsdp is not built yet"),
+                                        (["--lora-r", "8", "--fsdp"], "--fsdp with --lora-r is not built"),
                                         (["--lora-r", "8", "--lora-targets", "(q"], "is not a regular expression"),
                                         (["--lora-r", "-2"], "the rank must be positive"),
                                         (["--optim", "adamw4bit"], "invalid choice: 'adamw4bit'")])
