@@ -31,6 +31,8 @@ import vlm
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     args = g.parse_args(argv)
+    if args.lora_r or args.optim != "adamw":
+        sys.exit("error: sft.py is a full fine-tune with AdamW: --lora-r and --optim are grpo_vlm.py's flags")
     if not any(a.split("=")[0] == "--output-dir" for a in argv):  # never GRPO's default folder
         args.output_dir = f"runs/sft-{args.task}"
     torch.manual_seed(args.seed)

@@ -241,3 +241,12 @@ def test_a_refusal_prints_one_line():
                          text=True, cwd=ROOT)
     assert res.returncode == 1 and res.stderr.strip() == "error: --merge-lora is a LoRA flag: give --lora-r too " \
                                                           "(the adapters' rank)"
+
+
+def test_sft_refuses_the_grpo_engine_flags():
+    """sft.py (and the cold start) fine-tune in full with AdamW: the LoRA and optimizer flags are not silently ignored."""
+    import sft
+
+    for flags in (["--lora-r", "4"], ["--optim", "adamw8bit"]):
+        with pytest.raises(SystemExit, match="sft.py is a full fine-tune"):
+            sft.main(flags)
