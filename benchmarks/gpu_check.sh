@@ -2,7 +2,7 @@
 # The checks that need a GPU, in one script for the day one is lent (one GPU, under 8 minutes):
 #   1. logp_gap under bf16 autocast for each supported family's tiny model (2 GRPO steps each; + LoRA);
 #   2. --plan against torch.cuda.max_memory_allocated for Qwen2.5-VL-3B's architecture (random weights), two shapes;
-#   3. the 3B benchmark against TRL (one round, 3 timed steps);
+#   3. the 3B benchmark against TRL (one round, 2 timed steps);
 # then one table (also in $OUT/gpu_check.md). No network there: TRL and its dependencies come from
 # benchmarks/wheels when that folder is carried (pip download -d benchmarks/wheels trl==1.16.0 accelerate datasets
 # dill multiprocess xxhash --no-deps); without TRL the benchmark row says so.
@@ -32,7 +32,7 @@ for arch in qwen2_5_vl qwen2_vl qwen3_vl qwen3_5 gemma3 qwen2_5_vl+lora; do
     qwen3_vl|qwen3_5|gemma3) model="$out/tiny-$arch"; python make_tiny_model.py --arch $arch --out "$model" > /dev/null 2>&1 ;;
     qwen2_5_vl+lora) extra="--lora-r 8" ;;
   esac
-  timeout 120 python grpo_vlm.py --model "$model" $flags $extra --output-dir "$out/gap-$arch" > "$out/gap-$arch.log" 2>&1 \
+  timeout 90 python grpo_vlm.py --model "$model" $flags $extra --output-dir "$out/gap-$arch" > "$out/gap-$arch.log" 2>&1 \
     || { echo "gap $arch: failed"; tail -3 "$out/gap-$arch.log"; }
 done
 
@@ -45,7 +45,7 @@ fi
 
 # 3. one GRPO step of ours against TRL's on the 3B architecture
 if [[ $checks == *bench* ]]; then
-  timeout 200 python benchmarks/grpo_step_vs_trl.py --model 3b --rounds 1 --steps 3 --warmup 1 \
+  timeout 240 python benchmarks/grpo_step_vs_trl.py --model 3b --rounds 1 --steps 2 --warmup 1 \
     --json "$out/gpu_3b.json" > "$out/gpu_3b.log" 2>&1 || echo "3B benchmark: failed or no TRL (see $out/gpu_3b.log)"
   tail -12 "$out/gpu_3b.log"
 fi

@@ -34,9 +34,9 @@ SHAPES = {  # name: (model, image size, B, G, L, micro-batch, rollout batch)
     "tiny-b": ("tiny", 256, 8, 8, 96, 32, 32),
     "3b/8-a": ("3b/8", 448, 2, 8, 32, 16, 0),
     "3b/8-b": ("3b/8", 448, 4, 8, 64, 8, 16),
-    # on a GPU (gpu_check.sh): the full 3B architecture, a small step and --preset vlm-r1's shape (B=16 x G=8, L=256)
+    # on a GPU (gpu_check.sh): the full 3B architecture, a small step and one GPU's share of --preset vlm-r1 on two
     "3b-a": ("3b", 448, 4, 8, 128, 8, 0),
-    "3b-b": ("3b", 448, 16, 8, 256, 8, 64),
+    "3b-b": ("3b", 448, 8, 8, 256, 8, 32),
 }
 CPU_SHAPES = "tiny-a,tiny-b,3b/8-a,3b/8-b"
 PHASES = ("rollout", "training")

@@ -18,6 +18,7 @@ import infra  # noqa: E402
 import make_tiny_model as mtm  # noqa: E402
 import rewards  # noqa: E402
 import vlm  # noqa: E402
+import runs  # noqa: E402
 
 # short completions; a reward that differs between completions (a tiny model's task reward is often all equal at
 # this length, and then the advantages are 0 and nothing moves)
@@ -160,12 +161,7 @@ def test_two_processes_make_the_same_lora_update_as_one(tmp_path):
     flags = ["--prompts-per-step", "2", "--num-generations", "4", "--max-completion-length", "48", "--train-size", "8",
              "--sample-every", "0", "--steps", "2", "--micro-batch-size", "4", "--eval-every", "0", "--save-every", "0",
              "--loss-agg", "token", "--scale-rewards", "batch", "--lora-r", "8", "--lr", "1e-2"]
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    two = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
-    for launcher, out in ((two, "two"), ([sys.executable], "one")):
-        res = subprocess.run(launcher + [os.path.join(ROOT, "grpo_vlm.py"), *flags, "--output-dir", str(tmp_path / out)],
-                             capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
-        assert res.returncode == 0, res.stderr[-3000:]
+    runs.one_and_two(flags, tmp_path)
     one, two_ = (load_file(tmp_path / run / "final" / "adapter_model.safetensors") for run in ("one", "two"))
     assert max(one[k].abs().max() for k in one if "lora_B" in k) > 1e-3  # the adapters did move
     assert all(torch.allclose(one[k], two_[k], rtol=0, atol=1e-6) for k in one)

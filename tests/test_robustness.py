@@ -15,6 +15,7 @@ import data  # noqa: E402
 import grpo_vlm as g  # noqa: E402
 import infra  # noqa: E402
 import vlm  # noqa: E402
+import runs  # noqa: E402
 
 SMALL = ["--prompts-per-step", "2", "--num-generations", "4", "--max-completion-length", "48", "--train-size", "16",
          "--sample-every", "0", "--lr", "1e-3"]
@@ -61,13 +62,8 @@ def test_two_processes_make_the_same_update_as_one(tmp_path):
     aggregation and batch-std advantages make the test depend on the global normalisation."""
     flags = SMALL + ["--steps", "2", "--micro-batch-size", "4", "--eval-every", "0", "--save-every", "0",
                      "--loss-agg", "token", "--scale-rewards", "batch"]
-    env = dict(os.environ, OMP_NUM_THREADS="1")  # the same float rounding in both runs
-    two = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
-    for launcher, out, n in ((two, "two", 2), ([sys.executable], "one", 1)):
-        res = subprocess.run(launcher + [os.path.join(ROOT, "grpo_vlm.py"), *flags, "--output-dir", str(tmp_path / out)],
-                             capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
-        assert res.returncode == 0, res.stderr[-3000:]
-        assert f"processes={n}" in res.stdout
+    out = runs.one_and_two(flags, tmp_path)  # one thread each: the same float rounding in both runs
+    assert "processes=2" in out["two"] and "processes=1" in out["one"]
     one, two_ = params(tmp_path / "one"), params(tmp_path / "two")
     base = load_file(os.path.join(g.TINY_MODEL, "model.safetensors"))
     assert max((one[k] - base[k]).abs().max() for k in one) > 1e-4  # the step did move the weights

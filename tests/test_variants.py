@@ -1,7 +1,6 @@
 """The GRPO variants (issue 20): GSPO's sequence ratio, DAPO's dynamic sampling and overlong handling, entropy."""
 import json
 import os
-import subprocess
 import sys
 
 import pytest
@@ -11,6 +10,7 @@ from safetensors.torch import load_file
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import grpo_vlm as g  # noqa: E402
+import runs  # noqa: E402
 
 SMALL = ["--prompts-per-step", "2", "--num-generations", "4", "--max-completion-length", "24", "--train-size", "16",
          "--eval-every", "0", "--save-every", "0", "--sample-every", "0"]
@@ -146,12 +146,7 @@ def test_dynamic_sampling_keeps_b_informative_groups_then_logs_the_shortfall(tmp
 def test_dynamic_sampling_builds_the_same_batch_for_one_and_two_processes(tmp_path):
     flags = SMALL + ["--steps", "2", "--micro-batch-size", "4", "--reward-weights", "iou=0,format=1",
                      "--dynamic-sampling", "6", "--loss-agg", "token", "--lr", "1e-3"]
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    two = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
-    for launcher, out in ((two, "two"), ([sys.executable], "one")):
-        res = subprocess.run(launcher + [os.path.join(ROOT, "grpo_vlm.py"), *flags, "--output-dir", str(tmp_path / out)],
-                             capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
-        assert res.returncode == 0, res.stderr[-3000:]
+    runs.one_and_two(flags, tmp_path)
     one, two_ = metrics(tmp_path / "one"), metrics(tmp_path / "two")
     assert any(r["rollouts"] > 8 for r in one)  # the test exercises refills
     for a, b in zip(one, two_):
