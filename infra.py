@@ -676,7 +676,9 @@ def start_banner(args, log, rows, bad_rows, weights, coord_space, device, world,
     """What this run is, printed once; the bad rows skipped, listed and counted in metrics.jsonl."""
     say(log.main, f"GRPO {args.task}: {len(rows)} prompts, B={args.prompts_per_step} G={args.num_generations} "
                   f"T={args.temperature} beta={args.beta} coords={coord_space} weights={weights} device={device} "
-                  f"processes={world}" + (f", resumed at step {resumed_at}" if resumed_at is not None else ""))
+                  f"processes={world}{' (FSDP2)' if args.fsdp else ''} optim={args.optim}"
+                  + (f" LoRA r={args.lora_r}" if args.lora_r else "")
+                  + (f", resumed at step {resumed_at}" if resumed_at is not None else ""))
     if device.startswith("cuda"):  # the plan, to read beside each step's gpu_peak_gib (max_memory_allocated)
         p = plan.parts(args, model_path, world)
         say(log.main, "memory plan per GPU (--plan): " + ", ".join(f"{ph} {sum(p[ph].values()) / plan.GiB:.1f} GiB"
