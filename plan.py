@@ -149,6 +149,11 @@ def peak(p):
     return max(sum(p["rollout"].values()), sum(p["training"].values()))
 
 
+def count(n):
+    """3.75B, 161.5M, 58.4K: a parameter count as people write it."""
+    return next(f"{n / d:.3g}{unit}" for d, unit in ((1e9, "B"), (1e6, "M"), (1e3, "K"), (1, "")) if n >= d or d == 1)
+
+
 def show(args, path):
     """Print the plan and its verdict; the last line reads `peak per GPU: N GiB (fits in M GiB)` or `(does not fit
     in M GiB)`. Returns 0."""
@@ -159,8 +164,8 @@ def show(args, path):
     p = parts(args, path, world, "cuda", a)
     s = p["shape"]
     engine = "FSDP2" if args.fsdp else "DDP" if world > 1 else "one process"
-    print(f"memory plan: {path} ({a['name']}, {a['params'] / 1e9:.2f}B parameters, {s['trained'] / 1e9:.3g}B "
-          f"trained{f', LoRA r={args.lora_r}' if args.lora_r else ''}), {world} GPU(s), {engine}, bf16 autocast "
+    print(f"memory plan: {path} ({a['name']}, {count(a['params'])} parameters, {count(s['trained'])} trained"
+          f"{f', LoRA r={args.lora_r}' if args.lora_r else ''}), {world} GPU(s), {engine}, bf16 autocast "
           f"over fp32 weights, {args.optim}")
     print(f"  per GPU: B={args.prompts_per_step // world} prompts x G={args.num_generations}, prompt {s['P']} tokens "
           f"({args.image_size} image + {TEXT_TOKENS} text), completions {s['L']} tokens, {s['rows']} decoding at once "
