@@ -105,7 +105,8 @@ for step in (1, 2, 3):
     assert all(x is not None for x in grads)
     ptrs.append([x.data_ptr() for x in grads])
     storages = {{x.untyped_storage().data_ptr() for x in grads}}
-    print(f"STEP {{step}} params {{len(grads)}} storages {{len(storages)}}", flush=True)
+    if rank == 0:  # one writer: two processes' lines can interleave on a shared stdout
+        print(f"STEP {{step}} params {{len(grads)}} storages {{len(storages)}}", flush=True)
 assert ptrs[1] == ptrs[2], "the gradients moved"  # DDP rebuilds its buckets once, after the first step
 torch.distributed.destroy_process_group()
 """
@@ -122,8 +123,8 @@ def test_ddp_gradients_are_views_of_its_buckets(tmp_path):
                          env=dict(os.environ, OMP_NUM_THREADS="1"))
     assert res.returncode == 0, res.stderr[-3000:]
     steps = [line.split() for line in res.stdout.splitlines() if line.startswith("STEP")]
-    assert len(steps) == 6
-    for s in steps[2:]:
+    assert len(steps) == 3
+    for s in steps[1:]:
         params, storages = int(s[3]), int(s[5])
         assert params > 50 and storages <= 4, s  # a separate gradient per parameter would be `params` storages
 
