@@ -14,7 +14,6 @@ or NCCL's buffers. benchmarks/memory_plan.py compares every part with a measurem
 
 import functools
 import math
-import re
 import types
 
 import torch
@@ -26,7 +25,7 @@ TEXT_TOKENS = 64  # the chat template and a question around the image (the READM
 
 
 @functools.lru_cache(maxsize=8)
-def architecture(path, lora_targets=""):
+def architecture(path):
     """What the plan needs of a model, from its config alone: parameter counts (the model built on the meta
     device), the text model's shapes, the cache bytes of one token, and the image tokens of a width x height image."""
     from transformers import AutoConfig, AutoModelForImageTextToText
@@ -40,9 +39,13 @@ def architecture(path, lora_targets=""):
         model = AutoModelForImageTextToText.from_config(config)
     text, vision = config.get_text_config(), family.vision(None, model)
     layers = model.model.language_model.layers
-    targets = re.compile(lora_targets or vlm.LORA_TARGETS)
-    lora = [m.in_features + m.out_features for name, m in model.named_modules()
-            if isinstance(m, torch.nn.Linear) and targets.fullmatch(name)]
+    on_meta = types.SimpleNamespace(vision=lambda m: family.vision(None, m))
+
+    def lora_per_rank(targets, freeze_vision):  # LoRA's parameters per unit of rank on the layers add_lora wraps
+        modules = dict(model.named_modules())
+        return sum(modules[n].in_features + modules[n].out_features
+                   for n in vlm.lora_modules(model, on_meta, targets, freeze_vision))
+
     head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
     kinds = getattr(text, "layer_types", None) or ["full_attention"] * text.num_hidden_layers
     attention = sum(k != "linear_attention" for k in kinds)  # full and sliding layers: we keep every position
@@ -51,7 +54,7 @@ def architecture(path, lora_targets=""):
     vc = config.vision_config
     return dict(
         name=config.model_type, params=sum(p.numel() for p in model.parameters()),
-        vision=sum(p.numel() for p in vision.parameters()), lora_per_rank=sum(lora), lora_modules=len(lora),
+        vision=sum(p.numel() for p in vision.parameters()), lora_per_rank=lora_per_rank,
         layer=max(sum(p.numel() for p in layer.parameters()) for layer in layers), layers=len(layers),
         root=sum(p.numel() for p in model.parameters()) - sum(  # outside FSDP2's units (infra.fsdp): the root's
             p.numel() for m in model.modules() if type(m).__name__ in set(model._no_split_modules or ())
@@ -77,11 +80,11 @@ def parts(args, path, world, device="cuda", arch=None, whole_reference=None, tex
     """{"rollout": {part: bytes}, "training": {part: bytes}, "shape": {...}} per process for `args` on `world`
     processes. device "cuda": bf16 autocast over fp32 weights, a bf16 reference and KV cache (vlm.precision);
     "cpu": fp32 throughout, as the CPU runs that benchmarks/memory_plan.py measures."""
-    a = arch or architecture(path, args.lora_targets)
+    a = arch or architecture(path)
     gpu, N = device == "cuda", a["params"]
     half = 2 if gpu else 4  # bytes of an activation element, and of the reference's and the cache's
     shard = world if args.fsdp else 1
-    lora = args.lora_r * a["lora_per_rank"]
+    lora = args.lora_r * a["lora_per_rank"](args.lora_targets, args.freeze_vision) if args.lora_r else 0
     trained = lora or N - (a["vision"] if args.freeze_vision else 0)
     W, H, *_ = (int(x) for x in args.image_size.lower().split("x"))
     P = a["image_tokens"](W, H) + text_tokens
@@ -140,7 +143,7 @@ def parts(args, path, world, device="cuda", arch=None, whole_reference=None, tex
 
 def reference_whole(args, path, world, arch=None):
     """Under --fsdp: whether the peak with a whole (unsharded) bf16 reference on each GPU fits in --gpu-memory."""
-    p = parts(args, path, world, "cuda", arch or architecture(path, args.lora_targets), whole_reference=True)
+    p = parts(args, path, world, "cuda", arch or architecture(path), whole_reference=True)
     return peak(p) / GiB <= args.gpu_memory
 
 
@@ -160,7 +163,7 @@ def show(args, path):
     import os
 
     world = args.processes or int(os.environ.get("WORLD_SIZE", 1))
-    a = architecture(path, args.lora_targets)
+    a = architecture(path)
     p = parts(args, path, world, "cuda", a)
     s = p["shape"]
     engine = "FSDP2" if args.fsdp else "DDP" if world > 1 else "one process"
