@@ -32,7 +32,9 @@ import rewards
 # ---------------------------------------------------------------------------------------------
 # Prompt templates (VLM-R1's REC question and its think/answer suffix)
 # ---------------------------------------------------------------------------------------------
-REC_QUESTION = "Please provide the bounding box coordinate of the region this sentence describes: {caption}."
+REC_QUESTION = (
+    "Please provide the bounding box coordinate of the region this sentence describes: {caption}."
+)
 THINK_SUFFIX = (
     " First output the thinking process in <think> </think> tags and then output the final answer"
     " in <answer> </answer> tags. Output the final answer in JSON format."
@@ -41,14 +43,21 @@ THINK_SUFFIX = (
 
 CLS_QUESTION = "What is the object in this image? Answer with its colour and shape."
 COUNT_QUESTION = "How many shapes are in this image? Answer with a number."
-DET_QUESTION = ('Detect every {shape} in this image. Answer with a list of boxes with confidences: '
-                '[{{"box": [x1, y1, x2, y2], "confidence": c}}].')
+DET_QUESTION = (
+    "Detect every {shape} in this image. Answer with a list of boxes with confidences: "
+    '[{{"box": [x1, y1, x2, y2], "confidence": c}}].'
+)
 TASKS = ("rec", "cls", "count", "det")
 
 
 def build_messages(problem):
     """One user turn holding the image and the problem text plus the think/answer instruction."""
-    return [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": problem + THINK_SUFFIX}]}]
+    return [
+        {
+            "role": "user",
+            "content": [{"type": "image"}, {"type": "text", "text": problem + THINK_SUFFIX}],
+        }
+    ]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -76,7 +85,11 @@ class DataFlags:
     """key of the image: a path, bytes, a {bytes, path} struct or a one-image list (empty: image, else images)"""
 
 
-DEFAULT_KEYS = {"image": ("image", "images"), "problem": ("problem", "question"), "solution": ("solution", "answer")}
+DEFAULT_KEYS = {
+    "image": ("image", "images"),
+    "problem": ("problem", "question"),
+    "solution": ("solution", "answer"),
+}
 
 
 def keys_of(args):
@@ -131,7 +144,9 @@ def _open_image(path, use):
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             with path.open() if isinstance(path, Embedded) else Image.open(path) as im:
                 return use(im)
-    except Exception as e:  # whatever PIL raises on a bad file: OSError, SyntaxError, ValueError, ...
+    except (
+        Exception
+    ) as e:  # whatever PIL raises on a bad file: OSError, SyntaxError, ValueError, ...
         if isinstance(e, MemoryError):
             raise
         if isinstance(e, FileNotFoundError):
@@ -150,6 +165,7 @@ def _open_image(path, use):
 def image_size(path):
     """(width, height), after decoding the whole file, so that a corrupt or truncated image fails here, before
     any training. JPEGs decode at 1/8 scale (draft mode): every byte is still read, at a fraction of the cost."""
+
     def decode(im):
         size = im.size
         im.draft("RGB", (size[0] // 8, size[1] // 8))
@@ -160,9 +176,13 @@ def image_size(path):
 
 
 def _to_rgb(im):
-    if im.mode in ("RGBA", "LA", "PA") or "transparency" in im.info:  # composite on white, as Qwen's loader does
+    if (
+        im.mode in ("RGBA", "LA", "PA") or "transparency" in im.info
+    ):  # composite on white, as Qwen's loader does
         im = im.convert("RGBA")
-        return Image.alpha_composite(Image.new("RGBA", im.size, (255, 255, 255, 255)), im).convert("RGB")
+        return Image.alpha_composite(Image.new("RGBA", im.size, (255, 255, 255, 255)), im).convert(
+            "RGB"
+        )
     return im.convert("RGB")
 
 
@@ -185,8 +205,12 @@ def _find(row, what, keys):
 
 
 def _missing(whats, keys):
-    names = [repr(keys[w]) + f" (--{w}-key)" if keys.get(w) else
-             " or ".join(map(repr, DEFAULT_KEYS[w])).replace(" or ", " (or ", 1) + ")" for w in whats]
+    names = [
+        repr(keys[w]) + f" (--{w}-key)"
+        if keys.get(w)
+        else " or ".join(map(repr, DEFAULT_KEYS[w])).replace(" or ", " (or ", 1) + ")"
+        for w in whats
+    ]
     return BadInput(f"missing key{'s' * (len(whats) > 1)} " + ", ".join(names))
 
 
@@ -198,16 +222,29 @@ def _from_conversations(turns):
     """(problem, solution) of VLM-R1's grpo_jsonl.py rows: the first human turn, its <image> placeholder removed, and
     the gpt turn after it (<answer> tags and JSON text are handled by check_solution)."""
     if not isinstance(turns, list) or not all(isinstance(t, dict) and "value" in t for t in turns):
-        raise BadInput(f'conversations must be a list of {{"from", "value"}} turns, got {_short(turns)}')
+        raise BadInput(
+            f'conversations must be a list of {{"from", "value"}} turns, got {_short(turns)}'
+        )
     who = [t.get("from") for t in turns]
     human = next((i for i, w in enumerate(who) if w in ("human", "user")), None)
-    gpt = next((i for i, w in enumerate(who) if w in ("gpt", "assistant") and human is not None and i > human), None)
+    gpt = next(
+        (
+            i
+            for i, w in enumerate(who)
+            if w in ("gpt", "assistant") and human is not None and i > human
+        ),
+        None,
+    )
     if human is None or gpt is None:
-        raise BadInput(f"conversations needs a human turn and a gpt turn after it, got turns from {_short(who)}")
+        raise BadInput(
+            f"conversations needs a human turn and a gpt turn after it, got turns from {_short(who)}"
+        )
     problem = turns[human]["value"]
     if isinstance(problem, str) and problem.count("<image>") > 1:
         raise _several(problem.count("<image>"))
-    return problem.replace("<image>", "").strip() if isinstance(problem, str) else problem, turns[gpt]["value"]
+    return problem.replace("<image>", "").strip() if isinstance(problem, str) else problem, turns[
+        gpt
+    ]["value"]
 
 
 def _content(content):
@@ -216,7 +253,9 @@ def _content(content):
         return content.replace("<image>", "").strip(), content.count("<image>")
     if isinstance(content, list) and all(isinstance(p, dict) for p in content):
         texts = [p.get("text") or "" for p in content if p.get("type", "text") == "text"]
-        n = sum(p.get("type") in ("image", "image_url") for p in content) + sum(t.count("<image>") for t in texts)
+        n = sum(p.get("type") in ("image", "image_url") for p in content) + sum(
+            t.count("<image>") for t in texts
+        )
         return " ".join(t.replace("<image>", "").strip() for t in texts if t.strip()), n
     raise BadInput(f"a message's content must be text or a list of parts, got {_short(content)}")
 
@@ -227,7 +266,9 @@ def _from_messages(row, key, keys):
     applies); the solution is the `solution` field, else `answer`, else the last message if it is the assistant's."""
     msgs = _value(row, key)
     if not all(isinstance(m, dict) and "role" in m and "content" in m for m in msgs):
-        raise BadInput(f'{key} must be a list of {{"role", "content"}} messages, got {_short(msgs)}')
+        raise BadInput(
+            f'{key} must be a list of {{"role", "content"}} messages, got {_short(msgs)}'
+        )
     answered = bool(msgs) and msgs[-1]["role"] == "assistant"
     users = [m for m in (msgs[:-1] if answered else msgs) if m["role"] == "user"]
     if not users:
@@ -239,7 +280,9 @@ def _from_messages(row, key, keys):
     if k is None and keys.get("solution"):
         raise BadInput(f"missing key {keys['solution']!r} (--solution-key)")
     if k is None and not answered:
-        raise BadInput("no solution: no 'solution' or 'answer' field, and the last message is not the assistant's")
+        raise BadInput(
+            "no solution: no 'solution' or 'answer' field, and the last message is not the assistant's"
+        )
     return problem, _value(row, k) if k else _content(msgs[-1]["content"])[0]
 
 
@@ -261,7 +304,9 @@ def _one_image(value, where):
         return None, Embedded(where, get)
     if isinstance(v, str) and v.strip():
         return v, None
-    raise BadInput(f"image must be a file name, image bytes or a {{bytes, path}} struct, got {_short(v)}")
+    raise BadInput(
+        f"image must be a file name, image bytes or a {{bytes, path}} struct, got {_short(v)}"
+    )
 
 
 def check_row(line, image_root, task="rec", sizes=None, keys=None, where=""):
@@ -283,8 +328,11 @@ def check_row(line, image_root, task="rec", sizes=None, keys=None, where=""):
     if "conversations" in row or chat:
         if image_key is None:
             raise _missing(["image"], keys)
-        problem, box = (_from_conversations(_value(row, "conversations")) if "conversations" in row
-                        else _from_messages(row, chat, keys))
+        problem, box = (
+            _from_conversations(_value(row, "conversations"))
+            if "conversations" in row
+            else _from_messages(row, chat, keys)
+        )
     else:
         found = {w: _find(row, w, keys) for w in DEFAULT_KEYS}
         if None in found.values():
@@ -305,22 +353,38 @@ def check_row(line, image_root, task="rec", sizes=None, keys=None, where=""):
         raise BadInput(sizes[path])
     w, h = sizes[path]
     if min(w, h) < MIN_SIDE:
-        raise BadInput(f"image '{path}' is {w}x{h}; both sides must be at least {MIN_SIDE} px "
-                       f"(one vision token: patch 14 x merge 2)")
+        raise BadInput(
+            f"image '{path}' is {w}x{h}; both sides must be at least {MIN_SIDE} px "
+            f"(one vision token: patch 14 x merge 2)"
+        )
     if max(w, h) / min(w, h) > MAX_ASPECT:
-        raise BadInput(f"image '{path}' is {w}x{h}; its aspect ratio {max(w, h) / min(w, h):.0f} is above "
-                       f"{MAX_ASPECT}, which the image processor refuses")
+        raise BadInput(
+            f"image '{path}' is {w}x{h}; its aspect ratio {max(w, h) / min(w, h):.0f} is above "
+            f"{MAX_ASPECT}, which the image processor refuses"
+        )
     for b in [solution] if task == "rec" else solution if task == "det" else []:
         if min(b[:2]) < -BOX_SLACK or b[2] > w + BOX_SLACK or b[3] > h + BOX_SLACK:
-            raise BadInput(f"{'box' if task == 'det' else 'solution'} {_short(b)} lies outside the {w}x{h} image '{path}'")
+            raise BadInput(
+                f"{'box' if task == 'det' else 'solution'} {_short(b)} lies outside the {w}x{h} image '{path}'"
+            )
     kept = {k: v for k, v in row.items() if not isinstance(v, Cell)}
-    return {**kept, "image": image or where, "problem": problem, "image_path": path, "solution": solution,
-            "_where": where, "_size": (w, h), **({"labels": labels} if task == "det" else {})}
+    return {
+        **kept,
+        "image": image or where,
+        "problem": problem,
+        "image_path": path,
+        "solution": solution,
+        "_where": where,
+        "_size": (w, h),
+        **({"labels": labels} if task == "det" else {}),
+    }
 
 
 def _is_box(b):
     is_num = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)  # noqa: E731
-    return isinstance(b, list) and len(b) == 4 and all(map(is_num, b)) and b[0] < b[2] and b[1] < b[3]
+    return (
+        isinstance(b, list) and len(b) == 4 and all(map(is_num, b)) and b[0] < b[2] and b[1] < b[3]
+    )
 
 
 ANSWER_TAG = re.compile(r"<answer>(.*?)</answer>", re.S)
@@ -352,18 +416,25 @@ def check_solution(sol, task):
     sol = solution_text(sol, task)
     if task == "rec":
         if not _is_box(sol):
-            raise BadInput(f"solution must be [x1, y1, x2, y2] with x1 < x2, y1 < y2, got {_short(sol)}")
+            raise BadInput(
+                f"solution must be [x1, y1, x2, y2] with x1 < x2, y1 < y2, got {_short(sol)}"
+            )
         return sol, None
     if task == "det":
         if not isinstance(sol, list):
             raise BadInput(f"solution must be a list of boxes, got {_short(sol)}")
         boxes, labels = [], []
         for item in sol:
-            key = next((k for k in ("bbox_2d", "bbox", "box") if isinstance(item, dict) and k in item), None)
+            key = next(
+                (k for k in ("bbox_2d", "bbox", "box") if isinstance(item, dict) and k in item),
+                None,
+            )
             b = item[key] if key else item
             if not _is_box(b):
-                raise BadInput(f"solution: each box must be [x1, y1, x2, y2] with x1 < x2, y1 < y2 "
-                               f"(or a dict with it under bbox_2d), got {_short(item)}")
+                raise BadInput(
+                    f"solution: each box must be [x1, y1, x2, y2] with x1 < x2, y1 < y2 "
+                    f"(or a dict with it under bbox_2d), got {_short(item)}"
+                )
             boxes.append(b)
             labels.append(str(item.get("label", "")) if isinstance(item, dict) else "")
         return boxes, labels
@@ -422,7 +493,9 @@ def _table_records(name, table):
 def _read_arrow(path):
     import pyarrow as pa
 
-    source = pa.memory_map(path)  # the table's buffers point into the file: embedded images are read when used
+    source = pa.memory_map(
+        path
+    )  # the table's buffers point into the file: embedded images are read when used
     try:
         return pa.ipc.open_stream(source).read_all()  # what datasets' save_to_disk writes
     except pa.ArrowInvalid:
@@ -440,16 +513,22 @@ def read_table(path):
         if os.path.exists(os.path.join(path, "dataset_dict.json")):
             with open(os.path.join(path, "dataset_dict.json")) as f:
                 splits = json.load(f).get("splits") or ["train"]
-            raise BadInput(f"{path}: a DatasetDict with splits {', '.join(splits)}; give one, e.g. "
-                           f"{os.path.join(path, splits[0])}")
+            raise BadInput(
+                f"{path}: a DatasetDict with splits {', '.join(splits)}; give one, e.g. "
+                f"{os.path.join(path, splits[0])}"
+            )
         if os.path.exists(os.path.join(path, "state.json")):
             with open(os.path.join(path, "state.json")) as f:
                 files = [os.path.join(path, d["filename"]) for d in json.load(f)["_data_files"]]
         else:
-            found = [sorted(glob.glob(os.path.join(path, f"*.{ext}"))) for ext in ("parquet", "arrow")]
+            found = [
+                sorted(glob.glob(os.path.join(path, f"*.{ext}"))) for ext in ("parquet", "arrow")
+            ]
             files = found[0] or found[1]
         if not files:
-            raise BadInput(f"{path}: a folder with no parquet or Arrow file (nor a datasets save_to_disk folder)")
+            raise BadInput(
+                f"{path}: a folder with no parquet or Arrow file (nor a datasets save_to_disk folder)"
+            )
     tables = []
     for f in files:
         kind = "parquet" if f.endswith(".parquet") else "Arrow"
@@ -460,7 +539,9 @@ def read_table(path):
     try:
         return pa.concat_tables(tables) if len(tables) > 1 else tables[0]
     except pa.ArrowInvalid as e:
-        raise BadInput(" ".join(f"{path}: its files have different columns ({e})".split())) from None
+        raise BadInput(
+            " ".join(f"{path}: its files have different columns ({e})".split())
+        ) from None
 
 
 def hub_table(spec):
@@ -471,12 +552,18 @@ def hub_table(spec):
     try:
         import datasets
     except ImportError:
-        raise BadInput(f"{spec}: no such file or folder; as a hub dataset id it needs `pip install datasets`") from None
+        raise BadInput(
+            f"{spec}: no such file or folder; as a hub dataset id it needs `pip install datasets`"
+        ) from None
     try:
         ds = datasets.load_dataset(repo, split=split)
     except Exception as e:  # offline, no such dataset or split, ...
-        raise BadInput(" ".join(f"{spec}: no such file or folder, nor a hub dataset that loads "
-                                f"({type(e).__name__}: {str(e)[:200]})".split())) from None
+        raise BadInput(
+            " ".join(
+                f"{spec}: no such file or folder, nor a hub dataset that loads "
+                f"({type(e).__name__}: {str(e)[:200]})".split()
+            )
+        ) from None
     return ds.with_format("arrow")[:]
 
 
@@ -513,7 +600,9 @@ def load_jsonl(path, image_root, task="rec", skip_bad_rows=False, limit=None, ke
     rows, bad = [], []
     _check_all(_jsonl_records(path), image_root, task, skip_bad_rows, limit, keys, rows, bad, {})
     if not rows:
-        raise BadInput(f"{path}: no usable rows" + (f" ({len(bad)} bad, the first: {bad[0]})" if bad else ""))
+        raise BadInput(
+            f"{path}: no usable rows" + (f" ({len(bad)} bad, the first: {bad[0]})" if bad else "")
+        )
     return rows, bad
 
 
@@ -525,14 +614,18 @@ def load_data(spec, image_root, task="rec", skip_bad_rows=False, limit=None, key
     if len(set(roots)) == 1:
         roots = roots[:1] * len(paths)
     if len(roots) != len(paths):
-        raise BadInput(f"{spec}: {len(paths)} data sources but {len(roots)} image folders in {image_root!r}; give one "
-                       f"folder for all, or one per source joined by ':' (as VLM-R1's --image_folders)")
+        raise BadInput(
+            f"{spec}: {len(paths)} data sources but {len(roots)} image folders in {image_root!r}; give one "
+            f"folder for all, or one per source joined by ':' (as VLM-R1's --image_folders)"
+        )
     rows, bad, sizes = [], [], {}
     for path, root in zip(paths, roots):
         if limit is None or len(rows) < limit:
             _check_all(_records(path), root, task, skip_bad_rows, limit, keys, rows, bad, sizes)
     if not rows:
-        raise BadInput(f"{spec}: no usable rows" + (f" ({len(bad)} bad, the first: {bad[0]})" if bad else ""))
+        raise BadInput(
+            f"{spec}: no usable rows" + (f" ({len(bad)} bad, the first: {bad[0]})" if bad else "")
+        )
     return rows, bad
 
 
@@ -544,13 +637,17 @@ def refuse_long(rows, lengths, limit, skip_bad_rows, bad):
         if n <= limit:
             kept.append(r)
             continue
-        why = (f"{r['_where']}: the prompt is {n} tokens ({image} of them the image's), above --max-prompt-length "
-               f"{limit}")
+        why = (
+            f"{r['_where']}: the prompt is {n} tokens ({image} of them the image's), above --max-prompt-length "
+            f"{limit}"
+        )
         if not skip_bad_rows:
             raise BadInput(why)
         bad.append(why)
     if not kept:
-        raise BadInput(f"no usable rows: all {len(rows)} prompts are longer than --max-prompt-length {limit}")
+        raise BadInput(
+            f"no usable rows: all {len(rows)} prompts are longer than --max-prompt-length {limit}"
+        )
     return kept
 
 
@@ -574,12 +671,24 @@ def draw(rng, rows, k):
 # bottom). The gradient matters: a tiny vision tower learns where a patch is from its colour far
 # faster than from positional encodings.
 # A distractor always shares the target's colour or its shape, so the phrase decides the answer.
-COLORS = {"red": (220, 40, 40), "green": (40, 190, 60), "blue": (40, 80, 230), "yellow": (235, 215, 40),
-          "purple": (150, 60, 200), "white": (250, 250, 250)}
+COLORS = {
+    "red": (220, 40, 40),
+    "green": (40, 190, 60),
+    "blue": (40, 80, 230),
+    "yellow": (235, 215, 40),
+    "purple": (150, 60, 200),
+    "white": (250, 250, 250),
+}
 SHAPES = ("circle", "square", "triangle")
 # Colour-shape pairs that never appear in the train/test splits; the "ood" split asks only for these.
-OOD_PAIRS = {("red", "triangle"), ("green", "circle"), ("blue", "square"), ("yellow", "triangle"),
-             ("purple", "square"), ("white", "circle")}
+OOD_PAIRS = {
+    ("red", "triangle"),
+    ("green", "circle"),
+    ("blue", "square"),
+    ("yellow", "triangle"),
+    ("purple", "square"),
+    ("white", "circle"),
+}
 IMAGE_SIZE = 128
 SPLIT_SEEDS = {"train": 0, "test": 1_000_003, "ood": 2_000_003}
 WORLD_VERSION = 2  # part of the cache file names: bump it whenever the world changes
@@ -608,7 +717,9 @@ def _draw(draw, shape, box, color):
 def synthetic_rows(split, n, seed=0, size=IMAGE_SIZE, task="rec"):
     """Yield (PIL image, row) pairs of the synthetic world of `task`; deterministic in (split, n, seed)."""
     if task != "rec":
-        yield from {"cls": _cls_rows, "count": _count_rows, "det": _det_rows}[task](split, n, seed, size)
+        yield from {"cls": _cls_rows, "count": _count_rows, "det": _det_rows}[task](
+            split, n, seed, size
+        )
         return
     rng = random.Random(SPLIT_SEEDS[split] + seed)
     all_pairs = [(c, s) for c in COLORS for s in SHAPES]
@@ -627,7 +738,9 @@ def synthetic_rows(split, n, seed=0, size=IMAGE_SIZE, task="rec"):
                 w = rng.randint(size // 4, size * 2 // 5)
                 x1, y1 = rng.randint(0, size - w - 1), rng.randint(0, size - w - 1)
                 box = [x1, y1, x1 + w, y1 + w]
-                if all(box[2] < b[0] or b[2] < box[0] or box[3] < b[1] or b[3] < box[1] for b in boxes):
+                if all(
+                    box[2] < b[0] or b[2] < box[0] or box[3] < b[1] or b[3] < box[1] for b in boxes
+                ):
                     break
             boxes.append(box)
         im = bg.copy()
@@ -636,17 +749,20 @@ def synthetic_rows(split, n, seed=0, size=IMAGE_SIZE, task="rec"):
             _draw(draw, shape, box, COLORS[color])
         caption = f"the {target[0]} {target[1]}"
         box = boxes[0]
-        yield im, {
-            "image": f"{split}/{i:06d}.png",
-            "problem": REC_QUESTION.format(caption=caption),
-            "solution": box,
-            "normalized_solution": [round(v * 1000 / size) for v in box],
-            "width": size,
-            "height": size,
-            "caption": caption,
-            # every object, target first: lets eval.py tell "wrong object" from "imprecise box"
-            "objects": [{"label": f"{c} {s}", "box": b} for (c, s), b in zip(objects, boxes)],
-        }
+        yield (
+            im,
+            {
+                "image": f"{split}/{i:06d}.png",
+                "problem": REC_QUESTION.format(caption=caption),
+                "solution": box,
+                "normalized_solution": [round(v * 1000 / size) for v in box],
+                "width": size,
+                "height": size,
+                "caption": caption,
+                # every object, target first: lets eval.py tell "wrong object" from "imprecise box"
+                "objects": [{"label": f"{c} {s}", "box": b} for (c, s), b in zip(objects, boxes)],
+            },
+        )
 
 
 # The other tasks' worlds: the same background, colours and shapes.
@@ -680,8 +796,14 @@ def _pairs(split):
 
 
 def _row(split, i, size, problem, solution, objects, boxes):
-    return {"image": f"{split}/{i:06d}.png", "problem": problem, "solution": solution, "width": size, "height": size,
-            "objects": [{"label": f"{c} {s}", "box": b} for (c, s), b in zip(objects, boxes)]}
+    return {
+        "image": f"{split}/{i:06d}.png",
+        "problem": problem,
+        "solution": solution,
+        "width": size,
+        "height": size,
+        "objects": [{"label": f"{c} {s}", "box": b} for (c, s), b in zip(objects, boxes)],
+    }
 
 
 def _cls_rows(split, n, seed, size):
@@ -692,7 +814,10 @@ def _cls_rows(split, n, seed, size):
     for i in range(n):
         obj = classes[i % len(classes)] if split == "train" else rng.choice(classes)
         box = _place(rng, 1, size, 4, 2)
-        yield _render([obj], box, size), _row(split, i, size, CLS_QUESTION, f"{obj[0]} {obj[1]}", [obj], box)
+        yield (
+            _render([obj], box, size),
+            _row(split, i, size, CLS_QUESTION, f"{obj[0]} {obj[1]}", [obj], box),
+        )
 
 
 def _count_rows(split, n, seed, size):
@@ -713,13 +838,16 @@ def _det_rows(split, n, seed, size):
         shape, k = rng.choice(SHAPES), rng.randint(2, 4)
         hits = rng.randint(1, min(3, k))
         pool = _pairs(split)
-        objects = ([rng.choice([p for p in pool if p[1] == shape]) for _ in range(hits)] +
-                   [rng.choice([p for p in pool if p[1] != shape]) for _ in range(k - hits)])
+        objects = [rng.choice([p for p in pool if p[1] == shape]) for _ in range(hits)] + [
+            rng.choice([p for p in pool if p[1] != shape]) for _ in range(k - hits)
+        ]
         rng.shuffle(objects)
         boxes = _place(rng, k, size, 5, 3)
         solution = [{"bbox_2d": b, "label": s} for (c, s), b in zip(objects, boxes) if s == shape]
-        yield _render(objects, boxes, size), _row(split, i, size, DET_QUESTION.format(shape=shape), solution,
-                                                   objects, boxes)
+        yield (
+            _render(objects, boxes, size),
+            _row(split, i, size, DET_QUESTION.format(shape=shape), solution, objects, boxes),
+        )
 
 
 def make_synthetic(root, split, n, seed=0, task="rec"):
@@ -750,9 +878,21 @@ def synthetic_split(split, n, task="rec"):
 def ground_truths(rows, sizes, coord_space, rule=None):
     """The `gt` dicts the rewards read (rewards.py), from rows and their (input w, input h, original w, h) sizes, with
     the rule refinement in force (rewards.refinement_stage's keys; default: IoU threshold 0, no stage)."""
-    return [{"solution": r["solution"], "width": W, "height": H, "input_width": w, "input_height": h,
-             "coord_space": coord_space, "iou_threshold": 0.0, **(rule or {}), "image": r["image"],
-             "problem": r["problem"]} for r, (w, h, W, H) in zip(rows, sizes)]
+    return [
+        {
+            "solution": r["solution"],
+            "width": W,
+            "height": H,
+            "input_width": w,
+            "input_height": h,
+            "coord_space": coord_space,
+            "iou_threshold": 0.0,
+            **(rule or {}),
+            "image": r["image"],
+            "problem": r["problem"],
+        }
+        for r, (w, h, W, H) in zip(rows, sizes)
+    ]
 
 
 def load_rows(args):
@@ -761,32 +901,51 @@ def load_rows(args):
     loaded; a bad one stops the run with one line."""
     try:
         if not args.train_data:
-            path = make_synthetic(SYNTHETIC_ROOT, "train", args.train_size or 2000, args.seed, args.task)
+            path = make_synthetic(
+                SYNTHETIC_ROOT, "train", args.train_size or 2000, args.seed, args.task
+            )
             return load_jsonl(path, SYNTHETIC_ROOT, args.task, args.skip_bad_rows)
         limit = args.train_size if args.train_size and args.task != "cls" else None
-        rows, bad = load_data(args.train_data, args.image_root, args.task, args.skip_bad_rows, limit, keys_of(args))
+        rows, bad = load_data(
+            args.train_data, args.image_root, args.task, args.skip_bad_rows, limit, keys_of(args)
+        )
     except BadInput as e:
         sys.exit(f"error: {e}")
-    return (class_balanced(rows, args.train_size) if args.train_size and args.task == "cls" else rows), bad
+    return (
+        class_balanced(rows, args.train_size) if args.train_size and args.task == "cls" else rows
+    ), bad
 
 
 def load_eval_rows(args):
     """(rows, bad) of --eval-data: its first --eval-n good rows (0: all), in any format, images under --image-root."""
-    return load_data(args.eval_data, args.image_root, args.task, args.skip_bad_rows, args.eval_n or None, keys_of(args))
+    return load_data(
+        args.eval_data,
+        args.image_root,
+        args.task,
+        args.skip_bad_rows,
+        args.eval_n or None,
+        keys_of(args),
+    )
 
 
 def synthetic_vocab(tasks=("rec",)):
     """Every word the synthetic worlds, the templates and the SFT targets of `tasks` can produce (for the tiny
     tokenizer). The REC-only list is kept as it was, so the shipped REC model rebuilds bit-identically."""
     words = set((REC_QUESTION + THINK_SUFFIX).replace(".", " ").replace(":", " ").split())
-    words |= set(COLORS) | set(SHAPES) | {"the", "is", "at", "left", "right", "top", "bottom", "center"}
+    words |= (
+        set(COLORS) | set(SHAPES) | {"the", "is", "at", "left", "right", "top", "bottom", "center"}
+    )
     if set(tasks) - {"rec"}:
-        words |= set(re.findall(r"[A-Za-z]+", CLS_QUESTION + COUNT_QUESTION + DET_QUESTION + THINK_SUFFIX))
+        words |= set(
+            re.findall(r"[A-Za-z]+", CLS_QUESTION + COUNT_QUESTION + DET_QUESTION + THINK_SUFFIX)
+        )
         words |= {s + "s" for s in SHAPES} | {"shapes", "box", "confidence"}
     return sorted(words)
 
 
-CONFIDENCE = 0.9  # the confidence the det SFT targets give every box (tiny model: one decimal is one token)
+CONFIDENCE = (
+    0.9  # the confidence the det SFT targets give every box (tiny model: one decimal is one token)
+)
 
 
 def sft_target(task, row, gt):

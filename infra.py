@@ -1,15 +1,15 @@
 """The runtime: what a training run needs that the GRPO paper does not cover.
 
-  parse_args        argparse built from a dataclass and its field docstrings; task defaults < preset < flags
-  load_data         the rows, checked upfront: formats and images (data.py), prompt lengths (the family's tokenizer)
-  setup_distributed torchrun processes (gloo on the CPU, NCCL on GPUs); gather, all_sum
-  engine            the policy under DDP, or FSDP2 with --fsdp (fsdp; gathered: the weights once per rollout), the
-                    optimizer (--optim); reference: pi_ref whole or sharded
-  resume, save_state atomic checkpoints (model, optimizer, step, prompt sampler, RNG) and a checked resume; under
-                    --fsdp the weights gathered for save_pretrained, the optimizer in shards (DCP)
-  MetricsLog        metrics.jsonl, cut back to the checkpoint on a resume; the progress line; the curves (matplotlib)
-  Reporter          --report-to tensorboard|wandb: the same rows, and sample completions, to either library
-  catch_signals     Ctrl-C / SIGTERM: finish the step, save, exit
+parse_args        argparse built from a dataclass and its field docstrings; task defaults < preset < flags
+load_data         the rows, checked upfront: formats and images (data.py), prompt lengths (the family's tokenizer)
+setup_distributed torchrun processes (gloo on the CPU, NCCL on GPUs); gather, all_sum
+engine            the policy under DDP, or FSDP2 with --fsdp (fsdp; gathered: the weights once per rollout), the
+                  optimizer (--optim); reference: pi_ref whole or sharded
+resume, save_state atomic checkpoints (model, optimizer, step, prompt sampler, RNG) and a checked resume; under
+                  --fsdp the weights gathered for save_pretrained, the optimizer in shards (DCP)
+MetricsLog        metrics.jsonl, cut back to the checkpoint on a resume; the progress line; the curves (matplotlib)
+Reporter          --report-to tensorboard|wandb: the same rows, and sample completions, to either library
+catch_signals     Ctrl-C / SIGTERM: finish the step, save, exit
 """
 
 import argparse
@@ -33,6 +33,7 @@ import data
 import plan
 import vlm
 
+
 # ---------------------------------------------------------------------------------------------
 # Arguments: one flag per field of the dataclass, its docstring as the help.
 # ---------------------------------------------------------------------------------------------
@@ -41,13 +42,21 @@ def field_docs(cls):
     docs = {}
     for c in reversed([c for c in cls.__mro__ if "__dataclass_fields__" in vars(c)]):
         body = ast.parse(inspect.getsource(c)).body[0].body
-        docs.update({a.target.id: b.value.value for a, b in zip(body, body[1:]) if isinstance(a, ast.AnnAssign)})
+        docs.update(
+            {
+                a.target.id: b.value.value
+                for a, b in zip(body, body[1:])
+                if isinstance(a, ast.AnnAssign)
+            }
+        )
     return docs
 
 
 def boolean(text):
     """--flag, --flag true/false/1/0/yes/no; anything else is refused (never silently False)."""
-    value = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}.get(str(text).lower())
+    value = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}.get(
+        str(text).lower()
+    )
     if value is None:
         raise argparse.ArgumentTypeError(f"expected true or false, not {text!r}")
     return value
@@ -61,14 +70,31 @@ class OneLineParser(argparse.ArgumentParser):
 def parse_args(cls, argv, task_defaults, presets, choices, prog):
     """An instance of `cls`: its defaults, then the task's defaults, then the preset's values, then the flags given."""
     docs, default = field_docs(cls), cls()
-    p = OneLineParser(prog=prog, allow_abbrev=False, formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-                      description="Flags take --name value or --name=value; a bare boolean flag means true.")
+    p = OneLineParser(
+        prog=prog,
+        allow_abbrev=False,
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        description="Flags take --name value or --name=value; a bare boolean flag means true.",
+    )
     own = vars(cls).get("__annotations__", {})
-    for f in sorted(fields(cls), key=lambda f: f.name not in own):  # the class's own flags first, then inherited ones
-        kw = {"nargs": "?", "const": True, "type": boolean, "metavar": "BOOL"} if f.type is bool else \
-             {"type": f.type, "metavar": f.type.__name__.upper(), "choices": choices.get(f.name)}
-        p.add_argument("--" + f.name.replace("_", "-"), default=argparse.SUPPRESS, **kw,
-                       help=docs[f.name].replace("%", "%%") + f" [default {getattr(default, f.name)!r}]")
+    for f in sorted(
+        fields(cls), key=lambda f: f.name not in own
+    ):  # the class's own flags first, then inherited ones
+        kw = (
+            {"nargs": "?", "const": True, "type": boolean, "metavar": "BOOL"}
+            if f.type is bool
+            else {
+                "type": f.type,
+                "metavar": f.type.__name__.upper(),
+                "choices": choices.get(f.name),
+            }
+        )
+        p.add_argument(
+            "--" + f.name.replace("_", "-"),
+            default=argparse.SUPPRESS,
+            **kw,
+            help=docs[f.name].replace("%", "%%") + f" [default {getattr(default, f.name)!r}]",
+        )
     given = vars(p.parse_args(sys.argv[1:] if argv is None else argv))
     args = cls()
     for k, v in task_defaults.get(given.get("task", args.task), {}).items():
@@ -115,11 +141,15 @@ def check_engine_flags(args):
     if not args.lora_r:
         for name in ("lora_alpha", "lora_targets", "merge_lora"):
             if getattr(args, name):
-                sys.exit(f"error: --{name.replace('_', '-')} is a LoRA flag: give --lora-r too (the adapters' rank)")
+                sys.exit(
+                    f"error: --{name.replace('_', '-')} is a LoRA flag: give --lora-r too (the adapters' rank)"
+                )
     if args.lora_r < 0:
         sys.exit(f"error: --lora-r {args.lora_r}: the rank must be positive (0: full fine-tune)")
     if args.lora_r and args.fsdp:
-        sys.exit("error: --fsdp with --lora-r is not built: drop --fsdp (LoRA's weights and optimizer fit one GPU)")
+        sys.exit(
+            "error: --fsdp with --lora-r is not built: drop --fsdp (LoRA's weights and optimizer fit one GPU)"
+        )
     try:
         re.compile(args.lora_targets)
     except re.error as e:
@@ -148,8 +178,13 @@ def load_data(args, model_path, splits):
             family = vlm.adapter(model_path)
 
             def fitting(part):
-                return data.refuse_long(part, vlm.prompt_lengths(family, part), args.max_prompt_length,
-                                        args.skip_bad_rows, bad)
+                return data.refuse_long(
+                    part,
+                    vlm.prompt_lengths(family, part),
+                    args.max_prompt_length,
+                    args.skip_bad_rows,
+                    bad,
+                )
 
             rows = fitting(rows)
             if "eval" in held:
@@ -165,7 +200,9 @@ def encode(family, rows, step, args, device):
     try:
         return family.encode(rows, device)
     except data.BadInput as e:
-        sys.exit(f"error: {e} (step {step}; last checkpoint in {args.output_dir}; --resume after fixing it)")
+        sys.exit(
+            f"error: {e} (step {step}; last checkpoint in {args.output_dir}; --resume after fixing it)"
+        )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -175,7 +212,9 @@ def setup_distributed(args=None):
     """(rank, world size, device); a single process when not launched by torchrun. --fsdp needs torchrun's processes
     (it shards over them) and is refused here, before a weight loads, without them (with LoRA: check_engine_flags)."""
     if getattr(args, "fsdp", False) and int(os.environ.get("WORLD_SIZE", 1)) < 2:
-        sys.exit("error: --fsdp shards the model over torchrun's processes: launch with torchrun --nproc_per_node N")
+        sys.exit(
+            "error: --fsdp shards the model over torchrun's processes: launch with torchrun --nproc_per_node N"
+        )
     if "RANK" not in os.environ:
         return 0, 1, "cuda" if torch.cuda.is_available() else "cpu"
     backend = "nccl" if torch.cuda.is_available() else "gloo"
@@ -246,7 +285,9 @@ def engine(args, model, family, state, world, device):
     optimizer (--optim) over the trainable weights (under FSDP2 their shards), its state restored on a resume."""
     module = Policy(model, family, args.temperature, args.logp_chunk)
     policy = fsdp(module, world, device) if args.fsdp else ddp(module, world, device)
-    opt = optimizer(args, [p for p in model.parameters() if p.requires_grad])  # with LoRA: A and B only
+    opt = optimizer(
+        args, [p for p in model.parameters() if p.requires_grad]
+    )  # with LoRA: A and B only
     if state:
         load_optimizer(args, model, opt, state)
     return policy, opt
@@ -287,9 +328,12 @@ def ddp(module, world, device):
     from torch.nn.parallel import DistributedDataParallel
 
     # the gradients live in DDP's buckets (no second copy of them), as long as they are zeroed, never set to None
-    return DistributedDataParallel(module, device_ids=[torch.cuda.current_device()] if device.startswith("cuda")
-                                   else None, broadcast_buffers=False,  # same weights loaded; buffers are constants
-                                   gradient_as_bucket_view=True)
+    return DistributedDataParallel(
+        module,
+        device_ids=[torch.cuda.current_device()] if device.startswith("cuda") else None,
+        broadcast_buffers=False,  # same weights loaded; buffers are constants
+        gradient_as_bucket_view=True,
+    )
 
 
 def fsdp(module, world, device, reshard_root=False):
@@ -299,11 +343,19 @@ def fsdp(module, world, device, reshard_root=False):
     calls submodules, never the HF model's forward, so an HF root's hooks would never gather its own weights. On a
     GPU the gathered weights are bf16 (the master weights stay fp32) and gradients are reduced in fp32."""
     from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
+    from torch.distributed.fsdp import (
+        MixedPrecisionPolicy,
+        fully_shard,
+        register_fsdp_forward_method,
+    )
 
     mesh = init_device_mesh(device.split(":")[0], (world,))
     bf16 = device.startswith("cuda")
-    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else MixedPrecisionPolicy()
+    mp = (
+        MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+        if bf16
+        else MixedPrecisionPolicy()
+    )
     units = set(module.model._no_split_modules or ())
     for m in module.model.modules():
         if type(m).__name__ in units:
@@ -358,9 +410,25 @@ def clip_grad_norm(model, max_norm):
 # temporary folder and renamed, so a crash mid-write never leaves a half checkpoint behind. The learning rate
 # is a function of the step, so the step is the schedule's whole state.
 # ---------------------------------------------------------------------------------------------
-RUN_DEFINING = ("model", "task", "train_data", "seed", "prompts_per_step", "num_generations", "train_size",
-                "freeze_vision", "sft_steps", "problem_key", "solution_key", "image_key", "lora_r", "lora_alpha",
-                "lora_targets", "optim", "fsdp")
+RUN_DEFINING = (
+    "model",
+    "task",
+    "train_data",
+    "seed",
+    "prompts_per_step",
+    "num_generations",
+    "train_size",
+    "freeze_vision",
+    "sft_steps",
+    "problem_key",
+    "solution_key",
+    "image_key",
+    "lora_r",
+    "lora_alpha",
+    "lora_targets",
+    "optim",
+    "fsdp",
+)
 
 
 def save_state(args, step, model, family, opt, rng, extra, rank=0, world=1):
@@ -373,17 +441,29 @@ def save_state(args, step, model, family, opt, rng, extra, rank=0, world=1):
         shutil.rmtree(tmp, ignore_errors=True)
     weights = full_weights(args, model)
     if args.fsdp:
-        barrier(world)  # the temporary folder is gone before the processes write their optimizer shards into it
+        barrier(
+            world
+        )  # the temporary folder is gone before the processes write their optimizer shards into it
         save_optimizer_shards(model, opt, os.path.join(tmp, "optimizer"))
     if rank != 0:
         return final
     family.save(model, tmp, weights)
-    torch.save({"step": step, "args": vars(args), "optimizer": None if args.fsdp else opt.state_dict(),
-                "prompt_rng": rng.getstate(), "torch_rng": torch.get_rng_state(), **extra},
-               os.path.join(tmp, "trainer_state.pt"))
+    torch.save(
+        {
+            "step": step,
+            "args": vars(args),
+            "optimizer": None if args.fsdp else opt.state_dict(),
+            "prompt_rng": rng.getstate(),
+            "torch_rng": torch.get_rng_state(),
+            **extra,
+        },
+        os.path.join(tmp, "trainer_state.pt"),
+    )
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
-    for old in sorted(glob.glob(os.path.join(args.output_dir, "checkpoint-*")))[:-2]:  # keep the last two
+    for old in sorted(glob.glob(os.path.join(args.output_dir, "checkpoint-*")))[
+        :-2
+    ]:  # keep the last two
         shutil.rmtree(old, ignore_errors=True)
     print(f"saved checkpoint {final}", flush=True)
     return final
@@ -404,8 +484,12 @@ def full_weights(args, model):
         return None
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-    weights = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    aliases = {n for n, _ in model.named_parameters(remove_duplicate=False)} - {n for n, _ in model.named_parameters()}
+    weights = get_model_state_dict(
+        model, options=StateDictOptions(full_state_dict=True, cpu_offload=True)
+    )
+    aliases = {n for n, _ in model.named_parameters(remove_duplicate=False)} - {
+        n for n, _ in model.named_parameters()
+    }
     return {k: v for k, v in weights.items() if k not in aliases}
 
 
@@ -425,7 +509,10 @@ def load_optimizer(args, model, opt, state):
     if not args.fsdp:
         return opt.load_state_dict(state["optimizer"])
     import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
+    from torch.distributed.checkpoint.state_dict import (
+        get_optimizer_state_dict,
+        set_optimizer_state_dict,
+    )
 
     sharded = {"optimizer": get_optimizer_state_dict(model, opt)}
     dcp.load(sharded, checkpoint_id=os.path.join(state["checkpoint"], "optimizer"))
@@ -438,8 +525,10 @@ def save_or_stop(args, step, bad_steps, model, family, opt, rng, rank, world, de
     extra = {"bad_steps": bad_steps}
     if bad_steps >= args.max_bad_steps:
         path = checkpoint(args, step, model, family, opt, rng, extra, rank, world)
-        sys.exit(f"error: {bad_steps} steps in a row had a non-finite loss or gradient (lower --lr?); "
-                 f"weights before them saved in {path}")
+        sys.exit(
+            f"error: {bad_steps} steps in a row had a non-finite loss or gradient (lower --lr?); "
+            f"weights before them saved in {path}"
+        )
     stop = interrupted(world, device)
     if stop or (args.save_every and (step % args.save_every == 0 or step == args.steps)):
         path = checkpoint(args, step, model, family, opt, rng, extra, rank, world)
@@ -454,7 +543,9 @@ def find_checkpoint(path):
         return path
     found = sorted(glob.glob(os.path.join(path, "checkpoint-*", "trainer_state.pt")))
     if not found:
-        sys.exit(f"error: --resume {path}: no checkpoint there (expected trainer_state.pt or checkpoint-*/)")
+        sys.exit(
+            f"error: --resume {path}: no checkpoint there (expected trainer_state.pt or checkpoint-*/)"
+        )
     return os.path.dirname(found[-1])
 
 
@@ -465,11 +556,17 @@ def resume(args, defaults, rng):
         return None, None
     ckpt = find_checkpoint(args.resume)
     state = torch.load(os.path.join(ckpt, "trainer_state.pt"), weights_only=True)
-    changed = [k for k in RUN_DEFINING if state["args"].get(k, getattr(defaults, k)) != getattr(args, k)]
+    changed = [
+        k for k in RUN_DEFINING if state["args"].get(k, getattr(defaults, k)) != getattr(args, k)
+    ]
     if changed:
-        sys.exit(f"error: --resume {ckpt} was made with different " +
-                 ", ".join(f"--{k.replace('_', '-')} ({state['args'][k]!r} there, {getattr(args, k)!r} here)"
-                           for k in changed))
+        sys.exit(
+            f"error: --resume {ckpt} was made with different "
+            + ", ".join(
+                f"--{k.replace('_', '-')} ({state['args'][k]!r} there, {getattr(args, k)!r} here)"
+                for k in changed
+            )
+        )
     rng.setstate(state["prompt_rng"])
     torch.set_rng_state(state["torch_rng"])
     return ckpt, {**state, "checkpoint": ckpt}  # where --fsdp's optimizer shards are
@@ -479,7 +576,11 @@ def lr_at(args, step):
     """Linear warm-up over --warmup-steps, then constant or linear decay to 0 at --steps."""
     warm = min(1.0, step / args.warmup_steps) if args.warmup_steps else 1.0
     if args.lr_schedule == "linear":
-        return args.lr * warm * min(1.0, max(0.0, (args.steps - step + 1) / max(1, args.steps - args.warmup_steps)))
+        return (
+            args.lr
+            * warm
+            * min(1.0, max(0.0, (args.steps - step + 1) / max(1, args.steps - args.warmup_steps)))
+        )
     return args.lr * warm
 
 
@@ -521,13 +622,21 @@ class MetricsLog:
         os.makedirs(output_dir, exist_ok=True)
         kept = []
         if resumed_at is not None and os.path.exists(self.path):
-            kept = [x for x in open(self.path) if x.strip() and json.loads(x).get("step", 0) <= resumed_at]
+            kept = [
+                x
+                for x in open(self.path)
+                if x.strip() and json.loads(x).get("step", 0) <= resumed_at
+            ]
         self.file = open(self.path, "w") if main else None
         if main:
             self.file.writelines(kept)
             self.file.flush()
         report_to = getattr(args, "report_to", "none")
-        self.report = Reporter(report_to, output_dir, vars(args), resumed_at) if main and report_to != "none" else None
+        self.report = (
+            Reporter(report_to, output_dir, vars(args), resumed_at)
+            if main and report_to != "none"
+            else None
+        )
 
     def write(self, row, line=None):
         """Append a row; print `line` (the progress line) on the main process."""
@@ -544,9 +653,18 @@ class MetricsLog:
         self.write(m, step_line(m, args, components, bad_steps, batch, texts, r))
         if self.report and sample_due(args, m["step"]):
             G = args.num_generations
-            self.report.samples(m["step"], [{"problem": batch[i // G]["problem"], "solution": batch[i // G]["solution"],
-                                             "completion": texts[i], "reward": float(r[i])}
-                                            for i in range(0, len(texts), G)][:4])
+            self.report.samples(
+                m["step"],
+                [
+                    {
+                        "problem": batch[i // G]["problem"],
+                        "solution": batch[i // G]["solution"],
+                        "completion": texts[i],
+                        "reward": float(r[i]),
+                    }
+                    for i in range(0, len(texts), G)
+                ][:4],
+            )
 
     def close(self):
         if self.main:
@@ -572,33 +690,59 @@ class Reporter:
             if kind == "tensorboard":
                 from torch.utils.tensorboard import SummaryWriter  # needs the tensorboard package
 
-                self.writer = SummaryWriter(output_dir, flush_secs=10,
-                                            purge_step=None if resumed_at is None else resumed_at + 1)
+                self.writer = SummaryWriter(
+                    output_dir,
+                    flush_secs=10,
+                    purge_step=None if resumed_at is None else resumed_at + 1,
+                )
             elif kind == "wandb":
                 import wandb
 
                 self.wandb = wandb
-                self.run = wandb.init(project=os.environ.get("WANDB_PROJECT", "grpo-vlm"), dir=output_dir,
-                                      name=os.path.basename(os.path.normpath(output_dir)), config=config)
+                self.run = wandb.init(
+                    project=os.environ.get("WANDB_PROJECT", "grpo-vlm"),
+                    dir=output_dir,
+                    name=os.path.basename(os.path.normpath(output_dir)),
+                    config=config,
+                )
                 self.run.define_metric("sft_loss", step_metric="sft_step")
                 self.run.define_metric("*", step_metric="step")
             else:
                 raise ValueError(f"unknown --report-to {kind!r}; choose from {REPORT_TO}")
         except ImportError as e:
-            sys.exit(f"error: --report-to {kind} needs the {kind} package (pip install {kind}): {e}")
+            sys.exit(
+                f"error: --report-to {kind} needs the {kind} package (pip install {kind}): {e}"
+            )
         except Exception as e:  # e.g. wandb online without an account
-            hint = " (no W&B account? WANDB_MODE=offline writes the run locally)" if kind == "wandb" else ""
-            sys.exit(f"error: --report-to {kind}: {type(e).__name__}: {' '.join(str(e).split())[:300]}{hint}")
+            hint = (
+                " (no W&B account? WANDB_MODE=offline writes the run locally)"
+                if kind == "wandb"
+                else ""
+            )
+            sys.exit(
+                f"error: --report-to {kind}: {type(e).__name__}: {' '.join(str(e).split())[:300]}{hint}"
+            )
 
     def scalars(self, row):
         x = "sft_step" if "sft_step" in row else "step"
-        values = {k: float(v) for k, v in row.items() if k not in ("step", "sft_step") and
-                  isinstance(v, (int, float)) and not isinstance(v, bool)}
+        values = {
+            k: float(v)
+            for k, v in row.items()
+            if k not in ("step", "sft_step")
+            and isinstance(v, (int, float))
+            and not isinstance(v, bool)
+        }
         if self.kind == "tensorboard":
             for k, v in values.items():
                 self.writer.add_scalar(k, v, row[x])
         else:
-            self.run.log({"step": row["step"], **({"sft_step": row["sft_step"]} if x == "sft_step" else {}), **values})
+            self.run.log(
+                {
+                    "step": row["step"],
+                    **({"sft_step": row["sft_step"]} if x == "sft_step" else {}),
+                    **values,
+                }
+            )
 
     def samples(self, step, samples):
         """A table of sample completions: problem, solution, completion, reward."""
@@ -606,13 +750,26 @@ class Reporter:
         if self.kind == "tensorboard":
             cell = lambda v: " ".join(str(v).split()).replace("|", "\\|").replace("<", "&lt;")  # noqa: E731
             table = ["| " + " | ".join(cols) + " |", "|---" * len(cols) + "|"]
-            table += ["| " + " | ".join(cell(f"{s[c]:.3f}" if c == "reward" else s[c]) for c in cols) + " |"
-                      for s in samples]
+            table += [
+                "| "
+                + " | ".join(cell(f"{s[c]:.3f}" if c == "reward" else s[c]) for c in cols)
+                + " |"
+                for s in samples
+            ]
             self.writer.add_text("samples", "\n".join(table), step)
         else:
-            self.run.log({"step": step, "samples": self.wandb.Table(
-                columns=["step", *cols], data=[[step, s["problem"], str(s["solution"]), s["completion"], s["reward"]]
-                                               for s in samples])})
+            self.run.log(
+                {
+                    "step": step,
+                    "samples": self.wandb.Table(
+                        columns=["step", *cols],
+                        data=[
+                            [step, s["problem"], str(s["solution"]), s["completion"], s["reward"]]
+                            for s in samples
+                        ],
+                    ),
+                }
+            )
 
     def close(self):
         if self.kind == "tensorboard":
@@ -626,33 +783,62 @@ def say(main, *lines):
         print(*lines, sep="\n", flush=True)
 
 
-EVAL_LINE = ("acc50", "center_error", "area_ratio", "right_object", "accuracy", "mae", "map", "ap50", "pred_per_gt")
+EVAL_LINE = (
+    "acc50",
+    "center_error",
+    "area_ratio",
+    "right_object",
+    "accuracy",
+    "mae",
+    "map",
+    "ap50",
+    "pred_per_gt",
+)
 
 
 def eval_line(step, ev):
     """One progress line of a held-out eval's metrics."""
-    return f"eval step {step}: " + " ".join(f"{k}={v:.3f}" for k, v in ev.items() if k.endswith(EVAL_LINE))
+    return f"eval step {step}: " + " ".join(
+        f"{k}={v:.3f}" for k, v in ev.items() if k.endswith(EVAL_LINE)
+    )
 
 
 def step_row(step, r_all, components, stats, grad_norm, mask_all, mu, world, **extra):
     """The step's row of metrics.jsonl: named statistics, summed over processes and divided by the token count."""
     n_tok, sums = mask_all.sum().item(), {k: v for k, v in stats.items() if k != "logp_gap_max"}
     s = dict(zip(sums, all_sum(torch.stack(list(sums.values())), world).tolist()))
-    return {"step": step, "reward": r_all.mean().item(), "reward_std": r_all.std().item(),
-            **{f"reward_{k}": gather(v.to(r_all.device), world).mean().item() for k, v in components.items()},
-            "loss": s["loss"] / mu, "kl": s["kl"] / n_tok, "clip_frac": s["clipped"] / n_tok,
-            "logp_gap": s["logp_gap"] / n_tok, "logp_gap_max": all_max(stats["logp_gap_max"], world).item(),
-            "entropy": s["entropy"] / n_tok,
-            "completion_len": n_tok / len(mask_all), "grad_norm": float(grad_norm),
-            **({"gpu_peak_gib": torch.cuda.max_memory_allocated() / plan.GiB} if torch.cuda.is_available() else {}),
-            **extra}
+    return {
+        "step": step,
+        "reward": r_all.mean().item(),
+        "reward_std": r_all.std().item(),
+        **{
+            f"reward_{k}": gather(v.to(r_all.device), world).mean().item()
+            for k, v in components.items()
+        },
+        "loss": s["loss"] / mu,
+        "kl": s["kl"] / n_tok,
+        "clip_frac": s["clipped"] / n_tok,
+        "logp_gap": s["logp_gap"] / n_tok,
+        "logp_gap_max": all_max(stats["logp_gap_max"], world).item(),
+        "entropy": s["entropy"] / n_tok,
+        "completion_len": n_tok / len(mask_all),
+        "grad_norm": float(grad_norm),
+        **(
+            {"gpu_peak_gib": torch.cuda.max_memory_allocated() / plan.GiB}
+            if torch.cuda.is_available()
+            else {}
+        ),
+        **extra,
+    }
 
 
 def batch_stats(r_all, G, truncated_all):
     """The share of the batch's groups whose rewards are all equal (no signal), and of completions cut off at the cap."""
     rg = r_all.view(-1, G)
-    return {"frac_reward_zero_std": (rg.amax(1) == rg.amin(1)).float().mean().item(),
-            "truncated_frac": truncated_all.mean().item()}
+    return {
+        "frac_reward_zero_std": (rg.amax(1) == rg.amin(1)).float().mean().item(),
+        "truncated_frac": truncated_all.mean().item(),
+    }
 
 
 def sample_due(args, step):
@@ -663,28 +849,53 @@ def sample_due(args, step):
 def step_line(m, args, components, bad_steps, batch, texts, r):
     """The progress line of a step, and every --sample-every steps a few of its completions."""
     G, comp = args.num_generations, " ".join(f"{k}={m['reward_' + k]:.3f}" for k in components)
-    line = (f"step {m['step']}/{args.steps} reward={m['reward']:.3f} {comp} kl={m['kl']:.4f} "
-            f"clip={m['clip_frac']:.3f} len={m['completion_len']:.1f} {m['seconds']:.2f}s"
-            + (f"  SKIPPED: non-finite loss or gradient ({bad_steps} in a row)" if m.get("skipped_updates") else ""))
+    line = (
+        f"step {m['step']}/{args.steps} reward={m['reward']:.3f} {comp} kl={m['kl']:.4f} "
+        f"clip={m['clip_frac']:.3f} len={m['completion_len']:.1f} {m['seconds']:.2f}s"
+        + (
+            f"  SKIPPED: non-finite loss or gradient ({bad_steps} in a row)"
+            if m.get("skipped_updates")
+            else ""
+        )
+    )
     if sample_due(args, m["step"]):
-        line += "".join(f"\n  [{batch[i // G]['problem'][-40:]}] gt={batch[i // G]['solution']} -> {texts[i]!r} "
-                        f"r={r[i]:.2f}" for i in range(0, min(2 * G, len(texts)), G))
+        line += "".join(
+            f"\n  [{batch[i // G]['problem'][-40:]}] gt={batch[i // G]['solution']} -> {texts[i]!r} "
+            f"r={r[i]:.2f}"
+            for i in range(0, min(2 * G, len(texts)), G)
+        )
     return line
 
 
-def start_banner(args, log, rows, bad_rows, weights, coord_space, device, world, resumed_at, model_path):
+def start_banner(
+    args, log, rows, bad_rows, weights, coord_space, device, world, resumed_at, model_path
+):
     """What this run is, printed once; the bad rows skipped, listed and counted in metrics.jsonl."""
-    say(log.main, f"GRPO {args.task}: {len(rows)} prompts, B={args.prompts_per_step} G={args.num_generations} "
-                  f"T={args.temperature} beta={args.beta} coords={coord_space} weights={weights} device={device} "
-                  f"processes={world}{' (FSDP2)' if args.fsdp else ''} optim={args.optim}"
-                  + (f" LoRA r={args.lora_r}" if args.lora_r else "")
-                  + (f", resumed at step {resumed_at}" if resumed_at is not None else ""))
-    if device.startswith("cuda"):  # the plan, to read beside each step's gpu_peak_gib (max_memory_allocated)
+    say(
+        log.main,
+        f"GRPO {args.task}: {len(rows)} prompts, B={args.prompts_per_step} G={args.num_generations} "
+        f"T={args.temperature} beta={args.beta} coords={coord_space} weights={weights} device={device} "
+        f"processes={world}{' (FSDP2)' if args.fsdp else ''} optim={args.optim}"
+        + (f" LoRA r={args.lora_r}" if args.lora_r else "")
+        + (f", resumed at step {resumed_at}" if resumed_at is not None else ""),
+    )
+    if device.startswith(
+        "cuda"
+    ):  # the plan, to read beside each step's gpu_peak_gib (max_memory_allocated)
         p = plan.parts(args, model_path, world)
-        say(log.main, "memory plan per GPU (--plan): " + ", ".join(f"{ph} {sum(p[ph].values()) / plan.GiB:.1f} GiB"
-                                                                  for ph in ("rollout", "training")))
+        say(
+            log.main,
+            "memory plan per GPU (--plan): "
+            + ", ".join(
+                f"{ph} {sum(p[ph].values()) / plan.GiB:.1f} GiB" for ph in ("rollout", "training")
+            ),
+        )
     if bad_rows:
-        say(log.main, f"skipped {len(bad_rows)} bad rows (--skip-bad-rows):" + "".join("\n  " + b for b in bad_rows[:10]))
+        say(
+            log.main,
+            f"skipped {len(bad_rows)} bad rows (--skip-bad-rows):"
+            + "".join("\n  " + b for b in bad_rows[:10]),
+        )
         if resumed_at is None:  # a resumed run keeps the row it logged at the start
             log.write({"step": 0, "bad_rows": len(bad_rows)})
 
@@ -693,18 +904,26 @@ def check_logp_gap(m, limit, model_type):
     """Stop when the rollout's log-probs and the training forward's disagree (mean, or 50x at any one token: a leak
     into a few tokens hides in the mean). Every silent failure of a family adapter showed here first."""
     if limit >= 0 and (m["logp_gap"] > limit or m["logp_gap_max"] > 50 * limit):
-        sys.exit(f"error: the rollout and the training forward disagree on pi_old for model type {model_type!r}: "
-                 f"logp_gap {m['logp_gap']:.2e} per token (limit {limit:g}), {m['logp_gap_max']:.2e} at worst "
-                 f"(limit {50 * limit:g}); the family's adapter is wrong, or --max-logp-gap is too tight")
+        sys.exit(
+            f"error: the rollout and the training forward disagree on pi_old for model type {model_type!r}: "
+            f"logp_gap {m['logp_gap']:.2e} per token (limit {limit:g}), {m['logp_gap_max']:.2e} at worst "
+            f"(limit {50 * limit:g}); the family's adapter is wrong, or --max-logp-gap is too tight"
+        )
 
 
 def finish(args, model, family, log, bad_rows, rank, world):
     """The end of a run: the curves and the final model (main process), then the processes part."""
     log.close()
-    final, weights = os.path.join(args.output_dir, "final"), full_weights(args, model)  # --fsdp: every process
+    final, weights = (
+        os.path.join(args.output_dir, "final"),
+        full_weights(args, model),
+    )  # --fsdp: every process
     if rank == 0:
         if bad_rows:
-            print(f"{len(bad_rows)} bad rows were skipped (see the top of this log and metrics.jsonl)", flush=True)
+            print(
+                f"{len(bad_rows)} bad rows were skipped (see the top of this log and metrics.jsonl)",
+                flush=True,
+            )
         plot_metrics(log.path, os.path.join(args.output_dir, "curves.png"), args.task)
         family.save(model, final, weights)  # with LoRA: the adapter (vlm.load puts it on its base)
         print(f"saved {final}", flush=True)
@@ -719,27 +938,56 @@ def finish(args, model, family, log, bad_rows, rank, world):
 
 # Training curves as a PNG, drawn with matplotlib (its Agg backend: no display needed)
 REWARD_PANEL = ("reward (moving average over 20 steps)", "reward")
-PANELS = {"rec": [REWARD_PANEL, ("held-out Acc@0.5", "acc50"), ("held-out centre error (/ image diagonal)", "center_error"),
-                  ("held-out area ratio (pred / true)", "area_ratio")],
-          "cls": [REWARD_PANEL, ("held-out accuracy", "accuracy"), ("held-out format rate", "format_rate"),
-                  ("completion length (tokens)", "completion_len")],
-          "count": [REWARD_PANEL, ("held-out accuracy", "accuracy"), ("held-out mean absolute error", "mae"),
-                    ("completion length (tokens)", "completion_len")],
-          "det": [REWARD_PANEL, ("held-out mAP (IoU 0.50:0.95)", "map"),
-                  ("#pred / #gt (sampled: pred_per_gt; greedy held-out: test_)", "pred_per_gt"),
-                  ("held-out AP50", "ap50")]}
+PANELS = {
+    "rec": [
+        REWARD_PANEL,
+        ("held-out Acc@0.5", "acc50"),
+        ("held-out centre error (/ image diagonal)", "center_error"),
+        ("held-out area ratio (pred / true)", "area_ratio"),
+    ],
+    "cls": [
+        REWARD_PANEL,
+        ("held-out accuracy", "accuracy"),
+        ("held-out format rate", "format_rate"),
+        ("completion length (tokens)", "completion_len"),
+    ],
+    "count": [
+        REWARD_PANEL,
+        ("held-out accuracy", "accuracy"),
+        ("held-out mean absolute error", "mae"),
+        ("completion length (tokens)", "completion_len"),
+    ],
+    "det": [
+        REWARD_PANEL,
+        ("held-out mAP (IoU 0.50:0.95)", "map"),
+        ("#pred / #gt (sampled: pred_per_gt; greedy held-out: test_)", "pred_per_gt"),
+        ("held-out AP50", "ap50"),
+    ],
+}
 
 
 def _series(rows, suffix):
     """{name: [(step, value)]} for the keys that are (or end with) `suffix`; rewards are smoothed."""
     out = {}
     for key in sorted({k for r in rows for k in r}):
-        if suffix == "reward" and (key == "reward" or key.startswith("reward_")) and key != "reward_std":
+        if (
+            suffix == "reward"
+            and (key == "reward" or key.startswith("reward_"))
+            and key != "reward_std"
+        ):
             pts = [(r["step"], r[key]) for r in rows if key in r]
-            out[key] = [(s, sum(v for _, v in pts[max(0, i - 19):i + 1]) / len(pts[max(0, i - 19):i + 1]))
-                        for i, (s, _) in enumerate(pts)]
+            out[key] = [
+                (
+                    s,
+                    sum(v for _, v in pts[max(0, i - 19) : i + 1])
+                    / len(pts[max(0, i - 19) : i + 1]),
+                )
+                for i, (s, _) in enumerate(pts)
+            ]
         elif suffix != "reward" and (key == suffix or key.endswith("_" + suffix)):
-            out[key] = [(r["step"], r[key]) for r in rows if key in r and r[key] == r[key]]  # drop NaN
+            out[key] = [
+                (r["step"], r[key]) for r in rows if key in r and r[key] == r[key]
+            ]  # drop NaN
     return out
 
 
@@ -758,11 +1006,15 @@ def plot_metrics(metrics_path, png_path, task="rec", width=1000, height=700):
         ax.grid(alpha=0.3)
         series = {k: v for k, v in _series(rows, suffix).items() if v}
         if not series:
-            ax.text(0.5, 0.5, "no data", ha="center", va="center", color="gray", transform=ax.transAxes)
+            ax.text(
+                0.5, 0.5, "no data", ha="center", va="center", color="gray", transform=ax.transAxes
+            )
             continue
         for name, pts in series.items():
             ax.plot(*zip(*pts), label=name, lw=1.5, marker="o" if len(pts) < 40 else None, ms=3)
-        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0, frameon=False)
+        ax.legend(
+            fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0, frameon=False
+        )
     fig.savefig(png_path)
     print(f"saved {png_path}", flush=True)
 

@@ -33,40 +33,64 @@ def architecture(path):
     config = AutoConfig.from_pretrained(path)
     family = vlm.ADAPTERS.get(config.model_type)
     if family is None:
-        raise SystemExit(f"error: {path}: model type {config.model_type!r} is not supported; supported: "
-                         f"{', '.join(vlm.ADAPTERS)}")
+        raise SystemExit(
+            f"error: {path}: model type {config.model_type!r} is not supported; supported: "
+            f"{', '.join(vlm.ADAPTERS)}"
+        )
     with torch.device("meta"):
         model = AutoModelForImageTextToText.from_config(config)
     text, vision = config.get_text_config(), family.vision(None, model)
     layers = model.model.language_model.layers
     on_meta = types.SimpleNamespace(vision=lambda m: family.vision(None, m))
 
-    def lora_per_rank(targets, freeze_vision):  # LoRA's parameters per unit of rank on the layers add_lora wraps
+    def lora_per_rank(
+        targets, freeze_vision
+    ):  # LoRA's parameters per unit of rank on the layers add_lora wraps
         modules = dict(model.named_modules())
-        return sum(modules[n].in_features + modules[n].out_features
-                   for n in vlm.lora_modules(model, on_meta, targets, freeze_vision))
+        return sum(
+            modules[n].in_features + modules[n].out_features
+            for n in vlm.lora_modules(model, on_meta, targets, freeze_vision)
+        )
 
     head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
     kinds = getattr(text, "layer_types", None) or ["full_attention"] * text.num_hidden_layers
-    attention = sum(k != "linear_attention" for k in kinds)  # full and sliding layers: we keep every position
+    attention = sum(
+        k != "linear_attention" for k in kinds
+    )  # full and sliding layers: we keep every position
     ip = vlm.image_processor(path, family).from_pretrained(path)
     shim = types.SimpleNamespace(image_processor=ip, config=config)
     vc = config.vision_config
     return dict(
-        name=config.model_type, params=sum(p.numel() for p in model.parameters()),
-        vision=sum(p.numel() for p in vision.parameters()), lora_per_rank=lora_per_rank,
-        layer=max(sum(p.numel() for p in layer.parameters()) for layer in layers), layers=len(layers),
-        root=sum(p.numel() for p in model.parameters()) - sum(  # outside FSDP2's units (infra.fsdp): the root's
-            p.numel() for m in model.modules() if type(m).__name__ in set(model._no_split_modules or ())
-            for p in m.parameters()),
-        hidden=text.hidden_size, intermediate=text.intermediate_size, heads=text.num_attention_heads,
-        vocab=text.vocab_size, kv_token=attention * 2 * text.num_key_value_heads * head_dim,
-        linear_state=(len(kinds) - attention) * linear_state(text), one_row=family is vlm.Qwen35,
+        name=config.model_type,
+        params=sum(p.numel() for p in model.parameters()),
+        vision=sum(p.numel() for p in vision.parameters()),
+        lora_per_rank=lora_per_rank,
+        layer=max(sum(p.numel() for p in layer.parameters()) for layer in layers),
+        layers=len(layers),
+        root=sum(p.numel() for p in model.parameters())
+        - sum(  # outside FSDP2's units (infra.fsdp): the root's
+            p.numel()
+            for m in model.modules()
+            if type(m).__name__ in set(model._no_split_modules or ())
+            for p in m.parameters()
+        ),
+        hidden=text.hidden_size,
+        intermediate=text.intermediate_size,
+        heads=text.num_attention_heads,
+        vocab=text.vocab_size,
+        kv_token=attention * 2 * text.num_key_value_heads * head_dim,
+        linear_state=(len(kinds) - attention) * linear_state(text),
+        one_row=family is vlm.Qwen35,
         vision_layers=getattr(vc, "depth", None) or getattr(vc, "num_hidden_layers", 0),
-        vision_hidden=getattr(vc, "hidden_size", 0), vision_intermediate=getattr(vc, "intermediate_size", 0),
-        patches=lambda w, h: (ip.get_number_of_image_patches(h, w) if hasattr(ip, "merge_size")
-                              else (ip.size["height"] // vc.patch_size) ** 2),
-        image_tokens=lambda w, h: family.image_tokens(shim, w, h))
+        vision_hidden=getattr(vc, "hidden_size", 0),
+        vision_intermediate=getattr(vc, "intermediate_size", 0),
+        patches=lambda w, h: (
+            ip.get_number_of_image_patches(h, w)
+            if hasattr(ip, "merge_size")
+            else (ip.size["height"] // vc.patch_size) ** 2
+        ),
+        image_tokens=lambda w, h: family.image_tokens(shim, w, h),
+    )
 
 
 def linear_state(text):
@@ -76,7 +100,9 @@ def linear_state(text):
     return hv * k * v + (2 * hk * k + hv * v) * getattr(text, "linear_conv_kernel_dim", 0)
 
 
-def parts(args, path, world, device="cuda", arch=None, whole_reference=None, text_tokens=TEXT_TOKENS):
+def parts(
+    args, path, world, device="cuda", arch=None, whole_reference=None, text_tokens=TEXT_TOKENS
+):
     """{"rollout": {part: bytes}, "training": {part: bytes}, "shape": {...}} per process for `args` on `world`
     processes. device "cuda": bf16 autocast over fp32 weights, a bf16 reference and KV cache (vlm.precision);
     "cpu": fp32 throughout, as the CPU runs that benchmarks/memory_plan.py measures."""
@@ -84,58 +110,91 @@ def parts(args, path, world, device="cuda", arch=None, whole_reference=None, tex
     gpu, N = device == "cuda", a["params"]
     half = 2 if gpu else 4  # bytes of an activation element, and of the reference's and the cache's
     shard = world if args.fsdp else 1
-    lora = args.lora_r * a["lora_per_rank"](args.lora_targets, args.freeze_vision) if args.lora_r else 0
+    lora = (
+        args.lora_r * a["lora_per_rank"](args.lora_targets, args.freeze_vision)
+        if args.lora_r
+        else 0
+    )
     trained = lora or N - (a["vision"] if args.freeze_vision else 0)
     W, H, *_ = (int(x) for x in args.image_size.lower().split("x"))
     P = a["image_tokens"](W, H) + text_tokens
     if args.max_prompt_length > 0:
         P = min(P, args.max_prompt_length)
-    B, G, L, mb = args.prompts_per_step // world, args.num_generations, args.max_completion_length, \
-        args.micro_batch_size
+    B, G, L, mb = (
+        args.prompts_per_step // world,
+        args.num_generations,
+        args.max_completion_length,
+        args.micro_batch_size,
+    )
     rows = min(args.rollout_batch_size or B * G, B * G)
     D, V = a["hidden"], a["vocab"]
 
     if lora:  # the frozen base needs no fp32 master copy: bf16 on a GPU; the adapters train in fp32
-        resident = {"bf16 weights (frozen)" if gpu else "fp32 weights (frozen)": half * N, "fp32 LoRA adapters": 4 * lora}
+        resident = {
+            "bf16 weights (frozen)" if gpu else "fp32 weights (frozen)": half * N,
+            "fp32 LoRA adapters": 4 * lora,
+        }
     else:
         resident = {"fp32 weights": 4 * N / shard}
     if args.beta > 0 and not lora:  # LoRA's reference is the same model with its adapters off
-        whole = not args.fsdp or (reference_whole(args, path, world, a) if whole_reference is None else whole_reference)
-        resident["reference (bf16)" if gpu else "reference (fp32)"] = half * N / (1 if whole else world)
-    moments = (2 + 8 / 256) * trained if args.optim == "adamw8bit" else 8 * trained  # 8-bit: a scale per 256
-    resident["AdamW moments (8-bit)" if args.optim == "adamw8bit" else "AdamW moments (fp32)"] = moments / shard
+        whole = not args.fsdp or (
+            reference_whole(args, path, world, a) if whole_reference is None else whole_reference
+        )
+        resident["reference (bf16)" if gpu else "reference (fp32)"] = (
+            half * N / (1 if whole else world)
+        )
+    moments = (
+        (2 + 8 / 256) * trained if args.optim == "adamw8bit" else 8 * trained
+    )  # 8-bit: a scale per 256
+    resident["AdamW moments (8-bit)" if args.optim == "adamw8bit" else "AdamW moments (fp32)"] = (
+        moments / shard
+    )
     grads = {"fp32 gradients": 4 * trained / shard}
 
     # rollout: `rows` completions decode at once from one prefill of their rows / G prompts
     rollout = dict(resident)
     if world > 1 and not args.fsdp:  # DDP's gradients are views of its buckets: zeroed, never freed
         rollout.update(grads)
-    if args.fsdp:  # the weights are gathered once for the whole rollout, in the policy's compute dtype
+    if (
+        args.fsdp
+    ):  # the weights are gathered once for the whole rollout, in the policy's compute dtype
         rollout["gathered weights"] = half * N
     prompts = math.ceil(rows / G)
     rollout["KV cache"] = half * rows * (a["kv_token"] * (P + L)) + 4 * rows * a["linear_state"]
     rollout["prefill"] = prompts * P * (half * a["kv_token"] + 4 * (4 * D + 3 * a["intermediate"]))
-    rollout["sampling logits"] = rows * V * (4 * 4 + 8 * 2)  # fp32 logits, /T, log-softmax, p log p; fp64 cdf
+    rollout["sampling logits"] = (
+        rows * V * (4 * 4 + 8 * 2)
+    )  # fp32 logits, /T, log-softmax, p log p; fp64 cdf
 
     # training: one micro-batch, packed (each prompt once, its completions after it; Qwen3.5: one per row)
     training = {**resident, **grads}
     n_prompts = mb if a["one_row"] else math.ceil(mb / G)
     tokens = mb * (P + L) if a["one_row"] else n_prompts * P + mb * L
-    per_layer = tokens * (9 * D + 4 * a["intermediate"]) * half  # norms, q, k, v, attention, o, MLP: one layer's
-    if args.gradient_checkpointing:  # the residual stream at each layer's input (fp32), and one layer recomputed
+    per_layer = (
+        tokens * (9 * D + 4 * a["intermediate"]) * half
+    )  # norms, q, k, v, attention, o, MLP: one layer's
+    if (
+        args.gradient_checkpointing
+    ):  # the residual stream at each layer's input (fp32), and one layer recomputed
         training["activations"] = a["layers"] * tokens * D * 4 + per_layer
     else:
         training["activations"] = a["layers"] * per_layer
     S = tokens / n_prompts
-    training["attention mask"] = n_prompts * S * S * 5  # the block mask (bool) and SDPA's additive float copy
+    training["attention mask"] = (
+        n_prompts * S * S * 5
+    )  # the block mask (bool) and SDPA's additive float copy
     patches = n_prompts * a["patches"](W, H)
-    training["vision tower"] = patches * a["vision_hidden"] * 4 * (a["vision_layers"] + 2) \
+    training["vision tower"] = (
+        patches * a["vision_hidden"] * 4 * (a["vision_layers"] + 2)
         + 2 * patches * a["vision_intermediate"] * half
+    )
     chunk = min(args.logp_chunk, mb * L)
     # measured: 3 fp32 [chunk, vocab] arrays at the peak of its backward (log-softmax, its gradient, the logits'),
     # and on a GPU the bf16 logits before .float()
     training["log-prob chunk"] = chunk * V * (14 if gpu else 12)
-    if args.fsdp:  # the root's weights (kept from forward to backward), one layer and the next one prefetched
+    if (
+        args.fsdp
+    ):  # the root's weights (kept from forward to backward), one layer and the next one prefetched
         training["gathered layers"] = half * (a["root"] + 2 * a["layer"])
     shape = dict(P=P, L=L, rows=rows, tokens=tokens, params=N, trained=trained)
     return {"rollout": rollout, "training": training, "shape": shape}
@@ -154,7 +213,11 @@ def peak(p):
 
 def count(n):
     """3.75B, 161.5M, 58.4K: a parameter count as people write it."""
-    return next(f"{n / d:.3g}{unit}" for d, unit in ((1e9, "B"), (1e6, "M"), (1e3, "K"), (1, "")) if n >= d or d == 1)
+    return next(
+        f"{n / d:.3g}{unit}"
+        for d, unit in ((1e9, "B"), (1e6, "M"), (1e3, "K"), (1, ""))
+        if n >= d or d == 1
+    )
 
 
 def show(args, path):
@@ -167,20 +230,29 @@ def show(args, path):
     p = parts(args, path, world, "cuda", a)
     s = p["shape"]
     engine = "FSDP2" if args.fsdp else "DDP" if world > 1 else "one process"
-    print(f"memory plan: {path} ({a['name']}, {count(a['params'])} parameters, {count(s['trained'])} trained"
-          f"{f', LoRA r={args.lora_r}' if args.lora_r else ''}), {world} GPU(s), {engine}, bf16 autocast "
-          f"over fp32 weights, {args.optim}")
-    print(f"  per GPU: B={args.prompts_per_step // world} prompts x G={args.num_generations}, prompt {s['P']} tokens "
-          f"({args.image_size} image + {TEXT_TOKENS} text), completions {s['L']} tokens, {s['rows']} decoding at once "
-          f"(--rollout-batch-size), micro-batch {args.micro_batch_size} ({s['tokens']} packed tokens)")
+    print(
+        f"memory plan: {path} ({a['name']}, {count(a['params'])} parameters, {count(s['trained'])} trained"
+        f"{f', LoRA r={args.lora_r}' if args.lora_r else ''}), {world} GPU(s), {engine}, bf16 autocast "
+        f"over fp32 weights, {args.optim}"
+    )
+    print(
+        f"  per GPU: B={args.prompts_per_step // world} prompts x G={args.num_generations}, prompt {s['P']} tokens "
+        f"({args.image_size} image + {TEXT_TOKENS} text), completions {s['L']} tokens, {s['rows']} decoding at once "
+        f"(--rollout-batch-size), micro-batch {args.micro_batch_size} ({s['tokens']} packed tokens)"
+    )
     names = list(dict.fromkeys([*p["rollout"], *p["training"]]))
     print(f"  {'part':28s} {'rollout':>9s} {'training':>9s}   GiB")
     for k in names:
-        cells = [f"{p[ph][k] / GiB:9.2f}" if k in p[ph] else f"{'-':>9s}" for ph in ("rollout", "training")]
+        cells = [
+            f"{p[ph][k] / GiB:9.2f}" if k in p[ph] else f"{'-':>9s}"
+            for ph in ("rollout", "training")
+        ]
         print(f"  {k:28s} {cells[0]} {cells[1]}")
     totals = [sum(p[ph].values()) / GiB for ph in ("rollout", "training")]
     print(f"  {'total':28s} {totals[0]:9.2f} {totals[1]:9.2f}")
-    print("  not counted: the CUDA context (about 0.5 GiB), fragmentation, kernel workspaces, NCCL buffers")
+    print(
+        "  not counted: the CUDA context (about 0.5 GiB), fragmentation, kernel workspaces, NCCL buffers"
+    )
     verdict = "fits in" if max(totals) <= args.gpu_memory else "does not fit in"
     print(f"peak per GPU: {max(totals):.1f} GiB ({verdict} {args.gpu_memory:g} GiB)")
     return 0

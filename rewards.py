@@ -181,7 +181,11 @@ def _detection(item):
     if not isinstance(box, list) or len(box) != 4:
         return None
     box, conf = [_finite(v) for v in box], _finite(conf)
-    if None in box or conf is None or not (box[0] < box[2] and box[1] < box[3] and 0.0 <= conf <= 1.0):
+    if (
+        None in box
+        or conf is None
+        or not (box[0] < box[2] and box[1] < box[3] and 0.0 <= conf <= 1.0)
+    ):
         return None
     return box, conf
 
@@ -237,7 +241,9 @@ def average_precision(images, thr):
         scored += [(c, i in hit) for i, (_, c) in enumerate(preds)]
     if npos == 0:
         return 0.0 if scored else 1.0
-    scored.sort(key=lambda s: -s[0])  # stable: ties keep image, then answer order, as COCO's mergesort
+    scored.sort(
+        key=lambda s: -s[0]
+    )  # stable: ties keep image, then answer order, as COCO's mergesort
     precision, recall, tp = [], [], 0
     for k, (_, is_tp) in enumerate(scored, 1):
         tp += is_tp
@@ -246,7 +252,9 @@ def average_precision(images, thr):
     for k in range(len(precision) - 2, -1, -1):  # envelope: monotone non-increasing from the right
         precision[k] = max(precision[k], precision[k + 1])
     total, k = 0.0, 0
-    for r in COCO_RECALLS:  # precision at the first point with recall >= r; 0 once recall never gets there
+    for r in (
+        COCO_RECALLS
+    ):  # precision at the first point with recall >= r; 0 once recall never gets there
         while k < len(recall) and recall[k] < r:
             k += 1
         if k == len(recall):
@@ -257,8 +265,11 @@ def average_precision(images, thr):
 
 def mean_ap(images, thresholds=COCO_IOUS):
     """COCO mAP (mean AP over IoU thresholds), AP50 and AP75 of one category pooled over images."""
-    return {"map": sum(average_precision(images, t) for t in thresholds) / len(thresholds),
-            "ap50": average_precision(images, 0.5), "ap75": average_precision(images, 0.75)}
+    return {
+        "map": sum(average_precision(images, t) for t in thresholds) / len(thresholds),
+        "ap50": average_precision(images, 0.5),
+        "ap75": average_precision(images, 0.75),
+    }
 
 
 def _det_inputs(completion, gt):
@@ -268,7 +279,11 @@ def _det_inputs(completion, gt):
         return None
     preds = [(to_original_pixels(box, gt), c) for box, c in preds]
     # progressive rule refinement: stricter over training, never looser than Visual-RFT's 0.5
-    return preds, [[float(v) for v in b] for b in gt["solution"]], max(0.5, gt.get("iou_threshold", 0.0))
+    return (
+        preds,
+        [[float(v) for v in b] for b in gt["solution"]],
+        max(0.5, gt.get("iou_threshold", 0.0)),
+    )
 
 
 def det_iou_reward(completion, gt):
@@ -344,8 +359,14 @@ def refinement_stage(text):
         values = [float(v) for v in text.split("/")]
     except ValueError:
         values = []
-    if len(values) not in (1, 3) or not all(map(math.isfinite, values)) or (len(values) == 3 and values[1] > values[2]):
-        raise ValueError(f"a stage's value is t or t/lo/hi, finite numbers with lo <= hi, not {text!r}")
+    if (
+        len(values) not in (1, 3)
+        or not all(map(math.isfinite, values))
+        or (len(values) == 3 and values[1] > values[2])
+    ):
+        raise ValueError(
+            f"a stage's value is t or t/lo/hi, finite numbers with lo <= hi, not {text!r}"
+        )
     return dict(zip(("iou_threshold", "penalty_threshold", "full_threshold"), values))
 
 
@@ -358,7 +379,11 @@ def differentiation(x, low, high):
 def _vr1_rule(gt):
     """(xi0, xi1, xi2) of a gt: the progressive rule refinement in force for this rollout."""
     _, low, high = VISION_R1_STAGES[0]
-    return max(0.5, gt.get("iou_threshold", 0.0)), gt.get("penalty_threshold", low), gt.get("full_threshold", high)
+    return (
+        max(0.5, gt.get("iou_threshold", 0.0)),
+        gt.get("penalty_threshold", low),
+        gt.get("full_threshold", high),
+    )
 
 
 def parse_localization(completion):
@@ -373,7 +398,11 @@ def parse_localization(completion):
         item = json.loads(m.group(1) if m else answer)
     except (ValueError, RecursionError):
         return None
-    if isinstance(item, list) and len(item) == 4 and not any(isinstance(v, (list, dict)) for v in item):
+    if (
+        isinstance(item, list)
+        and len(item) == 4
+        and not any(isinstance(v, (list, dict)) for v in item)
+    ):
         item = {"box": item}
     one = _detection(item)
     return None if one is None else [one]
@@ -392,7 +421,10 @@ def _box_cost(p, t, width, height):
     5 x L1 of the image-normalized corners + 2 x (1 - GIoU), the class term dropped (Vision-R1's Eq. 3, Table 3)."""
     area = lambda b: max(0.0, b[2] - b[0]) * max(0.0, b[3] - b[1])  # noqa: E731
     inter = area([max(p[0], t[0]), max(p[1], t[1]), min(p[2], t[2]), min(p[3], t[3])])
-    union, hull = area(p) + area(t) - inter, area([min(p[0], t[0]), min(p[1], t[1]), max(p[2], t[2]), max(p[3], t[3])])
+    union, hull = (
+        area(p) + area(t) - inter,
+        area([min(p[0], t[0]), min(p[1], t[1]), max(p[2], t[2]), max(p[3], t[3])]),
+    )
     giou = (inter / union if union > 0 else 0.0) - ((hull - union) / hull if hull > 0 else 0.0)
     l1 = sum(abs(a - b) / s for a, b, s in zip(p, t, (width, height, width, height)))
     cost = 5 * l1 + 2 * (1 - giou)
@@ -403,7 +435,12 @@ def _assignment(cost):
     """Minimum-cost assignment of every row to its own column of a rows <= columns cost matrix: the Hungarian
     method with potentials and shortest augmenting paths, O(rows^2 x columns). Returns each row's column."""
     n, m, inf = len(cost), len(cost[0]), float("inf")
-    u, v, owner, way = [0.0] * (n + 1), [0.0] * (m + 1), [0] * (m + 1), [0] * (m + 1)  # 1-based; column 0: the root
+    u, v, owner, way = (
+        [0.0] * (n + 1),
+        [0.0] * (m + 1),
+        [0] * (m + 1),
+        [0] * (m + 1),
+    )  # 1-based; column 0: the root
     for i in range(1, n + 1):
         owner[0], j0, slack, used = i, 0, [inf] * (m + 1), [False] * (m + 1)
         while owner[j0]:  # grow the alternating tree from row i until it reaches a free column
@@ -492,13 +529,27 @@ def vr1_precision_reward(completion, gt):
     return sum(differentiation(iou, xi1, xi2) for *_, iou in matches if iou >= xi0) / len(preds)
 
 
-REWARDS = {"format": format_reward, "iou": iou_reward, "hit": hit_reward, "accuracy": accuracy_reward,
-           "count": count_reward, "det_iou": det_iou_reward, "det_conf": det_conf_reward,
-           "det_iou_sum": det_iou_sum_reward, "det_map": det_map_reward, "vr1_format": vr1_format_reward,
-           "vr1_recall": vr1_recall_reward, "vr1_precision": vr1_precision_reward}
+REWARDS = {
+    "format": format_reward,
+    "iou": iou_reward,
+    "hit": hit_reward,
+    "accuracy": accuracy_reward,
+    "count": count_reward,
+    "det_iou": det_iou_reward,
+    "det_conf": det_conf_reward,
+    "det_iou_sum": det_iou_sum_reward,
+    "det_map": det_map_reward,
+    "vr1_format": vr1_format_reward,
+    "vr1_recall": vr1_recall_reward,
+    "vr1_precision": vr1_precision_reward,
+}
 # Reward weights w_k per task (r_i = sum_k w_k * R_k); override with --reward-weights.
-TASK_REWARDS = {"rec": {"iou": 1.0, "format": 1.0}, "cls": {"accuracy": 1.0, "format": 1.0},
-                "count": {"count": 1.0, "format": 1.0}, "det": {"det_iou": 1.0, "det_conf": 1.0, "format": 1.0}}
+TASK_REWARDS = {
+    "rec": {"iou": 1.0, "format": 1.0},
+    "cls": {"accuracy": 1.0, "format": 1.0},
+    "count": {"count": 1.0, "format": 1.0},
+    "det": {"det_iou": 1.0, "det_conf": 1.0, "format": 1.0},
+}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -513,21 +564,26 @@ class RewardPluginError(SystemExit):
 
 def _one_line(text, n=200):
     text = " ".join(str(text).split())
-    return text if len(text) <= n else text[:n - 3] + "..."
+    return text if len(text) <= n else text[: n - 3] + "..."
 
 
 def guarded(fn, label):
     """`fn` as a reward that returns a finite float or raises RewardPluginError naming `label` and the row."""
+
     def reward(completion, gt):
         try:
             value = fn(completion, gt)
             ok = not isinstance(value, (str, bytes)) and math.isfinite(float(value))
         except Exception as e:  # the plug-in's own bug, or a value float() refuses
-            raise RewardPluginError(f"error: reward plug-in {label} raised {type(e).__name__}: {_one_line(e, 120)} "
-                                    f"{_where(completion, gt)}") from e
+            raise RewardPluginError(
+                f"error: reward plug-in {label} raised {type(e).__name__}: {_one_line(e, 120)} "
+                f"{_where(completion, gt)}"
+            ) from e
         if not ok:
-            raise RewardPluginError(f"error: reward plug-in {label} returned {_one_line(repr(value), 60)}, not a "
-                                    f"finite number, {_where(completion, gt)}")
+            raise RewardPluginError(
+                f"error: reward plug-in {label} returned {_one_line(repr(value), 60)}, not a "
+                f"finite number, {_where(completion, gt)}"
+            )
         return float(value)
 
     reward.plugin = label
@@ -536,8 +592,10 @@ def guarded(fn, label):
 
 def _where(completion, gt):
     problem = _one_line(gt.get("problem", ""), 10**6)
-    return (f"on row {gt.get('image')!r} ({'...' * (len(problem) > 60) + problem[-60:]!r}), completion "
-            f"{_one_line(repr(completion), 60)}; fix it and --resume from the last checkpoint")
+    return (
+        f"on row {gt.get('image')!r} ({'...' * (len(problem) > 60) + problem[-60:]!r}), completion "
+        f"{_one_line(repr(completion), 60)}; fix it and --resume from the last checkpoint"
+    )
 
 
 def load_plugin(spec):
@@ -547,22 +605,32 @@ def load_plugin(spec):
     path, _, name = spec.rpartition(":")
     if not os.path.isfile(path):
         raise ValueError(f"reward plug-in {spec!r}: no file {path!r}")
-    module_spec = importlib.util.spec_from_file_location("reward_plugin_" + re.sub(r"\W", "_", path), path)
+    module_spec = importlib.util.spec_from_file_location(
+        "reward_plugin_" + re.sub(r"\W", "_", path), path
+    )
     module = importlib.util.module_from_spec(module_spec)
     try:
         module_spec.loader.exec_module(module)
     except Exception as e:
-        raise ValueError(f"reward plug-in {spec!r}: importing {path} raised {type(e).__name__}: {_one_line(e)}") from e
+        raise ValueError(
+            f"reward plug-in {spec!r}: importing {path} raised {type(e).__name__}: {_one_line(e)}"
+        ) from e
     fn = getattr(module, name, None)
     if not callable(fn):
         raise ValueError(f"reward plug-in {spec!r}: {path} has no function {name!r}")
     try:
         inspect.signature(fn).bind("completion", {})
     except TypeError:
-        raise ValueError(f"reward plug-in {spec!r}: {name}{inspect.signature(fn)} cannot be called as "
-                         f"{name}(completion, gt)") from None
-    if name in REWARDS and getattr(REWARDS[name], "plugin", None) != spec:  # a built-in, or another file's
-        raise ValueError(f"reward plug-in {spec!r}: a reward is already called {name!r}; rename the function")
+        raise ValueError(
+            f"reward plug-in {spec!r}: {name}{inspect.signature(fn)} cannot be called as "
+            f"{name}(completion, gt)"
+        ) from None
+    if (
+        name in REWARDS and getattr(REWARDS[name], "plugin", None) != spec
+    ):  # a built-in, or another file's
+        raise ValueError(
+            f"reward plug-in {spec!r}: a reward is already called {name!r}; rename the function"
+        )
     REWARDS[name] = guarded(fn, spec)
     return name
 
@@ -582,7 +650,9 @@ def parse_weights(task, spec=""):
         if ".py:" in name:
             name = load_plugin(name)
         elif name not in REWARDS:
-            raise ValueError(f"unknown reward {name!r}; known: {sorted(REWARDS)}, or path/to/file.py:function")
+            raise ValueError(
+                f"unknown reward {name!r}; known: {sorted(REWARDS)}, or path/to/file.py:function"
+            )
         weights[name] = w
     return weights
 
@@ -612,22 +682,41 @@ def mean(xs):
 
 def score(task, row, gt, text):
     """One prediction of `task`, scored against its row; boxes go back to original pixels."""
-    p = {"image": row["image"], "problem": row["problem"], "completion": text, "solution": row["solution"],
-         "format": format_reward(text)}
+    p = {
+        "image": row["image"],
+        "problem": row["problem"],
+        "completion": text,
+        "solution": row["solution"],
+        "format": format_reward(text),
+    }
     if task == "rec":
         box = parse_box(text)
         pred = to_original_pixels(box, gt) if box else None
-        iou, center, area = box_metrics(pred, gt["solution"], gt["width"], gt["height"]) if pred else (0.0, None, None)
+        iou, center, area = (
+            box_metrics(pred, gt["solution"], gt["width"], gt["height"])
+            if pred
+            else (0.0, None, None)
+        )
         # which object the box overlaps most (0 = the target), when the rows list the objects
         ious = [box_iou(pred, o["box"]) for o in row.get("objects", [])] if pred else []
         chosen = max(range(len(ious)), key=ious.__getitem__) if ious and max(ious) > 0 else None
-        return {**p, "pred_box": pred, "iou": iou, "center_error": center, "area_ratio": area, "chosen_object": chosen}
+        return {
+            **p,
+            "pred_box": pred,
+            "iou": iou,
+            "center_error": center,
+            "area_ratio": area,
+            "chosen_object": chosen,
+        }
     if task == "cls":
         return {**p, "correct": accuracy_reward(text, gt)}
     if task == "count":
         return {**p, "pred": parse_number(text), "correct": count_reward(text, gt)}
     dets = parse_detections(text)  # det
-    return {**p, "pred_boxes": None if dets is None else [(to_original_pixels(b, gt), c) for b, c in dets]}
+    return {
+        **p,
+        "pred_boxes": None if dets is None else [(to_original_pixels(b, gt), c) for b, c in dets],
+    }
 
 
 def summarize(task, preds):
@@ -636,21 +725,31 @@ def summarize(task, preds):
         parsed = [p for p in preds if p["pred_box"] is not None]
         s.update(acc50=mean(p["iou"] >= 0.5 for p in preds), miou=mean(p["iou"] for p in preds))
         s["format_rate"] = mean(p["format"] for p in preds)
-        s.update(parsed_rate=len(parsed) / len(preds), center_error=mean(p["center_error"] for p in parsed),
-                 area_ratio=mean(p["area_ratio"] for p in parsed),
-                 # of the boxes that overlap some object, the share whose best-overlapping object is the target
-                 right_object=mean(p["chosen_object"] == 0 for p in parsed if p["chosen_object"] is not None))
+        s.update(
+            parsed_rate=len(parsed) / len(preds),
+            center_error=mean(p["center_error"] for p in parsed),
+            area_ratio=mean(p["area_ratio"] for p in parsed),
+            # of the boxes that overlap some object, the share whose best-overlapping object is the target
+            right_object=mean(
+                p["chosen_object"] == 0 for p in parsed if p["chosen_object"] is not None
+            ),
+        )
         return s
     s["format_rate"] = mean(p["format"] for p in preds)
     if task in ("cls", "count"):
         s["accuracy"] = mean(p["correct"] for p in preds)
     if task == "count":
         parsed = [p for p in preds if p["pred"] is not None]
-        s.update(parsed_rate=len(parsed) / len(preds), mae=mean(abs(p["pred"] - p["solution"]) for p in parsed))
+        s.update(
+            parsed_rate=len(parsed) / len(preds),
+            mae=mean(abs(p["pred"] - p["solution"]) for p in parsed),
+        )
     if task == "det":  # an unparsable answer predicts no boxes
         s.update(mean_ap([(p["pred_boxes"] or [], p["solution"]) for p in preds]))
         s["parsed_rate"] = mean(p["pred_boxes"] is not None for p in preds)
-        s["pred_per_gt"] = sum(len(p["pred_boxes"] or []) for p in preds) / max(1, sum(len(p["solution"]) for p in preds))
+        s["pred_per_gt"] = sum(len(p["pred_boxes"] or []) for p in preds) / max(
+            1, sum(len(p["solution"]) for p in preds)
+        )
     return s
 
 

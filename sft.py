@@ -32,12 +32,16 @@ def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     args = g.parse_args(argv)
     if args.lora_r or args.optim != "adamw":
-        sys.exit("error: sft.py is a full fine-tune with AdamW: --lora-r and --optim are grpo_vlm.py's flags")
+        sys.exit(
+            "error: sft.py is a full fine-tune with AdamW: --lora-r and --optim are grpo_vlm.py's flags"
+        )
     if not any(a.split("=")[0] == "--output-dir" for a in argv):  # never GRPO's default folder
         args.output_dir = f"runs/sft-{args.task}"
     torch.manual_seed(args.seed)
     base = args.model or g.tiny_model(args.task)
-    rows, bad, held = infra.load_data(args, base, g.SPLITS.get(args.task, ("test",)))  # before the model loads
+    rows, bad, held = infra.load_data(
+        args, base, g.SPLITS.get(args.task, ("test",))
+    )  # before the model loads
     if bad:
         print(f"skipped {len(bad)} bad rows (--skip-bad-rows):", *bad[:10], sep="\n  ", flush=True)
     model, family = vlm.load(base)
@@ -45,7 +49,9 @@ def main(argv=None):
     t0 = time.time()
     for step, loss in g.sft_steps(model, family, rows, coord_space, args, args.steps, args.lr):
         if step % 50 == 0 or step == 1:
-            print(f"sft step {step}/{args.steps} loss={loss:.4f} {time.time() - t0:.0f}s", flush=True)
+            print(
+                f"sft step {step}/{args.steps} loss={loss:.4f} {time.time() - t0:.0f}s", flush=True
+            )
         if held and args.eval_every and (step % args.eval_every == 0 or step == args.steps):
             m = g.held_out(model, family, coord_space, held, args.task)
             print(infra.eval_line(step, m), flush=True)

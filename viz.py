@@ -18,7 +18,12 @@ TASKS = ("rec", "det")  # the tasks with boxes to draw
 # (box, text) colours: the true boxes black in a white halo (no shape is black); each model's in a black halo, its
 # text a darker shade of the same hue (readable on white)
 TRUE = ("black", "black")
-COLOURS = [("#ff1fce", "#c4009a"), ("#00e1ff", "#0089b3"), ("#ff9500", "#c26500"), ("#a6ff00", "#4d8a00")]
+COLOURS = [
+    ("#ff1fce", "#c4009a"),
+    ("#00e1ff", "#0089b3"),
+    ("#ff9500", "#c26500"),
+    ("#a6ff00", "#4d8a00"),
+]
 CELL_W, IMAGE_PX, TITLE_PX, LINE_PX, PAD_PX, HEADER_PX, DPI = 280, 240, 34, 17, 10, 34, 100
 
 
@@ -39,7 +44,7 @@ def phrase(row):
     head, _, tail = data.REC_QUESTION.partition("{caption}")
     p = row["problem"]
     if p.startswith(head) and p.endswith(tail):
-        return p[len(head):len(p) - len(tail)]
+        return p[len(head) : len(p) - len(tail)]
     return p.split(". ")[0].rstrip(".")
 
 
@@ -74,29 +79,62 @@ def save_grid(path, task, rows, preds, n=None):
     fig = Figure(figsize=(W / DPI, H / DPI), dpi=DPI)
     halo = {c: [patheffects.withStroke(linewidth=3.5, foreground=c)] for c in ("black", "white")}
     # the header: what each colour is
-    keys = [("true box", TRUE)] + [(label, COLOURS[j % len(COLOURS)]) for j, label in enumerate(preds)]
+    keys = [("true box", TRUE)] + [
+        (label, COLOURS[j % len(COLOURS)]) for j, label in enumerate(preds)
+    ]
     x = 8
     for name, (_, text_colour) in keys:
-        fig.text(x / W, 1 - (HEADER_PX / 2) / H, f"\u25a1 {name}", color=text_colour, fontsize=10, va="center")
+        fig.text(
+            x / W,
+            1 - (HEADER_PX / 2) / H,
+            f"\u25a1 {name}",
+            color=text_colour,
+            fontsize=10,
+            va="center",
+        )
         x += 28 + 7 * len(name)
     for i, row in enumerate(rows[:n]):
-        x0, y0 = (i % 4) * CELL_W, HEADER_PX + (i // 4) * ch  # the cell's top left, pixels from the top
-        ax = fig.add_axes([(x0 + (CELL_W - IMAGE_PX) / 2) / W, 1 - (y0 + TITLE_PX + IMAGE_PX) / H, IMAGE_PX / W,
-                           IMAGE_PX / H])
+        x0, y0 = (
+            (i % 4) * CELL_W,
+            HEADER_PX + (i // 4) * ch,
+        )  # the cell's top left, pixels from the top
+        ax = fig.add_axes(
+            [
+                (x0 + (CELL_W - IMAGE_PX) / 2) / W,
+                1 - (y0 + TITLE_PX + IMAGE_PX) / H,
+                IMAGE_PX / W,
+                IMAGE_PX / H,
+            ]
+        )
         im = data.load_image(row["image_path"])
         ax.imshow(im, extent=(0, im.width, im.height, 0), interpolation="nearest")
         ax.set_axis_off()
         ax.set_xlim(0, im.width)
         ax.set_ylim(im.height, 0)
-        box = lambda b, colour, lw, ls="-": ax.add_patch(Rectangle(  # noqa: E731
-            (b[0], b[1]), b[2] - b[0], b[3] - b[1], fill=False, edgecolor=colour, lw=lw, ls=ls,
-            path_effects=halo["white" if colour == "black" else "black"]))
+        box = lambda b, colour, lw, ls="-": ax.add_patch(
+            Rectangle(  # noqa: E731
+                (b[0], b[1]),
+                b[2] - b[0],
+                b[3] - b[1],
+                fill=False,
+                edgecolor=colour,
+                lw=lw,
+                ls=ls,
+                path_effects=halo["white" if colour == "black" else "black"],
+            )
+        )
         true_boxes = [row["solution"]] if task == "rec" else row["solution"]
         for b in true_boxes:
             box(b, TRUE[0], 2.2)
         text = phrase(row)
-        fig.text((x0 + CELL_W / 2) / W, 1 - (y0 + TITLE_PX / 2) / H, text if len(text) <= 40 else text[:38] + "...",
-                 ha="center", va="center", fontsize=10)
+        fig.text(
+            (x0 + CELL_W / 2) / W,
+            1 - (y0 + TITLE_PX / 2) / H,
+            text if len(text) <= 40 else text[:38] + "...",
+            ha="center",
+            va="center",
+            fontsize=10,
+        )
         for j, (label, model_preds) in enumerate(preds.items()):
             p, (colour, text_colour) = model_preds[i], COLOURS[j % len(COLOURS)]
             if task == "rec":
@@ -108,13 +146,29 @@ def save_grid(path, task, rows, preds, n=None):
                 for b, c in dets:
                     box(b, colour, 1.8, "--" if j % 2 else "-")
                     best = max((rewards.box_iou(b, t) for t in true_boxes), default=0.0)
-                    ax.text(b[0] + 1, b[1] + 1, f"{best:.2f}", color=colour, fontsize=7, va="top",
-                            path_effects=halo["black"])
+                    ax.text(
+                        b[0] + 1,
+                        b[1] + 1,
+                        f"{best:.2f}",
+                        color=colour,
+                        fontsize=7,
+                        va="top",
+                        path_effects=halo["black"],
+                    )
                 iou, matched = det_iou(dets, true_boxes)
-                line = (f"{len(dets)} box{'es' * (len(dets) != 1)}, {matched} of {len(true_boxes)} found, IoU {iou:.2f}"
-                        if p["pred_boxes"] is not None else "no parsable answer")
-            fig.text((x0 + (CELL_W - IMAGE_PX) / 2) / W, 1 - (y0 + TITLE_PX + IMAGE_PX + (j + 0.7) * LINE_PX) / H,
-                     f"\u25a1 {line}", color=text_colour, fontsize=9, va="center")
+                line = (
+                    f"{len(dets)} box{'es' * (len(dets) != 1)}, {matched} of {len(true_boxes)} found, IoU {iou:.2f}"
+                    if p["pred_boxes"] is not None
+                    else "no parsable answer"
+                )
+            fig.text(
+                (x0 + (CELL_W - IMAGE_PX) / 2) / W,
+                1 - (y0 + TITLE_PX + IMAGE_PX + (j + 0.7) * LINE_PX) / H,
+                f"\u25a1 {line}",
+                color=text_colour,
+                fontsize=9,
+                va="center",
+            )
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     fig.savefig(path)
     return path
@@ -126,6 +180,11 @@ def held_out_grid(args, predict, n=8):
     if args.task not in TASKS or args.train_data:
         return None
     rows = data.synthetic_split("test", n, args.task)
-    path = save_grid(os.path.join(args.output_dir, "held_out.png"), args.task, rows, {"final model": predict(rows)})
+    path = save_grid(
+        os.path.join(args.output_dir, "held_out.png"),
+        args.task,
+        rows,
+        {"final model": predict(rows)},
+    )
     print(f"saved {path}", flush=True)
     return path

@@ -35,13 +35,19 @@ def precision(model):
     would round most updates away; fp32 master weights keep them (as DeepSpeed's bf16 mode does)."""
     on_gpu = next(model.parameters()).device.type == "cuda"
     # no cast cache: it would keep a bf16 copy of every weight (2 bytes a parameter) until the region ends
-    return torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=False) if on_gpu else contextlib.nullcontext()
+    return (
+        torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=False)
+        if on_gpu
+        else contextlib.nullcontext()
+    )
 
 
 # LoRA's default targets (--lora-targets): the language model's attention and MLP projections (Qwen3.5's Gated
 # DeltaNet layers: their large projections), never the vision tower
-LORA_TARGETS = (r".*language_model\.layers\.\d+\.(self_attn|linear_attn|mlp)\."
-                r"(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj|in_proj_qkv|in_proj_z|out_proj)")
+LORA_TARGETS = (
+    r".*language_model\.layers\.\d+\.(self_attn|linear_attn|mlp)\."
+    r"(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj|in_proj_qkv|in_proj_z|out_proj)"
+)
 
 
 def logp_gap_limit(model):
@@ -68,10 +74,18 @@ class RoomyLayer(DynamicLayer):
     (O(length^2) bytes copied)."""
 
     def __init__(self, layer, G, extra, dtype=None):
-        if getattr(layer, "is_sliding", True):  # a sliding or linear-attention layer would be kept wrongly
-            raise NotImplementedError(f"the rollout's KV cache does not support {type(layer).__name__}")
+        if getattr(
+            layer, "is_sliding", True
+        ):  # a sliding or linear-attention layer would be kept wrongly
+            raise NotImplementedError(
+                f"the rollout's KV cache does not support {type(layer).__name__}"
+            )
         super().__init__()
-        self.dtype, self.device, self.is_initialized = dtype or layer.keys.dtype, layer.keys.device, True
+        self.dtype, self.device, self.is_initialized = (
+            dtype or layer.keys.dtype,
+            layer.keys.device,
+            True,
+        )
         (B, H, n, D), self.room = layer.keys.shape, []
         for x in (layer.keys, layer.values):
             r = x.new_empty(B * G, H, n + extra, D, dtype=self.dtype)
@@ -82,8 +96,8 @@ class RoomyLayer(DynamicLayer):
     def update(self, key_states, value_states, *args, **kwargs):
         n, m = self.keys.shape[-2], key_states.shape[-2]
         for r, new in zip(self.room, (key_states, value_states)):
-            r[..., n:n + m, :] = new
-        self.keys, self.values = (r[..., :n + m, :] for r in self.room)
+            r[..., n : n + m, :] = new
+        self.keys, self.values = (r[..., : n + m, :] for r in self.room)
         return self.keys, self.values
 
 
@@ -93,7 +107,9 @@ def shared_prefix(prompt_ids, prompt_mask, copies, completion_ids, comp_mask):
     earlier tokens only. `col` is where completion i's tokens go, `pred` where each of them is predicted."""
     n_p, P = prompt_ids.shape
     L, dev = completion_ids.shape[1], prompt_ids.device
-    slot = (copies[:, None] == copies[None]).tril(-1).sum(1)  # i is the slot-th completion of its prompt
+    slot = (
+        (copies[:, None] == copies[None]).tril(-1).sum(1)
+    )  # i is the slot-th completion of its prompt
     S = P + (int(slot.max()) + 1) * L
     col = P + slot[:, None] * L + torch.arange(L, device=dev)
     ids = torch.zeros(n_p, S, dtype=prompt_ids.dtype, device=dev)
@@ -105,11 +121,22 @@ def shared_prefix(prompt_ids, prompt_mask, copies, completion_ids, comp_mask):
     block = torch.full((n_p, S), -1, device=dev)  # -1: the prompt
     block[copies[:, None], col] = slot[:, None]
     causal = torch.ones(S, S, dtype=torch.bool, device=dev).tril()
-    seen = causal & valid[:, None, :] & ((block[:, None, :] == -1) | (block[:, None, :] == block[:, :, None]))
+    seen = (
+        causal
+        & valid[:, None, :]
+        & ((block[:, None, :] == -1) | (block[:, None, :] == block[:, :, None]))
+    )
     seen |= torch.eye(S, dtype=torch.bool, device=dev)  # no query may see nothing (NaN in softmax)
     # token t of completion i is predicted at its position t-1; token 0 at the prompt's last position
     pred = torch.cat([torch.full_like(col[:, :1], P - 1), col[:, :-1]], 1)
-    return {"ids": ids, "seen": seen, "col": col, "pred": pred, "rows": copies[:, None], "targets": completion_ids}
+    return {
+        "ids": ids,
+        "seen": seen,
+        "col": col,
+        "pred": pred,
+        "rows": copies[:, None],
+        "targets": completion_ids,
+    }
 
 
 def file_of(path, name):
@@ -125,13 +152,21 @@ class Qwen2VL:
 
     coord_space = "norm1000"
     image_token = "<|image_pad|>"
-    vision_tokens = ("<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "<|vision_end|>", "<|vision_pad|>")
+    vision_tokens = (
+        "<|image_pad|>",
+        "<|video_pad|>",
+        "<|vision_start|>",
+        "<|vision_end|>",
+        "<|vision_pad|>",
+    )
     image_processor_class = "Qwen2VLImageProcessorPil"
 
     def __init__(self, tokenizer, image_processor, config):
         self.tokenizer, self.image_processor, self.config = tokenizer, image_processor, config
         ids = tokenizer.convert_tokens_to_ids(list(self.vision_tokens))
-        self.suppress = [i for i in ids if i is not None and i != tokenizer.unk_token_id]  # a sampled one breaks decoding
+        self.suppress = [
+            i for i in ids if i is not None and i != tokenizer.unk_token_id
+        ]  # a sampled one breaks decoding
         self.eos_id, self.pad_id = tokenizer.eos_token_id, tokenizer.pad_token_id
 
     @staticmethod
@@ -146,34 +181,55 @@ class Qwen2VL:
         images = [data.load_image(r["image_path"]) for r in rows]
         vis = self.image_processor(images=images, return_tensors="pt")
         grid, merge = vis["image_grid_thw"], self.image_processor.merge_size
-        texts = [self.prompt_text(r["problem"], int(g.prod() // merge**2)) for r, g in zip(rows, grid)]
-        enc = self.tokenizer(texts, return_tensors="pt", padding=True, padding_side="left", add_special_tokens=False)
+        texts = [
+            self.prompt_text(r["problem"], int(g.prod() // merge**2)) for r, g in zip(rows, grid)
+        ]
+        enc = self.tokenizer(
+            texts, return_tensors="pt", padding=True, padding_side="left", add_special_tokens=False
+        )
         patch = self.image_processor.patch_size
-        sizes = [(int(g[2]) * patch, int(g[1]) * patch, im.width, im.height) for g, im in zip(grid, images)]
-        return {"input_ids": enc["input_ids"].to(device), "attention_mask": enc["attention_mask"].to(device),
-                "pixel_values": vis["pixel_values"].to(device), "image_grid_thw": grid.to(device)}, sizes
+        sizes = [
+            (int(g[2]) * patch, int(g[1]) * patch, im.width, im.height)
+            for g, im in zip(grid, images)
+        ]
+        return {
+            "input_ids": enc["input_ids"].to(device),
+            "attention_mask": enc["attention_mask"].to(device),
+            "pixel_values": vis["pixel_values"].to(device),
+            "image_grid_thw": grid.to(device),
+        }, sizes
 
     def prompt_text(self, problem, image_tokens):
         """The chat-templated prompt of a problem, its image placeholder expanded to `image_tokens` tokens."""
-        text = self.tokenizer.apply_chat_template(data.build_messages(problem), tokenize=False,
-                                                  add_generation_prompt=True)
+        text = self.tokenizer.apply_chat_template(
+            data.build_messages(problem), tokenize=False, add_generation_prompt=True
+        )
         return text.replace(self.image_token, self.image_token * image_tokens, 1)
 
     def image_tokens(self, width, height):
         """The tokens of a width x height image: its patches after the processor's resize, merge_size^2 to a token."""
-        return self.image_processor.get_number_of_image_patches(height, width) // self.image_processor.merge_size**2
+        return (
+            self.image_processor.get_number_of_image_patches(height, width)
+            // self.image_processor.merge_size**2
+        )
 
     def select(self, prompt, first, last):
         """Prompts first..last-1 with their images (pixel_values holds each image's patches one after another)."""
         patches = prompt["image_grid_thw"].prod(-1)
         p0, p1 = int(patches[:first].sum()), int(patches[:last].sum())
-        return {"input_ids": prompt["input_ids"][first:last], "attention_mask": prompt["attention_mask"][first:last],
-                "pixel_values": prompt["pixel_values"][p0:p1], "image_grid_thw": prompt["image_grid_thw"][first:last]}
+        return {
+            "input_ids": prompt["input_ids"][first:last],
+            "attention_mask": prompt["attention_mask"][first:last],
+            "pixel_values": prompt["pixel_values"][p0:p1],
+            "image_grid_thw": prompt["image_grid_thw"][first:last],
+        }
 
     def positions(self, model, ids, mask, grid):
         """MRoPE positions [3, B, P] of left-padded prompts."""
         types = mm_types(ids, self.config.image_token_id)
-        return model.model.get_rope_index(ids, mm_token_type_ids=types, image_grid_thw=grid, attention_mask=mask)[0]
+        return model.model.get_rope_index(
+            ids, mm_token_type_ids=types, image_grid_thw=grid, attention_mask=mask
+        )[0]
 
     def prefill(self, model, prompt, G, extra):
         """Each prompt, image included, through the model once; its KV cache then repeated G times (prompt-major)
@@ -181,14 +237,24 @@ class Qwen2VL:
         ids, mask, grid = prompt["input_ids"], prompt["attention_mask"], prompt["image_grid_thw"]
         position_ids = self.positions(model, ids, mask, grid)
         with precision(model):
-            out = model(input_ids=ids, attention_mask=mask, position_ids=position_ids, pixel_values=prompt["pixel_values"],
-                        image_grid_thw=grid, mm_token_type_ids=mm_types(ids, self.config.image_token_id),
-                        use_cache=True, logits_to_keep=1)
+            out = model(
+                input_ids=ids,
+                attention_mask=mask,
+                position_ids=position_ids,
+                pixel_values=prompt["pixel_values"],
+                image_grid_thw=grid,
+                mm_token_type_ids=mm_types(ids, self.config.image_token_id),
+                use_cache=True,
+                logits_to_keep=1,
+            )
         cache = out.past_key_values
         cache.layers = [self.repeat(model, layer, G, extra) for layer in cache.layers]
-        state = {"cache": cache, "P": mask.shape[1],
-                 "mask": torch.nn.functional.pad(mask.repeat_interleave(G, 0), (0, extra), value=1),
-                 "next_pos": (position_ids.amax(dim=(0, 2)) + 1).repeat_interleave(G)}  # text counts on from the max
+        state = {
+            "cache": cache,
+            "P": mask.shape[1],
+            "mask": torch.nn.functional.pad(mask.repeat_interleave(G, 0), (0, extra), value=1),
+            "next_pos": (position_ids.amax(dim=(0, 2)) + 1).repeat_interleave(G),
+        }  # text counts on from the max
         return out.logits[:, -1].float().repeat_interleave(G, 0), state
 
     def repeat(self, model, layer, G, extra):
@@ -199,41 +265,67 @@ class Qwen2VL:
         """Logits after feeding completion token t of every row."""
         pos = (state["next_pos"] + t).view(1, -1, 1).expand(3, -1, -1)
         with precision(model):
-            return model(input_ids=tokens[:, None], attention_mask=state["mask"][:, :state["P"] + t + 1],
-                         position_ids=pos, past_key_values=state["cache"], use_cache=True).logits[:, -1].float()
+            return (
+                model(
+                    input_ids=tokens[:, None],
+                    attention_mask=state["mask"][:, : state["P"] + t + 1],
+                    position_ids=pos,
+                    past_key_values=state["cache"],
+                    use_cache=True,
+                )
+                .logits[:, -1]
+                .float()
+            )
 
     def pack(self, model, prompt, copies, completion_ids, comp_mask):
         """Shared-prefix packing (shared_prefix) for one forward: each prompt, image included, computed once, and each
         completion at the positions it had when sampled. The layout depends on the tokens only, so the policy,
         reference and old-policy forwards of a micro-batch share one."""
-        p = shared_prefix(prompt["input_ids"], prompt["attention_mask"], copies, completion_ids, comp_mask)
+        p = shared_prefix(
+            prompt["input_ids"], prompt["attention_mask"], copies, completion_ids, comp_mask
+        )
         (n_p, S), P, L = p["ids"].shape, prompt["input_ids"].shape[1], completion_ids.shape[1]
         # positions: MRoPE for the prompt; each completion counts on from the prompt's maximum, as when sampled
-        prompt_pos = self.positions(model, prompt["input_ids"], prompt["attention_mask"], prompt["image_grid_thw"])
+        prompt_pos = self.positions(
+            model, prompt["input_ids"], prompt["attention_mask"], prompt["image_grid_thw"]
+        )
         pos = torch.zeros(3, n_p, S, dtype=prompt_pos.dtype, device=p["ids"].device)
         pos[:, :, :P] = prompt_pos
-        pos[:, copies[:, None], p["col"]] = (prompt_pos.amax(dim=(0, 2))[copies, None] + 1
-                                             + torch.arange(L, device=pos.device))
+        pos[:, copies[:, None], p["col"]] = (
+            prompt_pos.amax(dim=(0, 2))[copies, None] + 1 + torch.arange(L, device=pos.device)
+        )
         image = torch.zeros_like(p["seen"][:, 0])
         image[:, :P] = mm_types(prompt["input_ids"], self.config.image_token_id).bool()
         mask = p.pop("seen")[:, None]
-        return {**p, "mask": mask, "pos": pos, "image": image, "pixel_values": prompt["pixel_values"],
-                "grid": prompt["image_grid_thw"]}
+        return {
+            **p,
+            "mask": mask,
+            "pos": pos,
+            "image": image,
+            "pixel_values": prompt["pixel_values"],
+            "grid": prompt["image_grid_thw"],
+        }
 
     def image_embeds(self, model, p):
         """Token embeddings with each image's features (the vision tower runs once per image) in its placeholders,
         and the features themselves. A pack with `copies` has one row per completion: image copies[i] in row i."""
         feats = model.model.get_image_features(p["pixel_values"], p["grid"])
-        merged = list(feats.pooler_output if hasattr(feats, "pooler_output") else feats)  # one tensor per image
+        merged = list(
+            feats.pooler_output if hasattr(feats, "pooler_output") else feats
+        )  # one tensor per image
         if "copies" in p:
             merged = [merged[c] for c in p["copies"].tolist()]
         embeds = model.get_input_embeddings()(p["ids"])
-        return embeds.masked_scatter(p["image"][..., None], torch.cat(merged).to(embeds.dtype)), feats
+        return embeds.masked_scatter(
+            p["image"][..., None], torch.cat(merged).to(embeds.dtype)
+        ), feats
 
     def hidden(self, model, p):
         """Last hidden states [N, L, D] that predict each completion token of a pack()."""
         embeds, _ = self.image_embeds(model, p)
-        hidden = model.model(inputs_embeds=embeds, attention_mask=p["mask"], position_ids=p["pos"]).last_hidden_state
+        hidden = model.model(
+            inputs_embeds=embeds, attention_mask=p["mask"], position_ids=p["pos"]
+        ).last_hidden_state
         return hidden[p["rows"], p["pred"]]
 
     def vision(self, model):
@@ -265,11 +357,18 @@ class Qwen3VL(Qwen2VL):
     def hidden(self, model, p):
         embeds, feats = self.image_embeds(model, p)
         # per level: a tuple of per-image tensors (transformers 5.23) or one tensor of all images (5.17)
-        deep = [(torch.cat(list(f)) if isinstance(f, (list, tuple)) else f).to(embeds.dtype)
-                for f in feats.deepstack_features]
-        hidden = model.model.language_model(inputs_embeds=embeds, attention_mask=p["mask"], position_ids=p["pos"],
-                                            visual_pos_masks=p["image"], deepstack_visual_embeds=deep,
-                                            use_cache=False).last_hidden_state
+        deep = [
+            (torch.cat(list(f)) if isinstance(f, (list, tuple)) else f).to(embeds.dtype)
+            for f in feats.deepstack_features
+        ]
+        hidden = model.model.language_model(
+            inputs_embeds=embeds,
+            attention_mask=p["mask"],
+            position_ids=p["pos"],
+            visual_pos_masks=p["image"],
+            deepstack_visual_embeds=deep,
+            use_cache=False,
+        ).last_hidden_state
         return hidden[p["rows"], p["pred"]]
 
 
@@ -289,15 +388,24 @@ class Qwen35(Qwen2VL):
             if json.load(f)["model"]["type"] != "WordLevel":
                 return Qwen2VL.load_tokenizer(path)
         with open(file_of(path, "tokenizer_config.json")) as f:
-            special = {k: v for k, v in json.load(f).items() if k in ("eos_token", "pad_token", "unk_token") and v}
-        return PreTrainedTokenizerFast(tokenizer_file=file_of(path, "tokenizer.json"), padding_side="left", **special)
+            special = {
+                k: v
+                for k, v in json.load(f).items()
+                if k in ("eos_token", "pad_token", "unk_token") and v
+            }
+        return PreTrainedTokenizerFast(
+            tokenizer_file=file_of(path, "tokenizer.json"), padding_side="left", **special
+        )
 
     def repeat(self, model, layer, G, extra):
         from transformers.cache_utils import LinearAttentionCacheLayerMixin
 
         if not isinstance(layer, LinearAttentionCacheLayerMixin):
             return RoomyLayer(layer, G, extra, cache_dtype(model))
-        for states in (layer.conv_states, layer.recurrent_states):  # owned copies: decoding updates them in place
+        for states in (
+            layer.conv_states,
+            layer.recurrent_states,
+        ):  # owned copies: decoding updates them in place
             for k, s in states.items():
                 if s is not None:
                     states[k] = s.repeat_interleave(G, 0)
@@ -306,20 +414,37 @@ class Qwen35(Qwen2VL):
     def pack(self, model, prompt, copies, completion_ids, comp_mask):
         """Row i: the left-padded prompt copies[i], then completion i. The linear layers zero the padded inputs
         (2-D mask), so their states stay zero over the padding."""
-        ids_p, mask_p, grid = prompt["input_ids"], prompt["attention_mask"], prompt["image_grid_thw"]
+        ids_p, mask_p, grid = (
+            prompt["input_ids"],
+            prompt["attention_mask"],
+            prompt["image_grid_thw"],
+        )
         P, L = ids_p.shape[1], completion_ids.shape[1]
         pos_p = self.positions(model, ids_p, mask_p, grid)
-        pos_c = pos_p.amax(dim=(0, 2))[:, None] + 1 + torch.arange(L, device=ids_p.device)  # on from the maximum
+        pos_c = (
+            pos_p.amax(dim=(0, 2))[:, None] + 1 + torch.arange(L, device=ids_p.device)
+        )  # on from the maximum
         ids = torch.cat([ids_p[copies], completion_ids], 1)
-        return {"ids": ids, "mask": torch.cat([mask_p[copies], comp_mask.to(mask_p.dtype)], 1),
-                "pos": torch.cat([pos_p[:, copies], pos_c[copies][None].expand(3, -1, -1)], 2),
-                "image": ids == self.config.image_token_id, "copies": copies, "pixel_values": prompt["pixel_values"],
-                "grid": grid, "P": P, "targets": completion_ids}
+        return {
+            "ids": ids,
+            "mask": torch.cat([mask_p[copies], comp_mask.to(mask_p.dtype)], 1),
+            "pos": torch.cat([pos_p[:, copies], pos_c[copies][None].expand(3, -1, -1)], 2),
+            "image": ids == self.config.image_token_id,
+            "copies": copies,
+            "pixel_values": prompt["pixel_values"],
+            "grid": grid,
+            "P": P,
+            "targets": completion_ids,
+        }
 
     def hidden(self, model, p):
         embeds, _ = self.image_embeds(model, p)
-        hidden = model.model(inputs_embeds=embeds, attention_mask=p["mask"], position_ids=p["pos"]).last_hidden_state
-        return hidden[:, p["P"] - 1:-1]  # token t of a completion is predicted at column P - 1 + t
+        hidden = model.model(
+            inputs_embeds=embeds, attention_mask=p["mask"], position_ids=p["pos"]
+        ).last_hidden_state
+        return hidden[
+            :, p["P"] - 1 : -1
+        ]  # token t of a completion is predicted at column P - 1 + t
 
 
 class Gemma3(Qwen2VL):
@@ -333,26 +458,35 @@ class Gemma3(Qwen2VL):
     def __init__(self, tokenizer, image_processor, config):
         super().__init__(tokenizer, image_processor, config)
         c, text = config, config.get_text_config()
-        self.boi, self.soft, self.eoi = tokenizer.convert_ids_to_tokens([c.boi_token_id, c.image_token_id,
-                                                                         c.eoi_token_id])
+        self.boi, self.soft, self.eoi = tokenizer.convert_ids_to_tokens(
+            [c.boi_token_id, c.image_token_id, c.eoi_token_id]
+        )
         self.suppress = [c.boi_token_id, c.image_token_id, c.eoi_token_id]
         end = tokenizer.convert_tokens_to_ids("<end_of_turn>")
-        self.eos_id = end if end is not None and end != tokenizer.unk_token_id else tokenizer.eos_token_id
+        self.eos_id = (
+            end if end is not None and end != tokenizer.unk_token_id else tokenizer.eos_token_id
+        )
         self.layer_types, self.window = sorted(set(text.layer_types)), text.sliding_window
 
     def encode(self, rows, device="cpu"):
         images = [data.load_image(r["image_path"]) for r in rows]
         vis = self.image_processor(images=images, return_tensors="pt")
         texts = [self.prompt_text(r["problem"], self.config.mm_tokens_per_image) for r in rows]
-        enc = self.tokenizer(texts, return_tensors="pt", padding=True, padding_side="left", add_special_tokens=False)
+        enc = self.tokenizer(
+            texts, return_tensors="pt", padding=True, padding_side="left", add_special_tokens=False
+        )
         h, w = vis["pixel_values"].shape[-2:]  # every image is resized to the same square
-        return {"input_ids": enc["input_ids"].to(device), "attention_mask": enc["attention_mask"].to(device),
-                "pixel_values": vis["pixel_values"].to(device)}, [(int(w), int(h), im.width, im.height) for im in images]
+        return {
+            "input_ids": enc["input_ids"].to(device),
+            "attention_mask": enc["attention_mask"].to(device),
+            "pixel_values": vis["pixel_values"].to(device),
+        }, [(int(w), int(h), im.width, im.height) for im in images]
 
     def prompt_text(self, problem, image_tokens):
         block = f"\n\n{self.boi}{self.soft * image_tokens}{self.eoi}\n\n"  # as Gemma3Processor
-        return self.tokenizer.apply_chat_template(data.build_messages(problem), tokenize=False,
-                                                  add_generation_prompt=True).replace(self.boi, block, 1)
+        return self.tokenizer.apply_chat_template(
+            data.build_messages(problem), tokenize=False, add_generation_prompt=True
+        ).replace(self.boi, block, 1)
 
     def image_tokens(self, width, height):
         return self.config.mm_tokens_per_image  # every image is resized to one square
@@ -373,48 +507,91 @@ class Gemma3(Qwen2VL):
         # the cache HF builds from the config would already have dropped all but the window
         cache = DynamicCache()
         with precision(model):
-            out = model(input_ids=ids, attention_mask=mask, position_ids=pos, pixel_values=prompt["pixel_values"],
-                        token_type_ids=mm_types(ids, self.config.image_token_id), past_key_values=cache,
-                        use_cache=True, logits_to_keep=1)
+            out = model(
+                input_ids=ids,
+                attention_mask=mask,
+                position_ids=pos,
+                pixel_values=prompt["pixel_values"],
+                token_type_ids=mm_types(ids, self.config.image_token_id),
+                past_key_values=cache,
+                use_cache=True,
+                logits_to_keep=1,
+            )
         cache.layers = [RoomyLayer(layer, G, extra, cache_dtype(model)) for layer in cache.layers]
-        state = {"cache": cache, "P": ids.shape[1], "next_pos": (pos[:, -1] + 1).repeat_interleave(G),
-                 "mask": torch.nn.functional.pad(mask.repeat_interleave(G, 0), (0, extra), value=1)}
+        state = {
+            "cache": cache,
+            "P": ids.shape[1],
+            "next_pos": (pos[:, -1] + 1).repeat_interleave(G),
+            "mask": torch.nn.functional.pad(mask.repeat_interleave(G, 0), (0, extra), value=1),
+        }
         return out.logits[:, -1].float().repeat_interleave(G, 0), state
 
     def decode(self, model, tokens, state, t):
         with precision(model):
-            return model(input_ids=tokens[:, None], attention_mask=state["mask"][:, :state["P"] + t + 1],
-                         position_ids=(state["next_pos"] + t)[:, None], past_key_values=state["cache"],
-                         use_cache=True).logits[:, -1].float()
+            return (
+                model(
+                    input_ids=tokens[:, None],
+                    attention_mask=state["mask"][:, : state["P"] + t + 1],
+                    position_ids=(state["next_pos"] + t)[:, None],
+                    past_key_values=state["cache"],
+                    use_cache=True,
+                )
+                .logits[:, -1]
+                .float()
+            )
 
     def pack(self, model, prompt, copies, completion_ids, comp_mask):
         """Shared-prefix packing with one 4-D mask per layer type: the image block sees itself both ways, and the
         sliding layers see only keys fewer than `window` positions back."""
-        p = shared_prefix(prompt["input_ids"], prompt["attention_mask"], copies, completion_ids, comp_mask)
+        p = shared_prefix(
+            prompt["input_ids"], prompt["attention_mask"], copies, completion_ids, comp_mask
+        )
         (n_p, S), P, L = p["ids"].shape, prompt["input_ids"].shape[1], completion_ids.shape[1]
         image = torch.zeros_like(p["seen"][:, 0])
         image[:, :P] = mm_types(prompt["input_ids"], self.config.image_token_id).bool()
-        start = image & ~torch.nn.functional.pad(image, (1, 0))[:, :-1]  # each run of soft tokens is one image
+        start = (
+            image & ~torch.nn.functional.pad(image, (1, 0))[:, :-1]
+        )  # each run of soft tokens is one image
         group = torch.where(image, start.long().cumsum(1), -1)
         seen = p.pop("seen") | ((group[:, :, None] == group[:, None, :]) & (group[:, :, None] >= 0))
         prompt_pos = self.positions(model, prompt["input_ids"], prompt["attention_mask"])
         pos = torch.zeros(n_p, S, dtype=torch.long, device=seen.device)
         pos[:, :P] = prompt_pos
-        pos[copies[:, None], p["col"]] = prompt_pos[copies, -1:] + 1 + torch.arange(L, device=seen.device)
-        masks = {"full_attention": seen, "sliding_attention": seen & ((pos[:, :, None] - pos[:, None, :]) < self.window)}
-        return {**p, "mask": {k: masks[k][:, None] for k in self.layer_types}, "pos": pos,
-                "pixel_values": prompt["pixel_values"]}
+        pos[copies[:, None], p["col"]] = (
+            prompt_pos[copies, -1:] + 1 + torch.arange(L, device=seen.device)
+        )
+        masks = {
+            "full_attention": seen,
+            "sliding_attention": seen & ((pos[:, :, None] - pos[:, None, :]) < self.window),
+        }
+        return {
+            **p,
+            "mask": {k: masks[k][:, None] for k in self.layer_types},
+            "pos": pos,
+            "pixel_values": prompt["pixel_values"],
+        }
 
     def hidden(self, model, p):
-        hidden = model.model(input_ids=p["ids"], pixel_values=p["pixel_values"], attention_mask=p["mask"],
-                             position_ids=p["pos"], use_cache=False).last_hidden_state
+        hidden = model.model(
+            input_ids=p["ids"],
+            pixel_values=p["pixel_values"],
+            attention_mask=p["mask"],
+            position_ids=p["pos"],
+            use_cache=False,
+        ).last_hidden_state
         return hidden[p["rows"], p["pred"]]
 
     def vision(self, model):
         return torch.nn.ModuleList([model.model.vision_tower, model.model.multi_modal_projector])
 
 
-ADAPTERS = {"qwen2_vl": Qwen2VL, "qwen2_5_vl": Qwen25VL, "qwen3_vl": Qwen3VL, "qwen3_5": Qwen35, "gemma3": Gemma3}
+ADAPTERS = {
+    "qwen2_vl": Qwen2VL,
+    "qwen2_5_vl": Qwen25VL,
+    "qwen3_vl": Qwen3VL,
+    "qwen3_5": Qwen35,
+    "gemma3": Gemma3,
+}
 
 
 def image_processor(path, family):
@@ -423,7 +600,10 @@ def image_processor(path, family):
     import transformers
 
     with open(file_of(path, "preprocessor_config.json")) as f:
-        named = json.load(f).get("image_processor_type", "").removesuffix("Fast").removesuffix("Pil") + "Pil"
+        named = (
+            json.load(f).get("image_processor_type", "").removesuffix("Fast").removesuffix("Pil")
+            + "Pil"
+        )
     return getattr(transformers, named, None) or getattr(transformers, family.image_processor_class)
 
 
@@ -435,8 +615,10 @@ def adapter(path, config=None):
     config = config or AutoConfig.from_pretrained(path)
     family = ADAPTERS.get(config.model_type)
     if family is None:
-        sys.exit(f"error: {path}: model type {config.model_type!r} is not supported (untested families are never "
-                 f"trained); supported: {', '.join(ADAPTERS)}")
+        sys.exit(
+            f"error: {path}: model type {config.model_type!r} is not supported (untested families are never "
+            f"trained); supported: {', '.join(ADAPTERS)}"
+        )
     tokenizer = family.load_tokenizer(path)
     if tokenizer.chat_template is None:  # real Qwen checkpoints keep it beside the processor
         with open(file_of(path, "chat_template.json")) as f:
@@ -460,17 +642,22 @@ def load(path, device="cpu"):
     family = adapter(path, config)
     # fp32 weights everywhere; on a GPU the forwards run in bf16 autocast (precision()). SDPA, also where flash-attn
     # is installed: the training forward's block attention mask (pack) is beyond flash-attn's kernels.
-    model = AutoModelForImageTextToText.from_pretrained(base, dtype=torch.float32, attn_implementation="sdpa")
+    model = AutoModelForImageTextToText.from_pretrained(
+        base, dtype=torch.float32, attn_implementation="sdpa"
+    )
     if base != path:
-        model.load_adapter(path, is_trainable=True)  # A and B train on (a resume); the base weights stay frozen
+        model.load_adapter(
+            path, is_trainable=True
+        )  # A and B train on (a resume); the base weights stay frozen
     model = model.to(device)
     if base != path:
         frozen_to_bf16(model)
     # Rollouts must come from exactly the policy the loss scores: a hub generation_config's repetition penalty,
     # top-k or top-p would change them, so only the special tokens are kept.
     gc = model.generation_config
-    model.generation_config = GenerationConfig(bos_token_id=gc.bos_token_id, eos_token_id=gc.eos_token_id,
-                                               pad_token_id=gc.pad_token_id)
+    model.generation_config = GenerationConfig(
+        bos_token_id=gc.bos_token_id, eos_token_id=gc.eos_token_id, pad_token_id=gc.pad_token_id
+    )
     return model, family
 
 
@@ -480,8 +667,11 @@ def prompt_lengths(family, rows):
     text, out = {}, []
     for r in rows:
         if r["problem"] not in text:
-            text[r["problem"]] = len(family.tokenizer(family.prompt_text(r["problem"], 0),
-                                                      add_special_tokens=False)["input_ids"])
+            text[r["problem"]] = len(
+                family.tokenizer(family.prompt_text(r["problem"], 0), add_special_tokens=False)[
+                    "input_ids"
+                ]
+            )
         n = family.image_tokens(*r["_size"])
         out.append((text[r["problem"]] + n, n))
     return out
@@ -497,26 +687,36 @@ def _chunk_logps(h, y, lm_head, T):
 
 def chunked_logps(hidden, lm_head, targets, T, chunk):
     h, y = hidden.reshape(-1, hidden.shape[-1]), targets.reshape(-1)
-    out = [checkpoint(_chunk_logps, hc, yc, lm_head, T, use_reentrant=False) if torch.is_grad_enabled()
-           else _chunk_logps(hc, yc, lm_head, T) for hc, yc in zip(h.split(chunk), y.split(chunk))]
+    out = [
+        checkpoint(_chunk_logps, hc, yc, lm_head, T, use_reentrant=False)
+        if torch.is_grad_enabled()
+        else _chunk_logps(hc, yc, lm_head, T)
+        for hc, yc in zip(h.split(chunk), y.split(chunk))
+    ]
     return torch.cat(out).view_as(targets)
 
 
 def packed_logps(model, family, packed, T, chunk):
     """log pi(o_t | q, o_<t) / T of every completion token of a family.pack(): the training forward."""
     with precision(model):
-        return chunked_logps(family.hidden(model, packed), model.lm_head, packed["targets"], T, chunk)
+        return chunked_logps(
+            family.hidden(model, packed), model.lm_head, packed["targets"], T, chunk
+        )
 
 
 def completion_logps(model, family, prompt, copies, completion_ids, comp_mask, T, chunk):
     """log pi(o_t | q, o_<t) / T for every completion token; completion i continues prompt copies[i]."""
-    return packed_logps(model, family, family.pack(model, prompt, copies, completion_ids, comp_mask), T, chunk)
+    return packed_logps(
+        model, family, family.pack(model, prompt, copies, completion_ids, comp_mask), T, chunk
+    )
 
 
 def enable_checkpointing(model):
     """Recompute activations in backward (renamed after transformers 5.17; the old name warns on newer versions)."""
     if hasattr(model, "activation_checkpointing_enable"):
-        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        model.activation_checkpointing_enable(
+            activation_checkpointing_kwargs={"use_reentrant": False}
+        )
     else:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
@@ -529,11 +729,18 @@ def lora_modules(model, family, targets, freeze_vision=False):
     """Names of the linear layers whose full name matches the regex `targets` (empty: LORA_TARGETS); with
     --freeze-vision none in the vision tower (a frozen tower gets no adapter). Refused with one line if none match."""
     frozen = {id(m) for m in family.vision(model).modules()} if freeze_vision else set()
-    names = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and id(m) not in frozen
-             and re.fullmatch(targets or LORA_TARGETS, n)]
+    names = [
+        n
+        for n, m in model.named_modules()
+        if isinstance(m, torch.nn.Linear)
+        and id(m) not in frozen
+        and re.fullmatch(targets or LORA_TARGETS, n)
+    ]
     if not names:
-        sys.exit(f"error: --lora-targets {targets or LORA_TARGETS!r} matches no linear layer"
-                 f"{' outside the frozen vision tower' if frozen else ''} (full names, as model.named_modules())")
+        sys.exit(
+            f"error: --lora-targets {targets or LORA_TARGETS!r} matches no linear layer"
+            f"{' outside the frozen vision tower' if frozen else ''} (full names, as model.named_modules())"
+        )
     return names
 
 
@@ -544,9 +751,17 @@ def add_lora(model, family, args, base):
     from peft import LoraConfig
 
     names = lora_modules(model, family, args.lora_targets, args.freeze_vision)
-    model.add_adapter(LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha or 2 * args.lora_r, lora_dropout=0.0,
-                                 target_modules=names))
-    model.peft_config["default"].base_model_name_or_path = os.path.abspath(base) if os.path.isdir(base) else base
+    model.add_adapter(
+        LoraConfig(
+            r=args.lora_r,
+            lora_alpha=args.lora_alpha or 2 * args.lora_r,
+            lora_dropout=0.0,
+            target_modules=names,
+        )
+    )
+    model.peft_config["default"].base_model_name_or_path = (
+        os.path.abspath(base) if os.path.isdir(base) else base
+    )
     frozen_to_bf16(model)
 
 

@@ -1,6 +1,6 @@
 """The one table of benchmarks/gpu_check.sh, from the files it wrote in OUT:
 
-    python benchmarks/gpu_summary.py OUT
+python benchmarks/gpu_summary.py OUT
 """
 
 import glob
@@ -21,10 +21,18 @@ def main(out):
         rows = [json.loads(x) for x in open(log) if '"logp_gap"' in x]
         if rows:
             r = rows[0]
-            verdict = "ok" if r["logp_gap"] <= 0.02 and r["logp_gap_max"] <= 1.0 else "OVER the bf16 limit"
-            print(f"| logp_gap (bf16 on a GPU) | {arch} | {r['logp_gap']:.2e} per token, {r['logp_gap_max']:.2e} at worst "
-                  f"(limit 0.02 / 1.0): {verdict}; max_memory_allocated {r.get('gpu_peak_gib', float('nan')):.2f} GiB |")
-    for arch in sorted({os.path.basename(p)[4:-4] for p in glob.glob(os.path.join(out, "gap-*.log"))}):
+            verdict = (
+                "ok"
+                if r["logp_gap"] <= 0.02 and r["logp_gap_max"] <= 1.0
+                else "OVER the bf16 limit"
+            )
+            print(
+                f"| logp_gap (bf16 on a GPU) | {arch} | {r['logp_gap']:.2e} per token, {r['logp_gap_max']:.2e} at worst "
+                f"(limit 0.02 / 1.0): {verdict}; max_memory_allocated {r.get('gpu_peak_gib', float('nan')):.2f} GiB |"
+            )
+    for arch in sorted(
+        {os.path.basename(p)[4:-4] for p in glob.glob(os.path.join(out, "gap-*.log"))}
+    ):
         if not os.path.exists(os.path.join(out, f"gap-{arch}", "metrics.jsonl")):
             print(f"| logp_gap (bf16 on a GPU) | {arch} | failed: see gap-{arch}.log |")
     path = os.path.join(out, "memory_plan.json")
@@ -33,17 +41,21 @@ def main(out):
             for k, want in res["planned"].items():
                 got = res["measured"][k]
                 err = f"{100 * (want - got) / got:+.0f}%" if got > 0 else "-"
-                print(f"| --plan vs measured | {shape}: {k} | planned {want / MiB:.0f} MiB, measured {got / MiB:.0f} "
-                      f"MiB ({err}) |")
+                print(
+                    f"| --plan vs measured | {shape}: {k} | planned {want / MiB:.0f} MiB, measured {got / MiB:.0f} "
+                    f"MiB ({err}) |"
+                )
     else:
         print("| --plan vs measured | 3B | no result: see memory_plan.log |")
     path = os.path.join(out, "gpu_3b.json")
     if os.path.exists(path):
         res = json.load(open(path))["results"]
         o, t = res["ours"], res["trl"]
-        print(f"| 3B step vs TRL | s/step, peak MiB | ours {o['median_s']:.2f} s, {o['peak_mb']:.0f} MiB; TRL "
-              f"{t['median_s']:.2f} s, {t['peak_mb']:.0f} MiB; ours/TRL {o['median_s'] / t['median_s']:.2f}x time, "
-              f"{o['peak_mb'] / t['peak_mb']:.2f}x memory |")
+        print(
+            f"| 3B step vs TRL | s/step, peak MiB | ours {o['median_s']:.2f} s, {o['peak_mb']:.0f} MiB; TRL "
+            f"{t['median_s']:.2f} s, {t['peak_mb']:.0f} MiB; ours/TRL {o['median_s'] / t['median_s']:.2f}x time, "
+            f"{o['peak_mb'] / t['peak_mb']:.2f}x memory |"
+        )
     else:
         print("| 3B step vs TRL | - | no result: see gpu_3b.log (TRL installed?) |")
 

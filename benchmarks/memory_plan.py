@@ -63,7 +63,9 @@ def model_path(name):
     if name == "tiny":
         return g.TINY_MODEL
     scale = 8 if name == "3b/8" else 1
-    out = os.path.join(tempfile.gettempdir(), f"qwen2.5-vl-3b-random-{scale}")  # as grpo_step_vs_trl.py builds it
+    out = os.path.join(
+        tempfile.gettempdir(), f"qwen2.5-vl-3b-random-{scale}"
+    )  # as grpo_step_vs_trl.py builds it
     if not os.path.exists(os.path.join(out, "config.json")):
         from grpo_step_vs_trl import build_3b
 
@@ -75,20 +77,33 @@ def run_args(shape, device):
     import grpo_vlm as g
 
     model, size, B, G, L, mb, R = SHAPES[shape]
-    return g.Args(model=model_path(model), prompts_per_step=B, num_generations=G, max_completion_length=L,
-                  min_completion_length=L, micro_batch_size=mb, rollout_batch_size=R, beta=0.04, lr=1e-5,
-                  eval_every=0, save_every=0, sample_every=0, image_size=f"{size}x{size}", max_prompt_length=0,
-                  output_dir=tempfile.mkdtemp())
+    return g.Args(
+        model=model_path(model),
+        prompts_per_step=B,
+        num_generations=G,
+        max_completion_length=L,
+        min_completion_length=L,
+        micro_batch_size=mb,
+        rollout_batch_size=R,
+        beta=0.04,
+        lr=1e-5,
+        eval_every=0,
+        save_every=0,
+        sample_every=0,
+        image_size=f"{size}x{size}",
+        max_prompt_length=0,
+        output_dir=tempfile.mkdtemp(),
+    )
 
 
 def measure(shape, device):
     """{part or phase: bytes measured} and the prompt's text tokens, in this (fresh) process."""
     import torch
+    from grpo_step_vs_trl import prompts
 
     import grpo_vlm as g
     import infra
     import vlm
-    from grpo_step_vs_trl import prompts
 
     args = run_args(shape, device)
     rows = prompts(args.prompts_per_step, SHAPES[shape][1])
@@ -96,7 +111,9 @@ def measure(shape, device):
     now = (lambda: torch.cuda.memory_allocated()) if gpu else rss
     top = (lambda: torch.cuda.max_memory_allocated()) if gpu else hwm
     reset = torch.cuda.reset_peak_memory_stats if gpu else reset_hwm
-    vlm.load(args.model, device)  # the imports a first load makes (the model's code, tokenizers) count as imports
+    vlm.load(
+        args.model, device
+    )  # the imports a first load makes (the model's code, tokenizers) count as imports
     gc.collect()
     m, base = {}, now()
     model, family = vlm.load(args.model, device)
@@ -111,17 +128,46 @@ def measure(shape, device):
     for step in (1, 2):
         reset()
         before = now()
-        ro = g.rollout(model, family, rows, rng, step, args.max_completion_length, {"iou_threshold": 0.0}, weights,
-                       family.coord_space, args, 0, 1, device)
+        ro = g.rollout(
+            model,
+            family,
+            rows,
+            rng,
+            step,
+            args.max_completion_length,
+            {"iou_threshold": 0.0},
+            weights,
+            family.coord_space,
+            args,
+            0,
+            1,
+            device,
+        )
         rollout = (top() - before, before - base)
         A = g.group_advantages(ro["r"].to(device), args.num_generations)
         tw = g.token_weights(ro["mask"], args.loss_agg)
         reset()
         before = now()
-        g.policy_update(policy, opt, model, ref, family, ro["prompt"], ro["o"], ro["mask"], ro["logp"], A, tw, args, 1)
+        g.policy_update(
+            policy,
+            opt,
+            model,
+            ref,
+            family,
+            ro["prompt"],
+            ro["o"],
+            ro["mask"],
+            ro["logp"],
+            A,
+            tw,
+            args,
+            1,
+        )
         training = (top() - before, before - base)
         if step == 1:
-            m["AdamW moments (fp32)"] = now() - before  # created by the first optimizer step; the gradients freed
+            m["AdamW moments (fp32)"] = (
+                now() - before
+            )  # created by the first optimizer step; the gradients freed
     m["rollout transient"], m["rollout total"] = rollout[0], sum(rollout)
     m["training transient"], m["training total"] = training[0], sum(training)
     text = ro["prompt"]["input_ids"].shape[1] - int(ro["prompt"]["image_grid_thw"][0].prod()) // 4
@@ -150,7 +196,9 @@ def main():
     ap.add_argument("--json", default="")
     ap.add_argument("--verbose", action="store_true", help="also print the plan's parts")
     ap.add_argument("--child", default="")
-    ap.add_argument("--reuse", default="", help="the measurements of an earlier --json (only the plan is new)")
+    ap.add_argument(
+        "--reuse", default="", help="the measurements of an earlier --json (only the plan is new)"
+    )
     a = ap.parse_args()
     if a.child:
         import torch
@@ -163,21 +211,44 @@ def main():
     reuse = json.load(open(a.reuse)) if a.reuse else {}
     for shape in a.shapes.split(","):
         if shape in reuse:  # only the plan is computed again
-            res = types.SimpleNamespace(returncode=0, stdout="RESULT " + json.dumps(reuse[shape]), stderr="")
+            res = types.SimpleNamespace(
+                returncode=0, stdout="RESULT " + json.dumps(reuse[shape]), stderr=""
+            )
         else:
-            res = subprocess.run([sys.executable, __file__, "--child", shape, "--device", a.device, "--threads",
-                                  str(a.threads)], capture_output=True, text=True, env=env, cwd=ROOT)
+            res = subprocess.run(
+                [
+                    sys.executable,
+                    __file__,
+                    "--child",
+                    shape,
+                    "--device",
+                    a.device,
+                    "--threads",
+                    str(a.threads),
+                ],
+                capture_output=True,
+                text=True,
+                env=env,
+                cwd=ROOT,
+            )
         line = [x for x in res.stdout.splitlines() if x.startswith("RESULT ")]
         if res.returncode or not line:
             sys.exit(f"error: shape {shape} failed:\n{res.stderr[-3000:]}")
         got = json.loads(line[0][7:])
         plan_parts, p = planned(shape, a.device, got["text_tokens"])
-        results[shape] = {"measured": got["measured"], "planned": plan_parts, "plan": p,
-                          "text_tokens": got["text_tokens"], "completion_len": got["completion_len"]}
+        results[shape] = {
+            "measured": got["measured"],
+            "planned": plan_parts,
+            "plan": p,
+            "text_tokens": got["text_tokens"],
+            "completion_len": got["completion_len"],
+        }
         model, size, B, G, L, mb, R = SHAPES[shape]
-        print(f"\n{shape}: {model}, {size}x{size} images, B={B} G={G} L={L} (mean completion "
-              f"{got['completion_len']:.0f}), micro-batch {mb}, rollout batch {R or B * G}, prompt "
-              f"{p['shape']['P']} tokens ({a.device})")
+        print(
+            f"\n{shape}: {model}, {size}x{size} images, B={B} G={G} L={L} (mean completion "
+            f"{got['completion_len']:.0f}), micro-batch {mb}, rollout batch {R or B * G}, prompt "
+            f"{p['shape']['P']} tokens ({a.device})"
+        )
         print("| part | planned (MiB) | measured (MiB) | error (MiB) | error |")
         print("|---|---|---|---|---|")
         for k, want in plan_parts.items():

@@ -5,6 +5,7 @@ the dict rewards.py documents (solution, width, height, input_width, input_heigh
 image, problem). rewards.py's parsers are there to reuse. If it raises, or returns anything but a finite number,
 the run stops with one line naming it and the row: return 0.0 yourself for an answer you cannot score.
 """
+
 import math
 
 import rewards

@@ -1,4 +1,5 @@
 """Shared by the tests that compare one process with two: run grpo_vlm.py both ways on the same flags."""
+
 import os
 import subprocess
 import sys
@@ -13,9 +14,20 @@ def one_and_two(flags, out_dir):
     env = dict(os.environ, OMP_NUM_THREADS="1")
     outs = {}
     for launcher, name in ((TWO, "two"), ([sys.executable], "one")):
-        res = subprocess.run(launcher + [os.path.join(ROOT, "grpo_vlm.py"), *flags, "--output-dir",
-                                         str(os.path.join(out_dir, name))],
-                             capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
+        res = subprocess.run(
+            launcher
+            + [
+                os.path.join(ROOT, "grpo_vlm.py"),
+                *flags,
+                "--output-dir",
+                str(os.path.join(out_dir, name)),
+            ],
+            capture_output=True,
+            text=True,
+            env=env,
+            cwd=ROOT,
+            timeout=300,
+        )
         assert res.returncode == 0, res.stderr[-3000:]
         outs[name] = res.stdout
     return outs

@@ -5,6 +5,7 @@ Each format is written here by the test, for REC and for count: problem/solution
 `conversations` JSONL, chat `messages` JSONL, R1-V-style parquet (image as a {bytes, path} struct), an Arrow file, a
 datasets save_to_disk folder (EasyR1 keys: problem/answer/images), and a hub dataset (a stand-in `datasets` module).
 """
+
 import io
 import json
 import os
@@ -23,8 +24,18 @@ import grpo_vlm as g  # noqa: E402
 import infra  # noqa: E402
 import vlm  # noqa: E402
 
-TINY = ["--steps", "2", "--num-generations", "2", "--max-completion-length", "8", "--sample-every", "0",
-        "--save-every", "0"]
+TINY = [
+    "--steps",
+    "2",
+    "--num-generations",
+    "2",
+    "--max-completion-length",
+    "8",
+    "--sample-every",
+    "0",
+    "--save-every",
+    "0",
+]
 IMAGE = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
 
 
@@ -35,8 +46,18 @@ def _items(task, n=2):
         buf = io.BytesIO()
         im.save(buf, "PNG")
         sol = row["solution"]
-        text = json.dumps(sol) if task == "rec" else f"<answer> {sol} </answer>"  # "[x1, y1, x2, y2]", R1-V's count
-        out.append((f"{task}-{i}.png", buf.getvalue(), row["problem"], float(sol) if task == "count" else sol, text))
+        text = (
+            json.dumps(sol) if task == "rec" else f"<answer> {sol} </answer>"
+        )  # "[x1, y1, x2, y2]", R1-V's count
+        out.append(
+            (
+                f"{task}-{i}.png",
+                buf.getvalue(),
+                row["problem"],
+                float(sol) if task == "count" else sol,
+                text,
+            )
+        )
     return out
 
 
@@ -53,32 +74,95 @@ def _write_all(d, task):
         (d / "imgs" / name).write_bytes(png)
     (fa, png_a, qa, _, ta), (fb, png_b, qb, _, tb) = items
     f = {}
-    f["plain"] = _jsonl(d / "plain.jsonl", [{"image": fa, "problem": qa, "solution": ta},
-                                            {"image": fb, "problem": qb, "solution": tb}])
-    f["conversations"] = _jsonl(d / "conv.jsonl", [
-        {"id": 1, "image": fa, "conversations": [{"from": "human", "value": "<image>" + qa}, {"from": "gpt", "value": ta}]},
-        {"id": 2, "image": [fb], "conversations": [{"from": "human", "value": "<image>\n" + qb},
-                                                  {"from": "gpt", "value": tb}]}])
-    f["messages"] = _jsonl(d / "chat.jsonl", [  # the last assistant message; an `answer` field with a string content
-        {"messages": [{"role": "system", "content": "be brief"},
-                      {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": qa}]},
-                      {"role": "assistant", "content": ta}], "images": [fa]},
-        {"messages": [{"role": "user", "content": "<image>" + qb}], "answer": tb, "images": [fb]}])
-    f["parquet"] = str(d / "r1v.parquet")  # R1-V / Visual-RFT: image struct {bytes, path}, problem, solution text
-    pq.write_table(pa.table({"image": pa.array([{"bytes": png_a, "path": fa}, {"bytes": png_b, "path": fb}], IMAGE),
-                             "problem": [qa, qb], "solution": [ta, tb]}), f["parquet"])
+    f["plain"] = _jsonl(
+        d / "plain.jsonl",
+        [
+            {"image": fa, "problem": qa, "solution": ta},
+            {"image": fb, "problem": qb, "solution": tb},
+        ],
+    )
+    f["conversations"] = _jsonl(
+        d / "conv.jsonl",
+        [
+            {
+                "id": 1,
+                "image": fa,
+                "conversations": [
+                    {"from": "human", "value": "<image>" + qa},
+                    {"from": "gpt", "value": ta},
+                ],
+            },
+            {
+                "id": 2,
+                "image": [fb],
+                "conversations": [
+                    {"from": "human", "value": "<image>\n" + qb},
+                    {"from": "gpt", "value": tb},
+                ],
+            },
+        ],
+    )
+    f["messages"] = _jsonl(
+        d / "chat.jsonl",
+        [  # the last assistant message; an `answer` field with a string content
+            {
+                "messages": [
+                    {"role": "system", "content": "be brief"},
+                    {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": qa}]},
+                    {"role": "assistant", "content": ta},
+                ],
+                "images": [fa],
+            },
+            {
+                "messages": [{"role": "user", "content": "<image>" + qb}],
+                "answer": tb,
+                "images": [fb],
+            },
+        ],
+    )
+    f["parquet"] = str(
+        d / "r1v.parquet"
+    )  # R1-V / Visual-RFT: image struct {bytes, path}, problem, solution text
+    pq.write_table(
+        pa.table(
+            {
+                "image": pa.array(
+                    [{"bytes": png_a, "path": fa}, {"bytes": png_b, "path": fb}], IMAGE
+                ),
+                "problem": [qa, qb],
+                "solution": [ta, tb],
+            }
+        ),
+        f["parquet"],
+    )
     f["arrow"] = str(d / "rows.arrow")  # an Arrow IPC file; the image as plain bytes
-    table = pa.table({"image": pa.array([png_a, png_b], pa.binary()), "problem": [qa, qb], "solution": [ta, tb]})
+    table = pa.table(
+        {"image": pa.array([png_a, png_b], pa.binary()), "problem": [qa, qb], "solution": [ta, tb]}
+    )
     with pa.ipc.new_file(f["arrow"], table.schema) as w:
         w.write_table(table)
-    f["saved"] = str(d / "saved")  # datasets' save_to_disk: an Arrow stream file + state.json; EasyR1's keys
+    f["saved"] = str(
+        d / "saved"
+    )  # datasets' save_to_disk: an Arrow stream file + state.json; EasyR1's keys
     os.makedirs(f["saved"], exist_ok=True)
-    table = pa.table({"images": pa.array([[{"bytes": png_a, "path": None}], [{"bytes": png_b, "path": None}]],
-                                         pa.list_(IMAGE)), "problem": [qa, qb], "answer": [ta, tb]})
-    with pa.ipc.new_stream(os.path.join(f["saved"], "data-00000-of-00001.arrow"), table.schema) as w:
+    table = pa.table(
+        {
+            "images": pa.array(
+                [[{"bytes": png_a, "path": None}], [{"bytes": png_b, "path": None}]],
+                pa.list_(IMAGE),
+            ),
+            "problem": [qa, qb],
+            "answer": [ta, tb],
+        }
+    )
+    with pa.ipc.new_stream(
+        os.path.join(f["saved"], "data-00000-of-00001.arrow"), table.schema
+    ) as w:
         w.write_table(table)
-    json.dump({"_data_files": [{"filename": "data-00000-of-00001.arrow"}], "_split": None},
-              open(os.path.join(f["saved"], "state.json"), "w"))
+    json.dump(
+        {"_data_files": [{"filename": "data-00000-of-00001.arrow"}], "_split": None},
+        open(os.path.join(f["saved"], "state.json"), "w"),
+    )
     json.dump({"features": {}}, open(os.path.join(f["saved"], "dataset_info.json"), "w"))
     return f, items
 
@@ -96,8 +180,15 @@ def test_every_format_loads_the_same_rows(formats):
         rows, bad = data.load_data(path, str(d / "imgs"), task)
         assert not bad and len(rows) == 2, name
         for r, (img, png, problem, sol, _) in zip(rows, items):
-            assert (r["problem"].strip(), r["solution"], r["_size"]) == (problem, sol, (128, 128)), (name, r)
-            assert data.load_image(r["image_path"]).tobytes() == data.load_image(io.BytesIO(png)).tobytes(), name
+            assert (r["problem"].strip(), r["solution"], r["_size"]) == (
+                problem,
+                sol,
+                (128, 128),
+            ), (name, r)
+            assert (
+                data.load_image(r["image_path"]).tobytes()
+                == data.load_image(io.BytesIO(png)).tobytes()
+            ), name
             json.dumps(r["image"])  # the name eval.py writes with each prediction
         assert rows[0]["_where"] == f"{path}:1"
 
@@ -128,13 +219,20 @@ def test_hub_dataset_id(formats, monkeypatch):
     rows, _ = data.load_data("someone/r1v-data", "", task)
     rows2, _ = data.load_data("someone/r1v-data/validation", "", task)
     assert asked == [("someone/r1v-data", "train"), ("someone/r1v-data", "validation")]
-    assert [r["solution"] for r in rows] == [r["solution"] for r in rows2] == [it[3] for it in items]
+    assert (
+        [r["solution"] for r in rows] == [r["solution"] for r in rows2] == [it[3] for it in items]
+    )
     assert rows[1]["image"] == "someone/r1v-data:2"
-    with pytest.raises(data.BadInput, match=r"^someone/bad:2: image 'someone/bad:2' is [^\n]*$"):  # a bad row
+    with pytest.raises(
+        data.BadInput, match=r"^someone/bad:2: image 'someone/bad:2' is [^\n]*$"
+    ):  # a bad row
         data.load_data("someone/bad", "", "rec")  # (the corrupt table holds REC rows)
     monkeypatch.setitem(sys.modules, "datasets", None)  # not installed
-    with pytest.raises(data.BadInput, match=r"^someone/r1v-data: no such file or folder; as a hub dataset id it "
-                                            r"needs `pip install datasets`$"):
+    with pytest.raises(
+        data.BadInput,
+        match=r"^someone/r1v-data: no such file or folder; as a hub dataset id it "
+        r"needs `pip install datasets`$",
+    ):
         data.load_data("someone/r1v-data", "", task)
 
 
@@ -142,16 +240,36 @@ def test_every_format_trains_and_eval_data_is_logged(formats, tmp_path):
     """Each format's rows (joined by ':', one image folder for all) in one 2-step run whose batch holds all of them,
     with --eval-data in yet another format, evaluated at steps 0 and 2 with the task's metrics."""
     task, d, f, items = formats
-    joined = ":".join(f[k] for k in ("plain", "conversations", "messages", "parquet", "arrow", "saved"))
+    joined = ":".join(
+        f[k] for k in ("plain", "conversations", "messages", "parquet", "arrow", "saved")
+    )
     evaluated = f["conversations"] if task == "rec" else f["parquet"]
-    args = g.parse_args(["--task", task, "--train-data", joined, "--image-root", str(d / "imgs"), *TINY,
-                         "--prompts-per-step", "12", "--eval-data", evaluated, "--eval-every", "2",
-                         "--output-dir", str(tmp_path)])
+    args = g.parse_args(
+        [
+            "--task",
+            task,
+            "--train-data",
+            joined,
+            "--image-root",
+            str(d / "imgs"),
+            *TINY,
+            "--prompts-per-step",
+            "12",
+            "--eval-data",
+            evaluated,
+            "--eval-every",
+            "2",
+            "--output-dir",
+            str(tmp_path),
+        ]
+    )
     assert len(data.load_rows(args)[0]) == 12  # so each step's batch is every row of every format
     g.train(args)
     logged = [json.loads(x) for x in open(tmp_path / "metrics.jsonl")]
     key = {"rec": "eval_acc50", "count": "eval_accuracy"}[task]
-    assert [r["step"] for r in logged if key in r] == [0, 2] and [r["step"] for r in logged if "reward" in r] == [1, 2]
+    assert [r["step"] for r in logged if key in r] == [0, 2] and [
+        r["step"] for r in logged if "reward" in r
+    ] == [1, 2]
     assert all(0 <= r[key] <= 1 for r in logged if key in r)
 
 
@@ -163,72 +281,207 @@ def test_image_folders_joined_by_colon(formats, tmp_path):
     for name, png, *_ in items:
         (other / name).write_bytes(png)
     rows, _ = data.load_data(f["plain"] + ":" + f["conversations"], f"{d / 'imgs'}:{other}", task)
-    assert [r["image_path"] for r in rows] == [str(d / "imgs" / items[0][0]), str(d / "imgs" / items[1][0]),
-                                               str(other / items[0][0]), str(other / items[1][0])]
+    assert [r["image_path"] for r in rows] == [
+        str(d / "imgs" / items[0][0]),
+        str(d / "imgs" / items[1][0]),
+        str(other / items[0][0]),
+        str(other / items[1][0]),
+    ]
     with pytest.raises(data.BadInput, match="2 data sources but 3 image folders"):
         data.load_data(f["plain"] + ":" + f["conversations"], f"{d}:{other}:{tmp_path}", task)
 
 
 def test_solution_as_text_for_every_task():
     assert data.check_solution("[10, 10, 100, 100]", "rec") == ([10, 10, 100, 100], None)
-    assert data.check_solution("<answer> [10, 10, 100, 100] </answer>", "rec") == ([10, 10, 100, 100], None)
+    assert data.check_solution("<answer> [10, 10, 100, 100] </answer>", "rec") == (
+        [10, 10, 100, 100],
+        None,
+    )
     assert data.check_solution("<answer> 3 </answer>", "count") == (3.0, None)
-    assert data.check_solution("<think> two and one </think> <answer>3</answer>", "count") == (3.0, None)
+    assert data.check_solution("<think> two and one </think> <answer>3</answer>", "count") == (
+        3.0,
+        None,
+    )
     assert data.check_solution("<answer> tabby cat </answer>", "cls") == ("tabby cat", None)
     assert data.check_solution("tabby cat", "cls") == ("tabby cat", None)
     det = '```json\n[{"bbox_2d": [1, 2, 30, 40], "label": "cat"}]\n```'  # VLM-R1's OVD solution
     assert data.check_solution(det, "det") == ([[1, 2, 30, 40]], ["cat"])
     assert data.check_solution("<answer>[[5, 5, 9, 9]]</answer>", "det") == ([[5, 5, 9, 9]], [""])
-    for sol, task in (("[10, 10, 100", "rec"), ("<answer> three </answer>", "count"), ("<answer> </answer>", "cls")):
+    for sol, task in (
+        ("[10, 10, 100", "rec"),
+        ("<answer> three </answer>", "count"),
+        ("<answer> </answer>", "cls"),
+    ):
         with pytest.raises(data.BadInput, match="solution must be"):
             data.check_solution(sol, task)
 
 
 def test_key_flags(tmp_path):
     """--problem-key, --solution-key, --image-key name other columns (here an image as raw bytes)."""
-    (_, png, problem, sol, text), = _items("count", 1)
+    ((_, png, problem, sol, text),) = _items("count", 1)
     path = str(tmp_path / "custom.parquet")
-    pq.write_table(pa.table({"img": pa.array([png], pa.binary()), "query": [problem], "label": [text]}), path)
-    with pytest.raises(data.BadInput, match=r"custom.parquet:1: missing keys 'image' \(or 'images'\), 'problem' "
-                                            r"\(or 'question'\), 'solution' \(or 'answer'\)$"):
+    pq.write_table(
+        pa.table({"img": pa.array([png], pa.binary()), "query": [problem], "label": [text]}), path
+    )
+    with pytest.raises(
+        data.BadInput,
+        match=r"custom.parquet:1: missing keys 'image' \(or 'images'\), 'problem' "
+        r"\(or 'question'\), 'solution' \(or 'answer'\)$",
+    ):
         data.load_data(path, "", "count")
-    args = g.parse_args(["--task", "count", "--train-data", path, "--problem-key", "query", "--solution-key", "label",
-                         "--image-key", "img"])
+    args = g.parse_args(
+        [
+            "--task",
+            "count",
+            "--train-data",
+            path,
+            "--problem-key",
+            "query",
+            "--solution-key",
+            "label",
+            "--image-key",
+            "img",
+        ]
+    )
     rows, _ = data.load_rows(args)
     assert (rows[0]["problem"], rows[0]["solution"]) == (problem, sol)
-    with pytest.raises(SystemExit, match=r"custom.parquet:1: missing key 'answer_text' \(--solution-key\)$"):
-        data.load_rows(g.parse_args(["--task", "count", "--train-data", path, "--problem-key", "query",
-                                     "--solution-key", "answer_text", "--image-key", "img"]))
+    with pytest.raises(
+        SystemExit, match=r"custom.parquet:1: missing key 'answer_text' \(--solution-key\)$"
+    ):
+        data.load_rows(
+            g.parse_args(
+                [
+                    "--task",
+                    "count",
+                    "--train-data",
+                    path,
+                    "--problem-key",
+                    "query",
+                    "--solution-key",
+                    "answer_text",
+                    "--image-key",
+                    "img",
+                ]
+            )
+        )
 
 
 def _bad_sources(d):
     """(format, path, the line's start, what it must say): one bad row (the second) in each format, and several
     images in one row in each."""
-    (a, png, problem, _, text), = _items("rec", 1)
+    ((a, png, problem, _, text),) = _items("rec", 1)
     (d / a).write_bytes(png)
     good = {"image": a, "problem": problem, "solution": text}
-    out = [("plain", _jsonl(d / "p.jsonl", [good, dict(good, solution="[10, 5")]), 2, "solution must be [x1, y1"),
-           ("conversations", _jsonl(d / "c.jsonl", [good, {"image": a, "conversations": [
-               {"from": "human", "value": "<image>" + problem}]}]), 2, "needs a human turn and a gpt turn after it"),
-           ("messages", _jsonl(d / "m.jsonl", [good, {"images": [a], "messages": [
-               {"role": "user", "content": "<image>" + problem}]}]), 2, "no solution: no 'solution' or 'answer'"),
-           ("several, conversations", _jsonl(d / "c2.jsonl", [{"image": [a, a], "conversations": [
-               {"from": "human", "value": "<image><image>" + problem}, {"from": "gpt", "value": text}]}]), 1,
-            "2 images in one row; one image per row is supported for now"),
-           ("several, messages", _jsonl(d / "m2.jsonl", [{"images": [a], "solution": text, "messages": [
-               {"role": "user", "content": [{"type": "image"}, {"type": "image"}, {"type": "text", "text": "x"}]}]}]),
-            1, "2 images in one row")]
+    out = [
+        (
+            "plain",
+            _jsonl(d / "p.jsonl", [good, dict(good, solution="[10, 5")]),
+            2,
+            "solution must be [x1, y1",
+        ),
+        (
+            "conversations",
+            _jsonl(
+                d / "c.jsonl",
+                [
+                    good,
+                    {
+                        "image": a,
+                        "conversations": [{"from": "human", "value": "<image>" + problem}],
+                    },
+                ],
+            ),
+            2,
+            "needs a human turn and a gpt turn after it",
+        ),
+        (
+            "messages",
+            _jsonl(
+                d / "m.jsonl",
+                [
+                    good,
+                    {"images": [a], "messages": [{"role": "user", "content": "<image>" + problem}]},
+                ],
+            ),
+            2,
+            "no solution: no 'solution' or 'answer'",
+        ),
+        (
+            "several, conversations",
+            _jsonl(
+                d / "c2.jsonl",
+                [
+                    {
+                        "image": [a, a],
+                        "conversations": [
+                            {"from": "human", "value": "<image><image>" + problem},
+                            {"from": "gpt", "value": text},
+                        ],
+                    }
+                ],
+            ),
+            1,
+            "2 images in one row; one image per row is supported for now",
+        ),
+        (
+            "several, messages",
+            _jsonl(
+                d / "m2.jsonl",
+                [
+                    {
+                        "images": [a],
+                        "solution": text,
+                        "messages": [
+                            {
+                                "role": "user",
+                                "content": [
+                                    {"type": "image"},
+                                    {"type": "image"},
+                                    {"type": "text", "text": "x"},
+                                ],
+                            }
+                        ],
+                    }
+                ],
+            ),
+            1,
+            "2 images in one row",
+        ),
+    ]
     path = str(d / "corrupt.parquet")
-    pq.write_table(pa.table({"image": pa.array([{"bytes": png, "path": None}, {"bytes": png[:40], "path": None}],
-                                               IMAGE), "problem": [problem] * 2, "solution": [text] * 2}), path)
+    pq.write_table(
+        pa.table(
+            {
+                "image": pa.array(
+                    [{"bytes": png, "path": None}, {"bytes": png[:40], "path": None}], IMAGE
+                ),
+                "problem": [problem] * 2,
+                "solution": [text] * 2,
+            }
+        ),
+        path,
+    )
     out.append(("parquet", path, 2, f"image '{path}:2' is "))
     path = str(d / "several.parquet")
-    pq.write_table(pa.table({"images": pa.array([[{"bytes": png, "path": None}] * 3], pa.list_(IMAGE)),
-                             "problem": [problem], "solution": [text]}), path)
+    pq.write_table(
+        pa.table(
+            {
+                "images": pa.array([[{"bytes": png, "path": None}] * 3], pa.list_(IMAGE)),
+                "problem": [problem],
+                "solution": [text],
+            }
+        ),
+        path,
+    )
     out.append(("several, parquet", path, 1, "3 images in one row"))
     path = str(d / "outside.arrow")
-    table = pa.table({"image": pa.array([png, png], pa.binary()), "problem": [problem] * 2,
-                      "solution": [text, "[0, 0, 500, 60]"]})
+    table = pa.table(
+        {
+            "image": pa.array([png, png], pa.binary()),
+            "problem": [problem] * 2,
+            "solution": [text, "[0, 0, 500, 60]"],
+        }
+    )
     with pa.ipc.new_stream(path, table.schema) as w:
         w.write_table(table)
     out.append(("arrow", path, 2, "lies outside the 128x128 image"))
@@ -244,7 +497,9 @@ def test_a_bad_row_in_each_format_is_one_line(tmp_path):
         if line == 2:  # and --skip-bad-rows keeps the good one
             rows, bad = data.load_data(path, str(tmp_path), "rec", skip_bad_rows=True)
             assert len(rows) == 1 and bad == [msg], name
-    with pytest.raises(data.BadInput, match="a DatasetDict with splits train, test; give one, e.g. .*/dd/train$"):
+    with pytest.raises(
+        data.BadInput, match="a DatasetDict with splits train, test; give one, e.g. .*/dd/train$"
+    ):
         (tmp_path / "dd").mkdir()
         (tmp_path / "dd" / "dataset_dict.json").write_text('{"splits": ["train", "test"]}')
         data.load_data(str(tmp_path / "dd"), "", "rec")
@@ -255,20 +510,28 @@ def test_bad_parquet_stops_the_run_before_a_model_loads(tmp_path, monkeypatch):
     monkeypatch.setattr(vlm, "load", lambda *a, **k: pytest.fail("a model was loaded"))
     with pytest.raises(SystemExit) as e:
         g.train(g.parse_args(["--train-data", path, *TINY, "--output-dir", str(tmp_path / "run")]))
-    assert str(e.value.code).startswith(f"error: {path}:2: image '{path}:2' is ") and "\n" not in str(e.value.code)
+    assert str(e.value.code).startswith(
+        f"error: {path}:2: image '{path}:2' is "
+    ) and "\n" not in str(e.value.code)
 
 
 def test_draw_keeps_the_order_of_rng_sample_and_covers_small_sets():
     rows = list(range(10))
     a, b = random.Random(3), random.Random(3)
-    assert [data.draw(a, rows, 4) for _ in range(5)] == [b.sample(rows, 4) for _ in range(5)]  # >= k rows: as before
+    assert [data.draw(a, rows, 4) for _ in range(5)] == [
+        b.sample(rows, 4) for _ in range(5)
+    ]  # >= k rows: as before
     assert sorted(data.draw(random.Random(0), rows, 10)) == rows
     for n, k in ((2, 4), (3, 4), (1, 5), (3, 8)):
         rng = random.Random(n)
         for _ in range(20):
             got = data.draw(rng, rows[:n], k)
             counts = [got.count(r) for r in rows[:n]]
-            assert len(got) == k and max(counts) - min(counts) <= 1, (n, k, got)  # epochs: every row, evenly
+            assert len(got) == k and max(counts) - min(counts) <= 1, (
+                n,
+                k,
+                got,
+            )  # epochs: every row, evenly
     state = random.Random(7)
     state.random()
     saved = state.getstate()
@@ -279,27 +542,44 @@ def test_draw_keeps_the_order_of_rng_sample_and_covers_small_sets():
 
 def _two_rows_and(d, words=0):
     """Two REC rows, and a third whose problem has `words` words if words."""
-    (a, png, problem, _, text), = _items("rec", 1)
+    ((a, png, problem, _, text),) = _items("rec", 1)
     (d / a).write_bytes(png)
-    rows = [{"image": a, "problem": problem, "solution": text}, {"image": a, "problem": problem + " the", "solution": text}]
-    rows += [{"image": a, "problem": " ".join(["circle"] * words), "solution": text}] if words else []
+    rows = [
+        {"image": a, "problem": problem, "solution": text},
+        {"image": a, "problem": problem + " the", "solution": text},
+    ]
+    rows += (
+        [{"image": a, "problem": " ".join(["circle"] * words), "solution": text}] if words else []
+    )
     return _jsonl(d / "rows.jsonl", rows)
 
 
-def test_a_long_prompt_is_refused_before_a_model_loads_and_two_rows_train_with_b4(tmp_path, monkeypatch):
+def test_a_long_prompt_is_refused_before_a_model_loads_and_two_rows_train_with_b4(
+    tmp_path, monkeypatch
+):
     """The third row's prompt (600 words) is above --max-prompt-length 512: one line, counted by the tokenizer and
     image processor alone. With --skip-bad-rows it is skipped, and the two rows left train with B=4."""
     path = _two_rows_and(tmp_path, 600)
     real_load = vlm.load
     monkeypatch.setattr(vlm, "load", lambda *a, **k: pytest.fail("a model was loaded"))
-    flags = ["--train-data", path, "--image-root", str(tmp_path), *TINY, "--output-dir", str(tmp_path / "run")]
+    flags = [
+        "--train-data",
+        path,
+        "--image-root",
+        str(tmp_path),
+        *TINY,
+        "--output-dir",
+        str(tmp_path / "run"),
+    ]
     with pytest.raises(SystemExit) as e:
         g.train(g.parse_args(flags))
     _, family = real_load(g.TINY_MODEL)
     rows = data.load_data(path, str(tmp_path))[0]
     n = int(family.encode(rows[2:])[0]["attention_mask"].sum())  # what the prompt really is
-    assert e.value.code == (f"error: {path}:3: the prompt is {n} tokens (16 of them the image's), above "
-                            f"--max-prompt-length 512")
+    assert e.value.code == (
+        f"error: {path}:3: the prompt is {n} tokens (16 of them the image's), above "
+        f"--max-prompt-length 512"
+    )
     monkeypatch.setattr(vlm, "load", real_load)
     g.train(g.parse_args(flags + ["--skip-bad-rows"]))  # B=4 from 2 rows
     logged = [json.loads(x) for x in open(tmp_path / "run" / "metrics.jsonl")]
@@ -325,8 +605,22 @@ def test_sft_trains_on_two_rows_with_b4(tmp_path):
     import sft
 
     path = _two_rows_and(tmp_path)
-    sft.main(["--train-data", path, "--image-root", str(tmp_path), "--prompts-per-step", "4", "--steps", "2",
-              "--output-dir", str(tmp_path / "sft"), "--eval-every", "0"])
+    sft.main(
+        [
+            "--train-data",
+            path,
+            "--image-root",
+            str(tmp_path),
+            "--prompts-per-step",
+            "4",
+            "--steps",
+            "2",
+            "--output-dir",
+            str(tmp_path / "sft"),
+            "--eval-every",
+            "0",
+        ]
+    )
     assert os.path.exists(tmp_path / "sft" / "model.safetensors")
 
 
@@ -334,5 +628,12 @@ def test_flags_are_documented_and_make_the_run():
     a = g.parse_args(["--eval-data", "v.jsonl", "--max-prompt-length", "2048", "--image-key=img"])
     assert (a.eval_data, a.max_prompt_length, a.image_key) == ("v.jsonl", 2048, "img")
     docs = infra.field_docs(g.Args)
-    assert {"eval_data", "max_prompt_length", "problem_key", "solution_key", "image_key", "task"} <= set(docs)
+    assert {
+        "eval_data",
+        "max_prompt_length",
+        "problem_key",
+        "solution_key",
+        "image_key",
+        "task",
+    } <= set(docs)
     assert {"problem_key", "solution_key", "image_key"} <= set(infra.RUN_DEFINING)

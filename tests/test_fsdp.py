@@ -1,6 +1,7 @@
 """Issue 17: FSDP2 (--fsdp) on 2 gloo processes on the CPU: the same update as one process, a rollout that gathers
 the weights once, checkpoints that save_pretrained and eval.py read and that resume exactly, Ctrl-C under torchrun,
 torchao's 8-bit AdamW. This file is also the torchrun worker of two of them (see the bottom)."""
+
 import importlib.util
 import json
 import os
@@ -21,14 +22,30 @@ import infra  # noqa: E402
 import plan  # noqa: E402
 import vlm  # noqa: E402
 
-SMALL = ["--prompts-per-step", "2", "--num-generations", "4", "--max-completion-length", "48", "--train-size", "16",
-         "--sample-every", "0", "--lr", "1e-3", "--eval-every", "0"]
+SMALL = [
+    "--prompts-per-step",
+    "2",
+    "--num-generations",
+    "4",
+    "--max-completion-length",
+    "48",
+    "--train-size",
+    "16",
+    "--sample-every",
+    "0",
+    "--lr",
+    "1e-3",
+    "--eval-every",
+    "0",
+]
 TWO = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
 ENV = dict(os.environ, OMP_NUM_THREADS="1")  # the same float rounding in every run
 
 
 def run(launcher, *flags, env=ENV, script=os.path.join(ROOT, "grpo_vlm.py")):
-    res = subprocess.run(launcher + [script, *flags], capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
+    res = subprocess.run(
+        launcher + [script, *flags], capture_output=True, text=True, env=env, cwd=ROOT, timeout=300
+    )
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
     return res.stdout
 
@@ -39,7 +56,9 @@ def weights(path):
 
 def metrics(run_dir):
     rows = [json.loads(x) for x in open(os.path.join(run_dir, "metrics.jsonl"))]
-    return [{k: v for k, v in r.items() if k != "seconds"} for r in rows]  # wall time is the only free field
+    return [
+        {k: v for k, v in r.items() if k != "seconds"} for r in rows
+    ]  # wall time is the only free field
 
 
 def same_weights(a, b):
@@ -47,8 +66,10 @@ def same_weights(a, b):
 
 
 def complete_checkpoint(path):
-    return all(os.path.exists(os.path.join(path, f)) for f in ("model.safetensors", "trainer_state.pt",
-                                                                 "optimizer/.metadata", "tokenizer.json"))
+    return all(
+        os.path.exists(os.path.join(path, f))
+        for f in ("model.safetensors", "trainer_state.pt", "optimizer/.metadata", "tokenizer.json")
+    )
 
 
 def test_fsdp_step_equals_one_process_and_its_checkpoints_load_and_resume(tmp_path):
@@ -59,8 +80,20 @@ def test_fsdp_step_equals_one_process_and_its_checkpoints_load_and_resume(tmp_pa
     and nothing is clipped: FSDP2's gradient norm adds up the shards' squares, so it differs from one process's in
     the last bit (1e-6 below), and a clipped step moves the weights apart by about 6e-6 (measured with
     --max-grad-norm 1, where this run's norm reaches 17)."""
-    flags = SMALL + ["--steps", "2", "--micro-batch-size", "4", "--loss-agg", "token", "--scale-rewards", "batch",
-                     "--mu", "2", "--max-grad-norm", "1e9"]
+    flags = SMALL + [
+        "--steps",
+        "2",
+        "--micro-batch-size",
+        "4",
+        "--loss-agg",
+        "token",
+        "--scale-rewards",
+        "batch",
+        "--mu",
+        "2",
+        "--max-grad-norm",
+        "1e9",
+    ]
     run([sys.executable], *flags, "--save-every", "0", "--output-dir", str(tmp_path / "one"))
     out = run(TWO, *flags, "--fsdp", "--save-every", "1", "--output-dir", str(tmp_path / "two"))
     assert "processes=2" in out
@@ -76,18 +109,40 @@ def test_fsdp_step_equals_one_process_and_its_checkpoints_load_and_resume(tmp_pa
 
     # a resume from the step-1 checkpoint (weights from save_pretrained, optimizer shards), the reference sharded
     assert complete_checkpoint(tmp_path / "two" / "checkpoint-000001")
-    out = run(TWO, "sharded-reference", *flags, "--fsdp", "--save-every", "0", "--output-dir",
-              str(tmp_path / "resumed"), "--resume", str(tmp_path / "two" / "checkpoint-000001"),
-              script=os.path.abspath(__file__))
+    out = run(
+        TWO,
+        "sharded-reference",
+        *flags,
+        "--fsdp",
+        "--save-every",
+        "0",
+        "--output-dir",
+        str(tmp_path / "resumed"),
+        "--resume",
+        str(tmp_path / "two" / "checkpoint-000001"),
+        script=os.path.abspath(__file__),
+    )
     assert "the reference is sharded" in out
     assert same_weights(two, weights(tmp_path / "resumed" / "final"))
     assert metrics(tmp_path / "resumed")[-1] == m2[-1]
 
     # the saved folder loads as a plain HF model, and eval.py reads it
-    loaded, reference = (vlm.load(str(tmp_path / run_dir / "final"))[0].state_dict() for run_dir in ("two", "one"))
-    assert sorted(loaded) == sorted(reference) and all(torch.equal(loaded[k], reference[k]) for k in loaded)
-    out = run([sys.executable], "--model", str(tmp_path / "two" / "final"), "--n", "4", "--json",
-              str(tmp_path / "eval.json"), script=os.path.join(ROOT, "eval.py"))
+    loaded, reference = (
+        vlm.load(str(tmp_path / run_dir / "final"))[0].state_dict() for run_dir in ("two", "one")
+    )
+    assert sorted(loaded) == sorted(reference) and all(
+        torch.equal(loaded[k], reference[k]) for k in loaded
+    )
+    out = run(
+        [sys.executable],
+        "--model",
+        str(tmp_path / "two" / "final"),
+        "--n",
+        "4",
+        "--json",
+        str(tmp_path / "eval.json"),
+        script=os.path.join(ROOT, "eval.py"),
+    )
     assert json.load(open(tmp_path / "eval.json"))["n"] == 4 and "| Acc@0.5 |" in out
 
 
@@ -114,11 +169,26 @@ def test_ctrl_c_under_torchrun_saves_a_checkpoint_and_adamw8bit_resumes_exactly(
     every weight shape, 2 minutes on 2 CPU cores; eager runs the same arithmetic in every run compared here.
     torchao is optional (not in requirements.txt; .ci/run installs it): without it, plain AdamW."""
     optim = "adamw8bit" if importlib.util.find_spec("torchao") else "adamw"
-    flags = SMALL + ["--save-every", "0", "--fsdp", "--optim", optim, "--micro-batch-size", "2"]  # accumulating
+    flags = SMALL + [
+        "--save-every",
+        "0",
+        "--fsdp",
+        "--optim",
+        optim,
+        "--micro-batch-size",
+        "2",
+    ]  # accumulating
     env = dict(ENV, TORCHDYNAMO_DISABLE="1")
     cmd = TWO + [os.path.join(ROOT, "grpo_vlm.py"), *flags, "--output-dir", str(tmp_path / "b")]
-    proc = subprocess.Popen(cmd + ["--steps", "1000"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            cwd=ROOT, env=env, start_new_session=True)
+    proc = subprocess.Popen(
+        cmd + ["--steps", "1000"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        cwd=ROOT,
+        env=env,
+        start_new_session=True,
+    )
     lines = []
     for line in proc.stdout:  # wait until training runs, then interrupt it
         lines.append(line)
@@ -130,20 +200,41 @@ def test_ctrl_c_under_torchrun_saves_a_checkpoint_and_adamw8bit_resumes_exactly(
     step = int(out.split("interrupted at step ")[1].split(":")[0])
     assert complete_checkpoint(tmp_path / "b" / f"checkpoint-{step:06d}")
     assert not [f for f in os.listdir(tmp_path / "b") if f.startswith(".tmp")]
-    run(TWO, *flags, "--steps", str(step + 1), "--resume", str(tmp_path / "b"), "--output-dir", str(tmp_path / "b"),
-        env=env)
+    run(
+        TWO,
+        *flags,
+        "--steps",
+        str(step + 1),
+        "--resume",
+        str(tmp_path / "b"),
+        "--output-dir",
+        str(tmp_path / "b"),
+        env=env,
+    )
     run(TWO, *flags, "--steps", str(step + 1), "--output-dir", str(tmp_path / "a"), env=env)
     assert same_weights(weights(tmp_path / "a" / "final"), weights(tmp_path / "b" / "final"))
     assert metrics(tmp_path / "a") == metrics(tmp_path / "b")
 
 
-@pytest.mark.parametrize("flags,env,says", [(["--fsdp"], {}, "launch with torchrun"),
-                                            (["--fsdp", "--lora-r", "8"], {"WORLD_SIZE": "2"}, "--lora-r")])
+@pytest.mark.parametrize(
+    "flags,env,says",
+    [
+        (["--fsdp"], {}, "launch with torchrun"),
+        (["--fsdp", "--lora-r", "8"], {"WORLD_SIZE": "2"}, "--lora-r"),
+    ],
+)
 def test_fsdp_is_refused_without_torchrun_or_with_lora(flags, env, says):
-    res = subprocess.run([sys.executable, os.path.join(ROOT, "grpo_vlm.py"), *flags], capture_output=True, text=True,
-                         cwd=ROOT, env=dict(os.environ, **env))
+    res = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "grpo_vlm.py"), *flags],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env=dict(os.environ, **env),
+    )
     err = res.stderr.strip().splitlines()[-1]
-    assert res.returncode == 1 and err.startswith("error: --fsdp") and says in err, res.stderr[-2000:]
+    assert res.returncode == 1 and err.startswith("error: --fsdp") and says in err, res.stderr[
+        -2000:
+    ]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -156,11 +247,14 @@ def rollout_worker(out_dir, G=4):
 
     rank, world, device = infra.setup_distributed()
     model, family = vlm.load(g.TINY_MODEL, device)
-    rows = data.load_rows(g.Args(train_size=8))[0][2 * rank:2 * rank + 2]
+    rows = data.load_rows(g.Args(train_size=8))[0][2 * rank : 2 * rank + 2]
     prompt = family.encode(rows, device)[0]
     keys = infra.sample_keys(0, 1, range(2 * rank * G, 2 * (rank + 1) * G))
     lengths = (8, 32)  # every completion decodes exactly n tokens (no EOS before n)
-    whole = {n: g.sample_group(model, family, prompt, G, n, 1.0, keys, min_new_tokens=n)[0] for n in lengths}
+    whole = {
+        n: g.sample_group(model, family, prompt, G, n, 1.0, keys, min_new_tokens=n)[0]
+        for n in lengths
+    }
     policy = infra.fsdp(infra.Policy(model, family, 1.0, 1024), world, device)
     calls, real = [0], torch.distributed.all_gather_single
 
@@ -174,10 +268,16 @@ def rollout_worker(out_dir, G=4):
         calls[0] = 0
         with infra.gathered(policy):
             o = g.sample_group(model, family, prompt, G, n, 1.0, keys, min_new_tokens=n)[0]
-        result[str(n)] = {"equal": torch.equal(o, whole[n]), "tokens": o.shape[1], "all_gathers": calls[0]}
+        result[str(n)] = {
+            "equal": torch.equal(o, whole[n]),
+            "tokens": o.shape[1],
+            "all_gathers": calls[0],
+        }
     result["sharded_after"] = all(isinstance(p, DTensor) for p in model.parameters())
 
-    def left_to_fsdp(self, n):  # the same rollout as a registered forward method, without infra.gathered
+    def left_to_fsdp(
+        self, n
+    ):  # the same rollout as a registered forward method, without infra.gathered
         return g.sample_group(self.model, family, prompt, G, n, 1.0, keys, min_new_tokens=n)[0]
 
     policy.left_to_fsdp = types.MethodType(left_to_fsdp, policy)

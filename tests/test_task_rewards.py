@@ -13,7 +13,13 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import rewards as R  # noqa: E402
 
 DET = ["det_iou", "det_conf", "det_iou_sum", "det_map"]
-SIZES = {"width": 100, "height": 100, "input_width": 100, "input_height": 100, "coord_space": "abs_original"}
+SIZES = {
+    "width": 100,
+    "height": 100,
+    "input_width": 100,
+    "input_height": 100,
+    "coord_space": "abs_original",
+}
 TRUE = [10, 10, 50, 50]
 GT1 = {**SIZES, "solution": [TRUE]}
 GT0 = {**SIZES, "solution": []}
@@ -36,8 +42,26 @@ def test_count_right(text):
         assert R.count_reward(ans(text), gt) == 1.0
 
 
-@pytest.mark.parametrize("text", ["3 or 4", "three", "", "1e999", "nan", "inf", "1e0", "3.5", "1.2.3", ".3", "33",
-                                  "3-4", "-3", "9" * 400, "0x3"])
+@pytest.mark.parametrize(
+    "text",
+    [
+        "3 or 4",
+        "three",
+        "",
+        "1e999",
+        "nan",
+        "inf",
+        "1e0",
+        "3.5",
+        "1.2.3",
+        ".3",
+        "33",
+        "3-4",
+        "-3",
+        "9" * 400,
+        "0x3",
+    ],
+)
 def test_count_wrong_or_malformed(text):
     assert R.count_reward(ans(text), {"solution": 3}) == 0.0
 
@@ -53,30 +77,57 @@ def test_parse_number():
 def test_parse_detections_accepts_variants():
     assert R.parse_detections(ans(f"[{BOX}]")) == [([10.0, 10.0, 50.0, 50.0], 0.9)]
     assert R.parse_detections(ans("[]")) == []
-    fenced = ans('\n```json\n[{"bbox": [1, 2, 3, 4.5]}]\n```\n')  # code fence; no confidence means 1
+    fenced = ans(
+        '\n```json\n[{"bbox": [1, 2, 3, 4.5]}]\n```\n'
+    )  # code fence; no confidence means 1
     assert R.parse_detections(fenced) == [([1.0, 2.0, 3.0, 4.5], 1.0)]
     keys = ans('[{" BOX ": [1, 2, 3, 4], " Score ": 0.5}, {"Position": [1, 2, 3, 4], "CONF": 0}]')
     assert R.parse_detections(keys) == [([1.0, 2.0, 3.0, 4.0], 0.5), ([1.0, 2.0, 3.0, 4.0], 0.0)]
     # the first present of bbox_2d, bbox, box, position (and of confidence, conf, score) is used
     both = ans('[{"box": [0, 0, 1, 1], "bbox_2d": [1, 2, 3, 4], "score": 0.1, "confidence": 0.7}]')
     assert R.parse_detections(both) == [([1.0, 2.0, 3.0, 4.0], 0.7)]
-    assert R.parse_detections(ans('[{"bbox_2d": [-5, -5, 1e308, 1e308]}]')) == [([-5.0, -5.0, 1e308, 1e308], 1.0)]
+    assert R.parse_detections(ans('[{"bbox_2d": [-5, -5, 1e308, 1e308]}]')) == [
+        ([-5.0, -5.0, 1e308, 1e308], 1.0)
+    ]
 
 
-@pytest.mark.parametrize("answer", [
-    "", "   ", "the cat is at 10, 10, 50, 50", "[10, 10, 50, 50]", BOX,  # not JSON / a dict, not a list
-    "[" * 100_000, "[" * 100_000 + "]" * 100_000, f"[[{BOX}]]",  # nesting
-    "[{'bbox_2d': [10, 10, 50, 50]}]",  # Python quotes are not JSON
-    '[{"bbox_2d": [50, 10, 10, 50]}]', '[{"bbox_2d": [10, 10, 10, 50]}]', '[{"bbox_2d": [10, 50, 50, 10]}]',
-    '[{"bbox_2d": [1e999, 10, 50, 50]}]', '[{"bbox_2d": [NaN, 10, 50, 50]}]', '[{"bbox_2d": [10, 10, Infinity, 50]}]',
-    '[{"bbox_2d": [10, 10, %s, 50]}]' % ("9" * 400), '[{"bbox_2d": [10, 10, %s, 50]}]' % ("9" * 5000),
-    '[{"bbox_2d": [true, 10, 50, 50]}]', '[{"bbox_2d": ["10", 10, 50, 50]}]', '[{"bbox_2d": [10, 10, 50]}]',
-    '[{"bbox_2d": [10, 10, 50, 50, 60]}]', '[{"bbox_2d": {"x1": 10}}]', '[{"label": "cat"}]', '[{"bbox_2d": null}]',
-    '[{"bbox_2d": [10, 10, 50, 50], "confidence": -0.1}]', '[{"bbox_2d": [10, 10, 50, 50], "confidence": 1.5}]',
-    '[{"bbox_2d": [10, 10, 50, 50], "confidence": NaN}]', '[{"bbox_2d": [10, 10, 50, 50], "confidence": true}]',
-    '[{"bbox_2d": [10, 10, 50, 50], "score": null}]', '[{"bbox_2d": [10, 10, 50, 50], "conf": "0.9"}]',
-    f'[{BOX}, {{"bbox_2d": [50, 10, 10, 50]}}]', f"[{BOX}, 7]",  # one bad element spoils the answer
-])
+@pytest.mark.parametrize(
+    "answer",
+    [
+        "",
+        "   ",
+        "the cat is at 10, 10, 50, 50",
+        "[10, 10, 50, 50]",
+        BOX,  # not JSON / a dict, not a list
+        "[" * 100_000,
+        "[" * 100_000 + "]" * 100_000,
+        f"[[{BOX}]]",  # nesting
+        "[{'bbox_2d': [10, 10, 50, 50]}]",  # Python quotes are not JSON
+        '[{"bbox_2d": [50, 10, 10, 50]}]',
+        '[{"bbox_2d": [10, 10, 10, 50]}]',
+        '[{"bbox_2d": [10, 50, 50, 10]}]',
+        '[{"bbox_2d": [1e999, 10, 50, 50]}]',
+        '[{"bbox_2d": [NaN, 10, 50, 50]}]',
+        '[{"bbox_2d": [10, 10, Infinity, 50]}]',
+        '[{"bbox_2d": [10, 10, %s, 50]}]' % ("9" * 400),
+        '[{"bbox_2d": [10, 10, %s, 50]}]' % ("9" * 5000),
+        '[{"bbox_2d": [true, 10, 50, 50]}]',
+        '[{"bbox_2d": ["10", 10, 50, 50]}]',
+        '[{"bbox_2d": [10, 10, 50]}]',
+        '[{"bbox_2d": [10, 10, 50, 50, 60]}]',
+        '[{"bbox_2d": {"x1": 10}}]',
+        '[{"label": "cat"}]',
+        '[{"bbox_2d": null}]',
+        '[{"bbox_2d": [10, 10, 50, 50], "confidence": -0.1}]',
+        '[{"bbox_2d": [10, 10, 50, 50], "confidence": 1.5}]',
+        '[{"bbox_2d": [10, 10, 50, 50], "confidence": NaN}]',
+        '[{"bbox_2d": [10, 10, 50, 50], "confidence": true}]',
+        '[{"bbox_2d": [10, 10, 50, 50], "score": null}]',
+        '[{"bbox_2d": [10, 10, 50, 50], "conf": "0.9"}]',
+        f'[{BOX}, {{"bbox_2d": [50, 10, 10, 50]}}]',
+        f"[{BOX}, 7]",  # one bad element spoils the answer
+    ],
+)
 def test_malformed_detections_score_zero(answer):
     assert R.parse_detections(ans(answer)) is None
     for gt in (GT1, GT0):
@@ -97,13 +148,20 @@ def test_det_known_values():
     # the miss ranked first: AP = 0.5 (see test_ap_false_positive_first), times min(1, 1/2)
     hi_miss = '{"bbox_2d": [60, 60, 90, 90], "confidence": 0.95}'
     assert scores(f"[{BOX}, {hi_miss}]") == pytest.approx([0.5, (0.9 + 0.05) / 2, 1.0, 0.25])
-    assert scores('[{"bbox_2d": [10, 10, 50, 50], "confidence": 0.0}]')[1] == 0.0  # right box, no confidence
+    assert (
+        scores('[{"bbox_2d": [10, 10, 50, 50], "confidence": 0.0}]')[1] == 0.0
+    )  # right box, no confidence
 
 
 def test_empty_answers():
     assert scores("[]", GT0) == [1.0, 1.0, 1.0, 1.0]  # nothing to find, nothing found
     assert scores("[]", GT1) == [0.0, 0.0, 0.0, 0.0]
-    assert scores(f"[{BOX}]", GT0) == [0.0, pytest.approx(0.1), 0.0, 0.0]  # conf: 1 - 0.9 for the false box
+    assert scores(f"[{BOX}]", GT0) == [
+        0.0,
+        pytest.approx(0.1),
+        0.0,
+        0.0,
+    ]  # conf: 1 - 0.9 for the false box
     for empty in ["<answer></answer>", "<think>x</think>", "", "<answer> </answer>"]:
         assert [R.REWARDS[k](empty, GT0) for k in DET] == [0.0] * 4
 
@@ -111,27 +169,56 @@ def test_empty_answers():
 def test_repeated_box_is_the_hack():
     """A correct box answered 5 times: det_iou and det_map divide by the 5 answers, det_conf pays 1 - c
     for the 4 unmatched copies; det_iou_sum keeps 1.0: spraying boxes costs nothing, VLM-R1's hack."""
-    assert scores(f"[{', '.join([BOX] * 5)}]") == pytest.approx([0.2, (0.9 + 4 * 0.1) / 5, 1.0, 0.2])
+    assert scores(f"[{', '.join([BOX] * 5)}]") == pytest.approx(
+        [0.2, (0.9 + 4 * 0.1) / 5, 1.0, 0.2]
+    )
     # spraying 30 boxes over the image (one of them right) also keeps det_iou_sum at 1
-    grid = [f'{{"bbox_2d": [{x}, {y}, {x + 10}, {y + 10}]}}' for x in range(0, 100, 20) for y in range(0, 100, 20)]
+    grid = [
+        f'{{"bbox_2d": [{x}, {y}, {x + 10}, {y + 10}]}}'
+        for x in range(0, 100, 20)
+        for y in range(0, 100, 20)
+    ]
     iou, _, iou_sum, mAP = scores(f"[{', '.join(grid + [BOX])}]")
     assert iou_sum == 1.0 and iou == pytest.approx(1 / 26) and mAP < 0.04
 
 
 def test_huge_and_negative_coordinates():
-    assert scores('[{"bbox_2d": [0, 0, 1e308, 1e308]}]') == [0.0, 0.0, 0.0, 0.0]  # area overflows: IoU 0
-    resized = {**GT1, "coord_space": "abs_resized", "input_width": 50}  # x scaled by 2: 1e308 -> inf
+    assert scores('[{"bbox_2d": [0, 0, 1e308, 1e308]}]') == [
+        0.0,
+        0.0,
+        0.0,
+        0.0,
+    ]  # area overflows: IoU 0
+    resized = {
+        **GT1,
+        "coord_space": "abs_resized",
+        "input_width": 50,
+    }  # x scaled by 2: 1e308 -> inf
     assert scores('[{"bbox_2d": [0, 0, 1e308, 50]}]', resized) == [0.0, 0.0, 0.0, 0.0]
     # a slightly negative box is a box: IoU 40*40 / (42*40) with [10, 10, 50, 50] shifted
     gt = {**SIZES, "solution": [[0, 10, 40, 50]]}
-    assert scores('[{"bbox_2d": [-2, 10, 40, 50]}]', gt) == pytest.approx([40 / 42, 1.0, 40 / 42, 1.0])
+    assert scores('[{"bbox_2d": [-2, 10, 40, 50]}]', gt) == pytest.approx(
+        [40 / 42, 1.0, 40 / 42, 1.0]
+    )
 
 
 def test_coord_space_mapping():
-    gt = {**GT1, "width": 200, "height": 100, "input_width": 100, "input_height": 50, "coord_space": "abs_resized"}
+    gt = {
+        **GT1,
+        "width": 200,
+        "height": 100,
+        "input_width": 100,
+        "input_height": 50,
+        "coord_space": "abs_resized",
+    }
     gt["solution"] = [[20, 20, 100, 100]]
     assert scores('[{"bbox_2d": [10, 10, 50, 50]}]', gt) == [1.0, 1.0, 1.0, 1.0]
-    assert scores('[{"bbox_2d": [20, 20, 100, 100]}]', gt) == [0.0, 0.0, 0.0, 0.0]  # unmapped: no match
+    assert scores('[{"bbox_2d": [20, 20, 100, 100]}]', gt) == [
+        0.0,
+        0.0,
+        0.0,
+        0.0,
+    ]  # unmapped: no match
     norm = {**gt, "coord_space": "norm1000"}
     assert scores('[{"bbox_2d": [100, 200, 500, 1000]}]', norm) == [1.0, 1.0, 1.0, 1.0]
 
@@ -164,12 +251,17 @@ def test_match_detections_greedy_by_confidence():
     assert R.match_detections([a, (b[0], 0.5)], gts, 0.5) == [(0, 0, 1.0), (1, 1, 110 / 120)]
     assert R.match_detections([a, a], [gts[0]], 0.5) == [(0, 0, 1.0)]  # one true box matches once
     assert R.match_detections([], gts, 0.5) == [] and R.match_detections([a], [], 0.5) == []
-    assert R.match_detections([(IOU06, 1.0)], [TRUE], 0.6) == []  # strictly greater than the threshold
+    assert (
+        R.match_detections([(IOU06, 1.0)], [TRUE], 0.6) == []
+    )  # strictly greater than the threshold
 
 
 # --- COCO AP by hand -----------------------------------------------------------------------------
 def test_ap_perfect():
-    images = [([(TRUE, 0.3)], [TRUE]), ([([0, 0, 5, 5], 0.9), ([6, 6, 9, 9], 0.1)], [[6, 6, 9, 9], [0, 0, 5, 5]])]
+    images = [
+        ([(TRUE, 0.3)], [TRUE]),
+        ([([0, 0, 5, 5], 0.9), ([6, 6, 9, 9], 0.1)], [[6, 6, 9, 9], [0, 0, 5, 5]]),
+    ]
     assert R.mean_ap(images) == {"map": 1.0, "ap50": 1.0, "ap75": 1.0}
 
 
@@ -195,14 +287,23 @@ def test_ap_two_images_pooled():
     images = [([(TRUE, 0.9)], [TRUE]), ([([0, 0, 5, 5], 0.8), (other, 0.7)], [other])]
     assert R.mean_ap(images)["map"] == pytest.approx((51 + 100 / 3) / 101)
     # the same detections evaluated per image would both be 1 and 0.5: pooling is not averaging
-    assert R.average_precision(images[:1], 0.5) == 1.0 and R.average_precision(images[1:], 0.5) == 0.5
+    assert (
+        R.average_precision(images[:1], 0.5) == 1.0 and R.average_precision(images[1:], 0.5) == 0.5
+    )
 
 
 def test_ap_iou_thresholds_and_no_truth():
     # IoU exactly 0.6: COCO matches at t = 0.50, 0.55, 0.60 (IoU >= t), not above
-    assert R.mean_ap([([(IOU06, 1.0)], [TRUE])]) == {"map": pytest.approx(0.3), "ap50": 1.0, "ap75": 0.0}
+    assert R.mean_ap([([(IOU06, 1.0)], [TRUE])]) == {
+        "map": pytest.approx(0.3),
+        "ap50": 1.0,
+        "ap75": 0.0,
+    }
     # no true boxes at all (COCO: -1, undefined): 1 when nothing is predicted, 0 otherwise
-    assert R.average_precision([([], [])], 0.5) == 1.0 and R.average_precision([([(TRUE, 1.0)], [])], 0.5) == 0.0
+    assert (
+        R.average_precision([([], [])], 0.5) == 1.0
+        and R.average_precision([([(TRUE, 1.0)], [])], 0.5) == 0.0
+    )
     assert R.average_precision([([], [TRUE])], 0.5) == 0.0
 
 
@@ -221,13 +322,16 @@ TIE_CASE = [([([1, 0, 11, 10], 0.9), ([0, 0, 10, 10], 0.8)], [[0, 0, 10, 10], [2
 def test_ap_float_and_tie_details_follow_pycocotools():
     assert R.average_precision(GRID_CASE, 0.5) == pytest.approx((70 + 11 * 8 / 9) / 101)
     assert R.average_precision(TIE_CASE, 0.7) == 1.0
-    assert R.match_detections(*TIE_CASE[0], 0.7) == [(0, 0, 90 / 110)]  # Visual-RFT's rule: first box, B unmatched
+    assert R.match_detections(*TIE_CASE[0], 0.7) == [
+        (0, 0, 90 / 110)
+    ]  # Visual-RFT's rule: first box, B unmatched
 
 
 # --- cross-check with pycocotools ----------------------------------------------------------------
 def random_images(rng):
     """1-3 images on a coarse grid (IoU ties and exact-threshold IoUs are common), 0-4 true boxes and
     0-6 predictions each, some near a true box, confidences from a few values (score ties)."""
+
     def box():
         x, y = rng.randrange(0, 40, 2), rng.randrange(0, 40, 2)
         return [x, y, x + rng.randrange(2, 30, 2), y + rng.randrange(2, 30, 2)]
@@ -254,11 +358,23 @@ def coco_eval(images):
     from pycocotools.cocoeval import COCOeval
 
     def dataset(anns):
-        out = {"images": [{"id": i} for i in range(1, len(images) + 1)], "categories": [{"id": 1}],
-               "annotations": []}
+        out = {
+            "images": [{"id": i} for i in range(1, len(images) + 1)],
+            "categories": [{"id": 1}],
+            "annotations": [],
+        }
         for k, (img, (x1, y1, x2, y2), extra) in enumerate(anns, 1):
-            out["annotations"].append({"id": k, "image_id": img, "category_id": 1, "bbox": [x1, y1, x2 - x1, y2 - y1],
-                                       "area": (x2 - x1) * (y2 - y1), "iscrowd": 0, **extra})
+            out["annotations"].append(
+                {
+                    "id": k,
+                    "image_id": img,
+                    "category_id": 1,
+                    "bbox": [x1, y1, x2 - x1, y2 - y1],
+                    "area": (x2 - x1) * (y2 - y1),
+                    "iscrowd": 0,
+                    **extra,
+                }
+            )
         coco = COCO()
         coco.dataset = out
         coco.createIndex()
@@ -266,7 +382,9 @@ def coco_eval(images):
 
     with contextlib.redirect_stdout(io.StringIO()):
         gt = dataset([(i, b, {}) for i, (_, gts) in enumerate(images, 1) for b in gts])
-        dt = dataset([(i, b, {"score": c}) for i, (preds, _) in enumerate(images, 1) for b, c in preds])
+        dt = dataset(
+            [(i, b, {"score": c}) for i, (preds, _) in enumerate(images, 1) for b, c in preds]
+        )
         E = COCOeval(gt, dt, iouType="bbox")
         E.params.catIds = [1]
         E.evaluate()
@@ -279,7 +397,11 @@ def coco_eval(images):
 def test_mean_ap_agrees_with_pycocotools():
     mask = pytest.importorskip("pycocotools.mask")
     # pycocotools 2.x computes box IoU as we do, without the old "+1 pixel" in widths and heights
-    assert mask.iou([[0, 0, 10, 10]], [[5, 0, 10, 10]], [0])[0][0] == R.box_iou([0, 0, 10, 10], [5, 0, 15, 10]) == 1 / 3
+    assert (
+        mask.iou([[0, 0, 10, 10]], [[5, 0, 10, 10]], [0])[0][0]
+        == R.box_iou([0, 0, 10, 10], [5, 0, 15, 10])
+        == 1 / 3
+    )
     rng, compared = random.Random(0), 0
     for images in [GRID_CASE, TIE_CASE] + [random_images(rng) for _ in range(60)]:
         ours, (coco_map, coco_ap50) = R.mean_ap(images), coco_eval(images)
@@ -293,8 +415,11 @@ def test_mean_ap_agrees_with_pycocotools():
 
 
 def test_task_rewards_table():
-    assert R.TASK_REWARDS == {"rec": {"iou": 1.0, "format": 1.0}, "cls": {"accuracy": 1.0, "format": 1.0},
-                              "count": {"count": 1.0, "format": 1.0},
-                              "det": {"det_iou": 1.0, "det_conf": 1.0, "format": 1.0}}
+    assert R.TASK_REWARDS == {
+        "rec": {"iou": 1.0, "format": 1.0},
+        "cls": {"accuracy": 1.0, "format": 1.0},
+        "count": {"count": 1.0, "format": 1.0},
+        "det": {"det_iou": 1.0, "det_conf": 1.0, "format": 1.0},
+    }
     assert all(k in R.REWARDS for weights in R.TASK_REWARDS.values() for k in weights)
     assert {"count", "det_iou", "det_conf", "det_iou_sum", "det_map"} <= set(R.REWARDS)
