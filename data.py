@@ -8,9 +8,10 @@ loading path as RefCOCO:
 
 `image` is relative to an image root; `solution` is in original-image pixels.
 
-The readers (`load_data`) take the public formats as they are and turn each row into that schema, with the same
-upfront check and one-line "FILE:LINE: what is wrong" errors: problem/solution rows, VLM-R1's `conversations` JSONL,
-chat `messages` rows, and HF datasets (a save_to_disk folder, parquet, Arrow, or a hub id), several joined by `:`.
+The readers (`load_data`) take the public formats as they are and turn each row into that schema,
+with the same upfront check and one-line "FILE:LINE: what is wrong" errors: problem/solution rows,
+VLM-R1's `conversations` JSONL, chat `messages` rows, and HF datasets (a save_to_disk folder,
+parquet, Arrow, or a hub id), several joined by `:`.
 """
 
 import functools
@@ -61,9 +62,10 @@ def build_messages(problem):
 
 
 # ---------------------------------------------------------------------------------------------
-# Readers of the public formats. Every row becomes the schema above (plus `image_path`, `_where` = "FILE:LINE" and
-# `_size` = the image's (w, h)) and is checked upfront; a bad row is one line "FILE:LINE: what is wrong", where LINE
-# is the JSONL line, or for a table (parquet, Arrow, hub) the row number from 1.
+# Readers of the public formats. Every row becomes the schema above (plus `image_path`, `_where` =
+# "FILE:LINE" and `_size` = the image's (w, h)) and is checked upfront; a bad row is one line
+# "FILE:LINE: what is wrong", where LINE is the JSONL line, or for a table (parquet, Arrow, hub) the
+# row number from 1.
 # ---------------------------------------------------------------------------------------------
 class BadInput(ValueError):
     """A row or image that cannot be used; the message is one line naming the file and the line."""
@@ -74,15 +76,19 @@ class DataFlags:
     """The readers' flags; grpo_vlm.Args inherits them (one docstring per flag, as there)."""
 
     eval_data: str = ""
-    """held-out rows in any --train-data format, evaluated every --eval-every steps (its first --eval-n rows)"""
+    """held-out rows in any --train-data format, evaluated every --eval-every steps (its first
+    --eval-n rows)"""
     max_prompt_length: int = 512
-    """most prompt tokens, image tokens included; a longer row stops the run upfront or is skipped (0: no limit)"""
+    """most prompt tokens, image tokens included; a longer row stops the run upfront or is skipped
+    (0: no limit)"""
     problem_key: str = ""
     """key (column) of the question in problem/solution rows (empty: problem, else question)"""
     solution_key: str = ""
-    """key of the answer (empty: solution, else answer; chat rows: else the last assistant message)"""
+    """key of the answer (empty: solution, else answer; chat rows: else the last assistant
+    message)"""
     image_key: str = ""
-    """key of the image: a path, bytes, a {bytes, path} struct or a one-image list (empty: image, else images)"""
+    """key of the image: a path, bytes, a {bytes, path} struct or a one-image list (empty: image,
+    else images)"""
 
 
 DEFAULT_KEYS = {
@@ -97,7 +103,9 @@ def keys_of(args):
     return {k: getattr(args, f"{k}_key", "") for k in DEFAULT_KEYS}
 
 
-MIN_SIDE = 28  # px: one merged vision token of Qwen2/2.5-VL (patch 14 x merge 2); smaller images hold less than one
+# px: one merged vision token of Qwen2/2.5-VL (patch 14 x merge 2); smaller images hold less than
+# one
+MIN_SIDE = 28
 MAX_ASPECT = 200  # Qwen2-VL's image processor (smart_resize) raises above this aspect ratio
 BOX_SLACK = 1.0  # px a box may stick out of the image (rounding in converted annotations)
 
@@ -108,7 +116,8 @@ def _short(v, n=60):
 
 
 class Cell:
-    """A cell of an Arrow table that holds bytes (an image): read when used, never copied into the row."""
+    """A cell of an Arrow table that holds bytes (an image): read when used, never copied into the
+    row."""
 
     __slots__ = ("column", "i")
 
@@ -120,7 +129,8 @@ class Cell:
 
 
 class Embedded:
-    """An image stored in a dataset (bytes, or a PIL image), named "FILE:ROW"; load_image opens it like a file."""
+    """An image stored in a dataset (bytes, or a PIL image), named "FILE:ROW"; load_image opens it
+    like a file."""
 
     def __init__(self, name, fetch):
         self.name, self.fetch = name, fetch
@@ -136,9 +146,10 @@ class Embedded:
 
 
 def _open_image(path, use):
-    """use(PIL image) on the opened file (or Embedded image); any failure becomes a one-line BadInput naming it.
-    PIL's DecompressionBombWarning (above 89 MP) is silenced: the image processor resizes such images down;
-    above 179 MP PIL raises DecompressionBombError instead, and the image is rejected."""
+    """use(PIL image) on the opened file (or Embedded image); any failure becomes a one-line
+    BadInput naming it. PIL's DecompressionBombWarning (above 89 MP) is silenced: the image
+    processor resizes such images down; above 179 MP PIL raises DecompressionBombError instead, and
+    the image is rejected."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
@@ -163,8 +174,9 @@ def _open_image(path, use):
 
 
 def image_size(path):
-    """(width, height), after decoding the whole file, so that a corrupt or truncated image fails here, before
-    any training. JPEGs decode at 1/8 scale (draft mode): every byte is still read, at a fraction of the cost."""
+    """(width, height), after decoding the whole file, so that a corrupt or truncated image fails
+    here, before any training. JPEGs decode at 1/8 scale (draft mode): every byte is still read, at
+    a fraction of the cost."""
 
     def decode(im):
         size = im.size
@@ -187,8 +199,9 @@ def _to_rgb(im):
 
 
 def load_image(path):
-    """Open an image (a file, or an Embedded one) as RGB (grayscale, palette and CMYK converted; transparency
-    composited on white). Raises BadInput naming the file when it cannot be opened or decoded."""
+    """Open an image (a file, or an Embedded one) as RGB (grayscale, palette and CMYK converted;
+    transparency composited on white). Raises BadInput naming the file when it cannot be opened or
+    decoded."""
     return _open_image(path, _to_rgb)
 
 
@@ -198,8 +211,8 @@ def _value(row, key):
 
 
 def _find(row, what, keys):
-    """The key of `row` that holds `what` (image, problem, solution): the --WHAT-key flag's, else the first default
-    present (one holding null only when none holds more); None if absent."""
+    """The key of `row` that holds `what` (image, problem, solution): the --WHAT-key flag's, else
+    the first default present (one holding null only when none holds more); None if absent."""
     present = [k for k in ((keys[what],) if keys.get(what) else DEFAULT_KEYS[what]) if k in row]
     return next((k for k in present if row[k] is not None), present[0] if present else None)
 
@@ -219,8 +232,9 @@ def _several(n):
 
 
 def _from_conversations(turns):
-    """(problem, solution) of VLM-R1's grpo_jsonl.py rows: the first human turn, its <image> placeholder removed, and
-    the gpt turn after it (<answer> tags and JSON text are handled by check_solution)."""
+    """(problem, solution) of VLM-R1's grpo_jsonl.py rows: the first human turn, its <image>
+    placeholder removed, and the gpt turn after it (<answer> tags and JSON text are handled by
+    check_solution)."""
     if not isinstance(turns, list) or not all(isinstance(t, dict) and "value" in t for t in turns):
         raise BadInput(
             f'conversations must be a list of {{"from", "value"}} turns, got {_short(turns)}'
@@ -237,7 +251,8 @@ def _from_conversations(turns):
     )
     if human is None or gpt is None:
         raise BadInput(
-            f"conversations needs a human turn and a gpt turn after it, got turns from {_short(who)}"
+            f"conversations needs a human turn and a gpt turn after it, got turns from "
+            f"{_short(who)}"
         )
     problem = turns[human]["value"]
     if isinstance(problem, str) and problem.count("<image>") > 1:
@@ -248,7 +263,8 @@ def _from_conversations(turns):
 
 
 def _content(content):
-    """(text, images) of a chat message's content: a string (with <image> placeholders) or a list of parts."""
+    """(text, images) of a chat message's content: a string (with <image> placeholders) or a list of
+    parts."""
     if isinstance(content, str):
         return content.replace("<image>", "").strip(), content.count("<image>")
     if isinstance(content, list) and all(isinstance(p, dict) for p in content):
@@ -261,9 +277,10 @@ def _content(content):
 
 
 def _from_messages(row, key, keys):
-    """(problem, solution) of a chat row (TRL, verl, ms-swift): `messages` (or `prompt`), a list of {"role",
-    "content"}. The problem is the last user message's text (a system message is not used: our prompt template
-    applies); the solution is the `solution` field, else `answer`, else the last message if it is the assistant's."""
+    """(problem, solution) of a chat row (TRL, verl, ms-swift): `messages` (or `prompt`), a list of
+    {"role", "content"}. The problem is the last user message's text (a system message is not used:
+    our prompt template applies); the solution is the `solution` field, else `answer`, else the last
+    message if it is the assistant's."""
     msgs = _value(row, key)
     if not all(isinstance(m, dict) and "role" in m and "content" in m for m in msgs):
         raise BadInput(
@@ -281,14 +298,16 @@ def _from_messages(row, key, keys):
         raise BadInput(f"missing key {keys['solution']!r} (--solution-key)")
     if k is None and not answered:
         raise BadInput(
-            "no solution: no 'solution' or 'answer' field, and the last message is not the assistant's"
+            "no solution: no 'solution' or 'answer' field, and the last message is not the "
+            "assistant's"
         )
     return problem, _value(row, k) if k else _content(msgs[-1]["content"])[0]
 
 
 def _one_image(value, where):
-    """(file name, None) or (None, Embedded) of a row's image: a path, bytes, a {bytes, path} struct (HF's Image
-    feature in Arrow/parquet), a PIL image, or a list holding one of these. Several images are refused."""
+    """(file name, None) or (None, Embedded) of a row's image: a path, bytes, a {bytes, path} struct
+    (HF's Image feature in Arrow/parquet), a PIL image, or a list holding one of these. Several
+    images are refused."""
     get = value.get if isinstance(value, Cell) else (lambda: value)
     v = get()
     if isinstance(v, (list, tuple)):
@@ -310,10 +329,11 @@ def _one_image(value, where):
 
 
 def check_row(line, image_root, task="rec", sizes=None, keys=None, where=""):
-    """One row -> the checked row with `image_path` resolved, or BadInput saying in one line what is wrong.
-    `line` is a JSONL line or a row dict of any format: problem/solution (keys: DEFAULT_KEYS or the --*-key flags),
-    VLM-R1 `conversations`, or chat `messages`/`prompt`. `sizes` caches image sizes (or errors) by path, for the many
-    rows that share an image; `where` names an embedded image."""
+    """One row -> the checked row with `image_path` resolved, or BadInput saying in one line what is
+    wrong. `line` is a JSONL line or a row dict of any format: problem/solution (keys: DEFAULT_KEYS
+    or the --*-key flags), VLM-R1 `conversations`, or chat `messages`/`prompt`. `sizes` caches image
+    sizes (or errors) by path, for the many rows that share an image; `where` names an embedded
+    image."""
     if isinstance(line, (bytes, str)):
         try:
             line = json.loads(line)
@@ -365,7 +385,8 @@ def check_row(line, image_root, task="rec", sizes=None, keys=None, where=""):
     for b in [solution] if task == "rec" else solution if task == "det" else []:
         if min(b[:2]) < -BOX_SLACK or b[2] > w + BOX_SLACK or b[3] > h + BOX_SLACK:
             raise BadInput(
-                f"{'box' if task == 'det' else 'solution'} {_short(b)} lies outside the {w}x{h} image '{path}'"
+                f"{'box' if task == 'det' else 'solution'} {_short(b)} lies outside the {w}x{h} "
+                f"image '{path}'"
             )
     kept = {k: v for k, v in row.items() if not isinstance(v, Cell)}
     return {
@@ -392,9 +413,9 @@ JSON_FENCE = re.compile(r"```(?:json)?\s*(.*?)\s*```", re.S)
 
 
 def solution_text(sol, task):
-    """A solution given as text, as R1-V, Visual-RFT and VLM-R1 write it: the last <answer>...</answer> in it (if
-    any), a ```json fence removed, and for rec and det the JSON inside parsed ("[10, 10, 100, 100]"). Other values
-    as given."""
+    """A solution given as text, as R1-V, Visual-RFT and VLM-R1 write it: the last
+    <answer>...</answer> in it (if any), a ```json fence removed, and for rec and det the JSON
+    inside parsed ("[10, 10, 100, 100]"). Other values as given."""
     if not isinstance(sol, str):
         return sol
     tagged = ANSWER_TAG.findall(sol)
@@ -410,9 +431,10 @@ def solution_text(sol, task):
 
 
 def check_solution(sol, task):
-    """(solution in the form the rewards take, det labels) or BadInput. Text is read first (solution_text). rec:
-    [x1, y1, x2, y2] in original pixels; det: a list (maybe empty) of boxes, each [x1, y1, x2, y2] or {"bbox_2d" (or
-    "bbox", "box"): [...], "label": ...} -> the boxes; cls: a non-empty label; count: a number (or numeric text)."""
+    """(solution in the form the rewards take, det labels) or BadInput. Text is read first
+    (solution_text). rec: [x1, y1, x2, y2] in original pixels; det: a list (maybe empty) of boxes,
+    each [x1, y1, x2, y2] or {"bbox_2d" (or "bbox", "box"): [...], "label": ...} -> the boxes; cls:
+    a non-empty label; count: a number (or numeric text)."""
     sol = solution_text(sol, task)
     if task == "rec":
         if not _is_box(sol):
@@ -481,7 +503,8 @@ def _holds_bytes(t):
 
 
 def _table_records(name, table):
-    """Rows of a pyarrow Table as dicts; the columns that hold bytes (images) stay in the table, as Cells."""
+    """Rows of a pyarrow Table as dicts; the columns that hold bytes (images) stay in the table, as
+    Cells."""
     heavy = [f.name for f in table.schema if _holds_bytes(f.type)]
     light = table.select([c for c in table.column_names if c not in heavy])
     cols = {c: table.column(c) for c in heavy}
@@ -503,8 +526,9 @@ def _read_arrow(path):
 
 
 def read_table(path):
-    """One pyarrow Table of a parquet or Arrow file, a folder of them, or a datasets save_to_disk folder (its Arrow
-    files, listed in state.json). A DatasetDict folder is refused with its split names."""
+    """One pyarrow Table of a parquet or Arrow file, a folder of them, or a datasets save_to_disk
+    folder (its Arrow files, listed in state.json). A DatasetDict folder is refused with its split
+    names."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -527,7 +551,8 @@ def read_table(path):
             files = found[0] or found[1]
         if not files:
             raise BadInput(
-                f"{path}: a folder with no parquet or Arrow file (nor a datasets save_to_disk folder)"
+                f"{path}: a folder with no parquet or Arrow file (nor a datasets save_to_disk "
+                "folder)"
             )
     tables = []
     for f in files:
@@ -545,8 +570,8 @@ def read_table(path):
 
 
 def hub_table(spec):
-    """The pyarrow Table of a hub dataset "owner/name" (split train) or "owner/name/split", with `datasets` (imported
-    here only: local data never needs it)."""
+    """The pyarrow Table of a hub dataset "owner/name" (split train) or "owner/name/split", with
+    `datasets` (imported here only: local data never needs it)."""
     parts = spec.split("/")
     repo, split = "/".join(parts[:2]), parts[2] if len(parts) > 2 else "train"
     try:
@@ -568,8 +593,9 @@ def hub_table(spec):
 
 
 def _records(path):
-    """(where, row) of one source: a JSONL file; a parquet or Arrow file, a folder of them or a save_to_disk folder;
-    or a hub dataset id (a path that does not exist, looks like owner/name[/split] and has no data file extension)."""
+    """(where, row) of one source: a JSONL file; a parquet or Arrow file, a folder of them or a
+    save_to_disk folder; or a hub dataset id (a path that does not exist, looks like
+    owner/name[/split] and has no data file extension)."""
     if os.path.isdir(path) or (os.path.isfile(path) and path.endswith((".parquet", ".arrow"))):
         return _table_records(path, read_table(path))
     if not os.path.exists(path) and HUB_ID.fullmatch(path) and not path.endswith(DATA_EXTENSIONS):
@@ -590,13 +616,14 @@ def _check_all(records, image_root, task, skip_bad_rows, limit, keys, rows, bad,
 
 
 def load_jsonl(path, image_root, task="rec", skip_bad_rows=False, limit=None, keys=None):
-    """Read JSONL rows (any row format check_row takes), resolve images against `image_root`, and check every row
-    upfront: a JSON object with an image, a problem (non-empty text) and a solution (see check_solution; boxes inside
-    the image), an image that PIL opens and verifies, at least MIN_SIDE px a side with an aspect ratio of at most
-    MAX_ASPECT. Stops after `limit` good rows.
+    """Read JSONL rows (any row format check_row takes), resolve images against `image_root`, and
+    check every row upfront: a JSON object with an image, a problem (non-empty text) and a solution
+    (see check_solution; boxes inside the image), an image that PIL opens and verifies, at least
+    MIN_SIDE px a side with an aspect ratio of at most MAX_ASPECT. Stops after `limit` good rows.
 
-    Returns (rows, bad): without skip_bad_rows the first bad row raises BadInput ("FILE:LINE: what is wrong");
-    with it, `bad` holds that line for every skipped row. No usable row at all raises BadInput either way."""
+    Returns (rows, bad): without skip_bad_rows the first bad row raises BadInput ("FILE:LINE: what
+    is wrong"); with it, `bad` holds that line for every skipped row. No usable row at all raises
+    BadInput either way."""
     rows, bad = [], []
     _check_all(_jsonl_records(path), image_root, task, skip_bad_rows, limit, keys, rows, bad, {})
     if not rows:
@@ -607,15 +634,16 @@ def load_jsonl(path, image_root, task="rec", skip_bad_rows=False, limit=None, ke
 
 
 def load_data(spec, image_root, task="rec", skip_bad_rows=False, limit=None, keys=None):
-    """load_jsonl for every format: `spec` is one source (_records) or several joined by ':', with `image_root` one
-    folder for all or one per source joined by ':' (VLM-R1's --data_file_paths and --image_folders). Rows in order,
-    the first `limit` good ones; (rows, bad) as load_jsonl."""
+    """load_jsonl for every format: `spec` is one source (_records) or several joined by ':', with
+    `image_root` one folder for all or one per source joined by ':' (VLM-R1's --data_file_paths and
+    --image_folders). Rows in order, the first `limit` good ones; (rows, bad) as load_jsonl."""
     paths, roots = spec.split(":"), (image_root or "").split(":")
     if len(set(roots)) == 1:
         roots = roots[:1] * len(paths)
     if len(roots) != len(paths):
         raise BadInput(
-            f"{spec}: {len(paths)} data sources but {len(roots)} image folders in {image_root!r}; give one "
+            f"{spec}: {len(paths)} data sources but {len(roots)} image folders in {image_root!r}; "
+            "give one "
             f"folder for all, or one per source joined by ':' (as VLM-R1's --image_folders)"
         )
     rows, bad, sizes = [], [], {}
@@ -630,15 +658,17 @@ def load_data(spec, image_root, task="rec", skip_bad_rows=False, limit=None, key
 
 
 def refuse_long(rows, lengths, limit, skip_bad_rows, bad):
-    """The rows whose prompt fits in `limit` tokens; `lengths` holds (prompt tokens, image tokens) per row. A longer
-    row raises BadInput "FILE:LINE: ...", or with skip_bad_rows is listed in `bad` and dropped."""
+    """The rows whose prompt fits in `limit` tokens; `lengths` holds (prompt tokens, image tokens)
+    per row. A longer row raises BadInput "FILE:LINE: ...", or with skip_bad_rows is listed in `bad`
+    and dropped."""
     kept = []
     for r, (n, image) in zip(rows, lengths):
         if n <= limit:
             kept.append(r)
             continue
         why = (
-            f"{r['_where']}: the prompt is {n} tokens ({image} of them the image's), above --max-prompt-length "
+            f"{r['_where']}: the prompt is {n} tokens ({image} of them the image's), above "
+            "--max-prompt-length "
             f"{limit}"
         )
         if not skip_bad_rows:
@@ -652,9 +682,10 @@ def refuse_long(rows, lengths, limit, skip_bad_rows, bad):
 
 
 def draw(rng, rows, k):
-    """k rows for one step. At least k rows: rng.sample(rows, k), the draw order of every earlier run. Fewer (a few-shot
-    set): in epochs, every row once in a shuffled order, then again, the last pass a sample of the rest; so no row
-    comes more than ceil(k / len(rows)) times. Either way the state of `rng` is the data position (resume is exact)."""
+    """k rows for one step. At least k rows: rng.sample(rows, k), the draw order of every earlier
+    run. Fewer (a few-shot set): in epochs, every row once in a shuffled order, then again, the last
+    pass a sample of the rest; so no row comes more than ceil(k / len(rows)) times. Either way the
+    state of `rng` is the data position (resume is exact)."""
     if k <= len(rows):
         return rng.sample(rows, k)
     out = []
@@ -680,7 +711,8 @@ COLORS = {
     "white": (250, 250, 250),
 }
 SHAPES = ("circle", "square", "triangle")
-# Colour-shape pairs that never appear in the train/test splits; the "ood" split asks only for these.
+# Colour-shape pairs that never appear in the train/test splits; the "ood" split asks only for
+# these.
 OOD_PAIRS = {
     ("red", "triangle"),
     ("green", "circle"),
@@ -715,7 +747,8 @@ def _draw(draw, shape, box, color):
 
 
 def synthetic_rows(split, n, seed=0, size=IMAGE_SIZE, task="rec"):
-    """Yield (PIL image, row) pairs of the synthetic world of `task`; deterministic in (split, n, seed)."""
+    """Yield (PIL image, row) pairs of the synthetic world of `task`; deterministic in (split, n,
+    seed)."""
     if task != "rec":
         yield from {"cls": _cls_rows, "count": _count_rows, "det": _det_rows}[task](
             split, n, seed, size
@@ -767,8 +800,8 @@ def synthetic_rows(split, n, seed=0, size=IMAGE_SIZE, task="rec"):
 
 # The other tasks' worlds: the same background, colours and shapes.
 def _place(rng, k, size, lo, hi):
-    """k non-overlapping square boxes with sides in [size/lo, size/hi] (rejection sampling; after 50 tries a box
-    may overlap)."""
+    """k non-overlapping square boxes with sides in [size/lo, size/hi] (rejection sampling; after 50
+    tries a box may overlap)."""
     boxes = []
     for _ in range(k):
         for _try in range(50):
@@ -790,7 +823,8 @@ def _render(objects, boxes, size):
 
 
 def _pairs(split):
-    """The colour-shape pairs a split draws from: in-distribution ones, or for ood the held-out ones."""
+    """The colour-shape pairs a split draws from: in-distribution ones, or for ood the held-out
+    ones."""
     all_pairs = [(c, s) for c in COLORS for s in SHAPES]
     return sorted(OOD_PAIRS) if split == "ood" else [p for p in all_pairs if p not in OOD_PAIRS]
 
@@ -807,8 +841,9 @@ def _row(split, i, size, problem, solution, objects, boxes):
 
 
 def _cls_rows(split, n, seed, size):
-    """Classification (Visual-RFT's fine-grained setting in miniature): one object, the label is its colour and
-    shape. The classes come round-robin, so --train-size k x 12 is a k-shot training set."""
+    """Classification (Visual-RFT's fine-grained setting in miniature): one object, the label is its
+    colour and shape. The classes come round-robin, so --train-size k x 12 is a k-shot training
+    set."""
     rng = random.Random(SPLIT_SEEDS[split] + seed + 101)
     classes = _pairs(split)
     for i in range(n):
@@ -821,7 +856,8 @@ def _cls_rows(split, n, seed, size):
 
 
 def _count_rows(split, n, seed, size):
-    """Counting: 1-5 smaller objects (any colour-shape pair, repeats allowed); the answer is how many."""
+    """Counting: 1-5 smaller objects (any colour-shape pair, repeats allowed); the answer is how
+    many."""
     rng = random.Random(SPLIT_SEEDS[split] + seed + 202)
     for i in range(n):
         k = rng.randint(1, 5)
@@ -831,8 +867,9 @@ def _count_rows(split, n, seed, size):
 
 
 def _det_rows(split, n, seed, size):
-    """Detection: 2-4 objects, 1-3 of them of the asked shape; the answer lists every box of that shape.
-    Rows take the real detection format: solution = [{"bbox_2d": [x1, y1, x2, y2], "label": shape}, ...]."""
+    """Detection: 2-4 objects, 1-3 of them of the asked shape; the answer lists every box of that
+    shape. Rows take the real detection format: solution = [{"bbox_2d": [x1, y1, x2, y2], "label":
+    shape}, ...]."""
     rng = random.Random(SPLIT_SEEDS[split] + seed + 303)
     for i in range(n):
         shape, k = rng.choice(SHAPES), rng.randint(2, 4)
@@ -851,7 +888,8 @@ def _det_rows(split, n, seed, size):
 
 
 def make_synthetic(root, split, n, seed=0, task="rec"):
-    """Write `n` synthetic images under `root/split/` and their rows to a JSONL in `root`; reuse them if present."""
+    """Write `n` synthetic images under `root/split/` and their rows to a JSONL in `root`; reuse
+    them if present."""
     prefix = "" if task == "rec" else f"{task}-"
     path = os.path.join(root, f"{prefix}{split}-{n}-{seed}-v{WORLD_VERSION}.jsonl")
     if os.path.exists(path):
@@ -876,8 +914,9 @@ def synthetic_split(split, n, task="rec"):
 
 
 def ground_truths(rows, sizes, coord_space, rule=None):
-    """The `gt` dicts the rewards read (rewards.py), from rows and their (input w, input h, original w, h) sizes, with
-    the rule refinement in force (rewards.refinement_stage's keys; default: IoU threshold 0, no stage)."""
+    """The `gt` dicts the rewards read (rewards.py), from rows and their (input w, input h, original
+    w, h) sizes, with the rule refinement in force (rewards.refinement_stage's keys; default: IoU
+    threshold 0, no stage)."""
     return [
         {
             "solution": r["solution"],
@@ -896,9 +935,9 @@ def ground_truths(rows, sizes, coord_space, rule=None):
 
 
 def load_rows(args):
-    """(rows, bad): the training rows of a run's Args (--train-data in any format load_data reads, or the synthetic
-    world), and one line per row skipped by --skip-bad-rows. Every row and image is checked here, before any model is
-    loaded; a bad one stops the run with one line."""
+    """(rows, bad): the training rows of a run's Args (--train-data in any format load_data reads,
+    or the synthetic world), and one line per row skipped by --skip-bad-rows. Every row and image is
+    checked here, before any model is loaded; a bad one stops the run with one line."""
     try:
         if not args.train_data:
             path = make_synthetic(
@@ -917,7 +956,8 @@ def load_rows(args):
 
 
 def load_eval_rows(args):
-    """(rows, bad) of --eval-data: its first --eval-n good rows (0: all), in any format, images under --image-root."""
+    """(rows, bad) of --eval-data: its first --eval-n good rows (0: all), in any format, images
+    under --image-root."""
     return load_data(
         args.eval_data,
         args.image_root,
@@ -929,8 +969,9 @@ def load_eval_rows(args):
 
 
 def synthetic_vocab(tasks=("rec",)):
-    """Every word the synthetic worlds, the templates and the SFT targets of `tasks` can produce (for the tiny
-    tokenizer). The REC-only list is kept as it was, so the shipped REC model rebuilds bit-identically."""
+    """Every word the synthetic worlds, the templates and the SFT targets of `tasks` can produce
+    (for the tiny tokenizer). The REC-only list is kept as it was, so the shipped REC model rebuilds
+    bit-identically."""
     words = set((REC_QUESTION + THINK_SUFFIX).replace(".", " ").replace(":", " ").split())
     words |= (
         set(COLORS) | set(SHAPES) | {"the", "is", "at", "left", "right", "top", "bottom", "center"}
@@ -949,9 +990,10 @@ CONFIDENCE = (
 
 
 def sft_target(task, row, gt):
-    """The supervised target of a synthetic row: a short chain of thought, then the answer, in the model's
-    coordinate space. The thought lists every object left to right (dense supervision: with only the target
-    named, the tiny model stayed at chance picking the right object; see README), then concludes."""
+    """The supervised target of a synthetic row: a short chain of thought, then the answer, in the
+    model's coordinate space. The thought lists every object left to right (dense supervision: with
+    only the target named, the tiny model stayed at chance picking the right object; see README),
+    then concludes."""
     scale = rewards.to_original_pixels([1, 1, 1, 1], gt)  # original pixels per model unit
     units = lambda b: [round(v / f) for v, f in zip(b, scale)]  # noqa: E731
     W, H = gt["width"], gt["height"]
@@ -986,8 +1028,8 @@ def box_words(box, width, height):
 
 
 def class_balanced(rows, n):
-    """n rows taken round-robin over the labels (file order within a label): n = k x classes is a k-shot set,
-    Visual-RFT's few-shot classification setting."""
+    """n rows taken round-robin over the labels (file order within a label): n = k x classes is a
+    k-shot set, Visual-RFT's few-shot classification setting."""
     by_label = {}
     for r in rows:
         by_label.setdefault(rewards.normalize_text(r["solution"]), []).append(r)

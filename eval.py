@@ -1,21 +1,25 @@
 """Evaluate checkpoints with batched greedy decoding and one prompt for every model.
 
-    python eval.py --task rec|cls|count|det --model PATH [PATH ...] [--data DATA --image-root DIR [--skip-bad-rows]] [--split test ood] [--n 512] --json OUT [--visualize N]
+    python eval.py --task rec|cls|count|det --model PATH [PATH ...] [--data DATA --image-root DIR
+    [--skip-bad-rows]] [--split test ood] [--n 512] --json OUT [--visualize N]
 
---data takes every format grpo_vlm.py's --train-data takes (data.load_data: problem/solution, VLM-R1 conversations and
-chat messages JSONL; parquet, Arrow, a save_to_disk folder, a hub id; several joined by ':'), with the same key flags.
+--data takes every format grpo_vlm.py's --train-data takes (data.load_data: problem/solution, VLM-R1
+conversations and chat messages JSONL; parquet, Arrow, a save_to_disk folder, a hub id; several
+joined by ':'), with the same key flags.
 
-The decoding is grpo_vlm.evaluate (the trainer's held-out eval); the metrics by task are rewards.score/summarize:
+The decoding is grpo_vlm.evaluate (the trainer's held-out eval); the metrics by task are
+rewards.score/summarize:
   rec:   acc50 (IoU >= 0.5), miou, center_error, area_ratio, right_object, format_rate
   cls:   accuracy (normalized exact match), format_rate
   count: accuracy (exact numeric match), mae, parsed_rate, format_rate
-  det:   map (COCO-style, IoU 0.50:0.95, 101-point), ap50, ap75, pred_per_gt (#pred / #gt), parsed_rate, format_rate
-Writes JSON summaries and per-sample predictions as JSONL beside them (OUT with .jsonl), and prints a markdown
-table of every model x split.
---visualize N (rec, det) also draws the first N images of each split with the true boxes and every model's boxes in
-its own colour, the phrase and the IoU (viz.py), as OUT-SPLIT.png beside OUT.
-A bad row or image in --data stops it before any model loads, with one line "error: FILE:LINE: what is wrong";
-with --skip-bad-rows such rows are counted, listed on stderr and recorded as `bad_rows` in the summaries.
+  det:   map (COCO-style, IoU 0.50:0.95, 101-point), ap50, ap75, pred_per_gt (#pred / #gt),
+         parsed_rate, format_rate
+Writes JSON summaries and per-sample predictions as JSONL beside them (OUT with .jsonl), and prints
+a markdown table of every model x split. --visualize N (rec, det) also draws the first N images of
+each split with the true boxes and every model's boxes in its own colour, the phrase and the IoU
+(viz.py), as OUT-SPLIT.png beside OUT. A bad row or image in --data stops it before any model loads,
+with one line "error: FILE:LINE: what is wrong"; with --skip-bad-rows such rows are counted, listed
+on stderr and recorded as `bad_rows` in the summaries.
 """
 
 import argparse
@@ -120,14 +124,16 @@ def main():
         default=False,
         type=infra.boolean,
         metavar="BOOL",
-        help="skip and count --data rows whose JSON, text, box or image is unusable, instead of stopping",
+        help="skip and count --data rows whose JSON, text, box or image is unusable, instead of "
+        "stopping",
     )
     p.add_argument(
         "--visualize",
         type=int,
         default=0,
         metavar="N",
-        help="rec, det: draw the first N images of each split with every model's boxes (OUT-SPLIT.png)",
+        help="rec, det: draw the first N images of each split with every model's boxes "
+        "(OUT-SPLIT.png)",
     )
     a = p.parse_args()
     if a.visualize and a.task not in viz.TASKS:

@@ -15,17 +15,21 @@ Equations (../shared/REFERENCE.md):
   log pi(o_t | q, o_<t) / T over completion tokens only         -> vlm.packed_logps, vlm.chunked_logps
   Algorithm 1 (DeepSeekMath): batch, rollout, reward, advantage, mu passes   -> train, policy_update
   Vision-R1: cold start, staged length, progressive rule refinement          -> cold_start, stage_value
-  DAPO: dynamic sampling -> rollout; overlong filtering and soft punishment -> train, compute_rewards
+  DAPO: dynamic sampling -> rollout; overlong filtering and soft punishment -> train,
+  compute_rewards
   entropy H_t = -sum_v p_v log p_v of softmax(logits / T), at each sampled token  -> sample_group
 
 Where we depart from the paper's plain description, and why:
-  - keyed sampling: each token is an exact inverse-CDF draw whose uniform is a hash of (seed, step, completion,
-    position), so a completion depends only on the model and its index: one process or two, before or after a
-    resume, the same completions are drawn;
-  - shared-prefix packing: each prompt and image is computed once, in the rollout (one prefill, its KV cache
-    repeated G times) and in every training forward (its G completions after it in one row, a block mask);
-  - a step whose loss or gradient is not finite makes no update (--max-bad-steps in a row stop the run).
-The model family's plumbing is in vlm.py; the runtime (flags, processes, checkpoints, logs, signals) in infra.py.
+  - keyed sampling: each token is an exact inverse-CDF draw whose uniform is a hash of (seed, step,
+    completion, position), so a completion depends only on the model and its index: one process or
+    two, before or after a resume, the same completions are drawn;
+  - shared-prefix packing: each prompt and image is computed once, in the rollout (one prefill, its
+    KV cache repeated G times) and in every training forward (its G completions after it in one row,
+    a block mask);
+  - a step whose loss or gradient is not finite makes no update (--max-bad-steps in a row stop the
+    run).
+The model family's plumbing is in vlm.py; the runtime (flags, processes, checkpoints, logs, signals)
+in infra.py.
 """
 
 import contextlib
@@ -60,15 +64,20 @@ class Args(
     data.DataFlags, infra.EngineFlags
 ):  # + the readers' flags (--eval-data, ...) and the engine's
     task: str = "rec"
-    """rec (referring expression -> box), cls (image -> label), count (image -> number), det (image -> boxes)"""
+    """rec (referring expression -> box), cls (image -> label), count (image -> number), det (image
+    -> boxes)"""
     preset: str = ""
-    """vlm-r1: VLM-R1's recipe for real models (set first; explicit flags override); empty: tiny-model defaults"""
+    """vlm-r1: VLM-R1's recipe for real models (set first; explicit flags override); empty:
+    tiny-model defaults"""
     model: str = ""
-    """HF hub id or local path of a Qwen2-VL / Qwen2.5-VL model; empty: the task's shipped tiny model"""
+    """HF hub id or local path of a Qwen2-VL / Qwen2.5-VL model; empty: the task's shipped tiny
+    model"""
     train_data: str = ""
-    """rows: JSONL (problem/solution, conversations, messages), parquet, Arrow, hub id; a:b joins; empty: synthetic"""
+    """rows: JSONL (problem/solution, conversations, messages), parquet, Arrow, hub id; a:b joins;
+    empty: synthetic"""
     image_root: str = ""
-    """folder that the image paths of the rows are relative to (one per --train-data source, joined by ':')"""
+    """folder that the image paths of the rows are relative to (one per --train-data source, joined
+    by ':')"""
     output_dir: str = ""
     """where metrics.jsonl, checkpoints and the final model go (empty: runs/TASK)"""
     steps: int = 1000
@@ -94,17 +103,21 @@ class Args(
     mu: int = 1
     """optimisation passes per rollout batch"""
     loss_agg: str = "grpo"
-    """token aggregation: grpo (per-sequence mean), token (token mean), drgrpo (sum / (N * max_len))"""
+    """token aggregation: grpo (per-sequence mean), token (token mean), drgrpo (sum / (N *
+    max_len))"""
     scale_rewards: str = "group"
     """advantage std scaling: group, batch or none (Dr. GRPO)"""
     importance_sampling: str = "token"
-    """ratio: token (eq. 3) or sequence (GSPO, Zheng et al. 2025: s_i = exp(mean_t(logp - logp_old)) clipped whole)"""
+    """ratio: token (eq. 3) or sequence (GSPO, Zheng et al. 2025: s_i = exp(mean_t(logp - logp_old))
+    clipped whole)"""
     dynamic_sampling: int = 0
-    """DAPO (Yu et al. 2025): drop groups whose rewards are all equal, refill from up to N more rounds of B (0: off)"""
+    """DAPO (Yu et al. 2025): drop groups whose rewards are all equal, refill from up to N more
+    rounds of B (0: off)"""
     overlong_filter: bool = False
     """DAPO's overlong filtering: a completion cut off at the length cap gets no loss"""
     overlong_buffer: int = 0
-    """DAPO's soft overlong punishment over the last N tokens before the cap L: r += clip((L-N-|o|)/N, -1, 0) (0: off)"""
+    """DAPO's soft overlong punishment over the last N tokens before the cap L: r +=
+    clip((L-N-|o|)/N, -1, 0) (0: off)"""
     lr: float = 2e-4
     """AdamW learning rate"""
     lr_schedule: str = "constant"
@@ -118,26 +131,33 @@ class Args(
     gradient_checkpointing: bool = True
     """recompute activations in backward to save memory"""
     reward_weights: str = ""
-    """comma list name=w overriding the task's reward weights, e.g. iou=1,format=0.5; a name may be a plug-in,
-    path/to/file.py:function, taking (completion, gt) -> float (README: "Reward plug-ins")"""
+    """comma list name=w overriding the task's reward weights, e.g. iou=1,format=0.5; a name may be
+    a plug-in, path/to/file.py:function, taking (completion, gt) -> float (README: "Reward
+    plug-ins")"""
     coord_space: str = "auto"
-    """box coordinates the model emits: auto, abs_resized (Qwen2.5-VL), norm1000 (Qwen2-VL), abs_original"""
+    """box coordinates the model emits: auto, abs_resized (Qwen2.5-VL), norm1000 (Qwen2-VL),
+    abs_original"""
     logp_chunk: int = 1024
     """tokens per chunk when computing log-probs (the [tokens, vocab] logits never exist at once)"""
     sample_every: int = 100
     """print a few sample completions every N steps"""
     report_to: str = "none"
-    """also log metrics.jsonl's rows and the sample completions to tensorboard (events in --output-dir) or wandb"""
+    """also log metrics.jsonl's rows and the sample completions to tensorboard (events in
+    --output-dir) or wandb"""
     train_size: int = 0
-    """training rows: synthetic images to make (0: 2000) or the first N of --train-data (0: all); cls balances classes"""
+    """training rows: synthetic images to make (0: 2000) or the first N of --train-data (0: all);
+    cls balances classes"""
     eval_every: int = 250
-    """greedy eval of the synthetic test/ood splits (not with --train-data) and --eval-data every N steps (0: never)"""
+    """greedy eval of the synthetic test/ood splits (not with --train-data) and --eval-data every N
+    steps (0: never)"""
     eval_n: int = 128
     """held-out images per split for --eval-every"""
     skip_bad_rows: bool = False
-    """skip and count rows whose JSON, text, box or image is unusable, instead of stopping with an error"""
+    """skip and count rows whose JSON, text, box or image is unusable, instead of stopping with an
+    error"""
     save_every: int = 250
-    """write an atomic checkpoint (model, optimizer, schedule, RNG, data position) every N steps (0: never)"""
+    """write an atomic checkpoint (model, optimizer, schedule, RNG, data position) every N steps (0:
+    never)"""
     resume: str = ""
     """continue from this checkpoint, or from the latest checkpoint in this output folder"""
     freeze_vision: bool = False
@@ -149,16 +169,20 @@ class Args(
     sft_lr: float = 2e-4
     """learning rate of the cold start"""
     length_schedule: str = ""
-    """Vision-R1's PTST: completion-length cap by stage, "step:cap,..." e.g. 0:16,300:32,600:48 (empty: fixed)"""
+    """Vision-R1's PTST: completion-length cap by stage, "step:cap,..." e.g. 0:16,300:32,600:48
+    (empty: fixed)"""
     iou_threshold_schedule: str = ""
-    """Vision-R1's rule refinement by stage, "step:t,..." (IoU counts from t; rec, det) or "step:t/lo/hi,..." (Eq. 8)"""
+    """Vision-R1's rule refinement by stage, "step:t,..." (IoU counts from t; rec, det) or
+    "step:t/lo/hi,..." (Eq. 8)"""
     max_logp_gap: float = 0.0
-    """stop at step 1 if rollout and training log-probs differ by more than this per token on average, or 50x this at
-    any token (0: 1e-4 in fp32, 0.02 under bf16 autocast; negative: never)"""
+    """stop at step 1 if rollout and training log-probs differ by more than this per token on
+    average, or 50x this at any token (0: 1e-4 in fp32, 0.02 under bf16 autocast; negative:
+    never)"""
 
 
-# A preset is a recipe for real models (VLM-R1's REC recipe for Qwen2.5-VL, full fine-tune); the task defaults are
-# for the tiny offline models (README: "Other tasks"). Precedence: Args < task defaults < preset < explicit flags.
+# A preset is a recipe for real models (VLM-R1's REC recipe for Qwen2.5-VL, full fine-tune); the
+# task defaults are for the tiny offline models (README: "Other tasks"). Precedence: Args < task
+# defaults < preset < explicit flags.
 TASK_DEFAULTS = {
     "cls": dict(steps=800, lr=5e-5, lr_schedule="linear"),
     "count": dict(steps=800, lr=5e-5, lr_schedule="linear"),
@@ -220,7 +244,8 @@ def parse_args(argv=None):
 
 
 def stage_value(spec, step, default, parse=None):
-    """A stage schedule "step:value,..." at `step`: the value of the last stage begun by then (read by `parse`)."""
+    """A stage schedule "step:value,..." at `step`: the value of the last stage begun by then (read
+    by `parse`)."""
     value, parse = default, parse or type(default)
     stages = (
         (int(a), parse(b)) for a, _, b in (item.partition(":") for item in spec.split(",") if item)
@@ -235,7 +260,8 @@ def stage_value(spec, step, default, parse=None):
 # (0) Group sampling: G completions per prompt from one prefill of each prompt, each token an exact
 # inverse-CDF draw of softmax(logits / T) whose u is hashed from (seed, step, completion, position).
 def draw(logits, keys, position):
-    """Sample one token per row of softmax(logits) by inverse CDF, with u in (0, 1) hashed from (key, position)."""
+    """Sample one token per row of softmax(logits) by inverse CDF, with u in (0, 1) hashed from
+    (key, position)."""
     h = infra.hash32
     u = (h(h(keys + h(torch.tensor(position, device=keys.device)))).double() + 0.5) / 2**32
     cdf = logits.double().softmax(-1).cumsum(-1)
@@ -247,12 +273,14 @@ def draw(logits, keys, position):
 def sample_group(
     model, family, prompt, G, max_new_tokens, temperature, keys=None, min_new_tokens=0, rows=0
 ):
-    """(completions [B*G, max_new_tokens], their log-probs / T, the entropy H_t = -sum_v p_v log p_v of softmax(logits
-    / T) at each of their tokens): G samples per prompt with `keys`, greedy if None.
+    """(completions [B*G, max_new_tokens], their log-probs / T, the entropy H_t = -sum_v p_v log p_v
+    of softmax(logits / T) at each of their tokens): G samples per prompt with `keys`, greedy if
+    None.
 
-    Rows are prompt-major (prompt 0's G samples first). Decoding stops when every completion has ended;
-    after its EOS a completion is padded. No EOS is drawn before `min_new_tokens`. At most `rows` completions
-    decode at once (0: all): a keyed draw depends on its key alone, so the chunks draw the same tokens."""
+    Rows are prompt-major (prompt 0's G samples first). Decoding stops when every completion has
+    ended; after its EOS a completion is padded. No EOS is drawn before `min_new_tokens`. At most
+    `rows` completions decode at once (0: all): a keyed draw depends on its key alone, so the chunks
+    draw the same tokens."""
     n = len(prompt["input_ids"]) if rows else 0
     if (
         rows and rows < n * G
@@ -332,7 +360,8 @@ def completion_texts(tokenizer, completion_ids, mask):
 # ---------------------------------------------------------------------------------------------
 # (1) Rewards: r_i = sum_k w_k R_k(o_i, gt); each component is also returned for logging.
 def reward_weights(args):
-    """w_k: the task's reward weights, with --reward-weights name=w,... (a built-in or file.py:function) overriding."""
+    """w_k: the task's reward weights, with --reward-weights name=w,... (a built-in or
+    file.py:function) overriding."""
     if args.task not in rewards.TASK_REWARDS:
         sys.exit(
             f"error: --task {args.task!r} is not supported; choose from {sorted(rewards.TASK_REWARDS)}"
@@ -348,7 +377,9 @@ def compute_rewards(texts, gts, weights, lengths=None, L_max=0, L_cache=0):
         k: torch.tensor([rewards.REWARDS[k](t, gt) for t, gt in zip(texts, gts)]) for k in weights
     }
     total = sum(w * components[k] for k, w in weights.items())
-    if L_cache:  # DAPO's soft overlong punishment: 0 up to L_max - L_cache tokens, then down to -1 at the cap L_max
+    # DAPO's soft overlong punishment: 0 up to L_max - L_cache tokens, then down to -1 at the cap
+    # L_max
+    if L_cache:
         components["overlong"] = ((L_max - L_cache - lengths) / L_cache).clamp(-1, 0)
         total = total + components["overlong"]
     return total, components
@@ -390,7 +421,8 @@ def grpo_loss(logp, logp_old, logp_ref, A, tw, eps_low, eps_high, beta, sequence
     """sum_t tw_t * L_t, and the KL and clipped-token sums over the tokens with tw_t > 0."""
     mask = (tw > 0).float()
     rho = torch.exp(logp - logp_old)  # (3); exactly 1 when logp_old = logp.detach()
-    if sequence:  # GSPO: one ratio per completion, s_i = exp(mean_t(logp - logp_old)), clipped as a whole by (4)
+    # GSPO: one ratio per completion, s_i = exp(mean_t(logp - logp_old)), clipped as a whole by (4)
+    if sequence:
         rho = torch.exp(
             ((logp - logp_old) * mask).sum(1, keepdim=True) / mask.sum(1, keepdim=True).clamp(min=1)
         )
@@ -412,13 +444,15 @@ def grpo_loss(logp, logp_old, logp_ref, A, tw, eps_low, eps_high, beta, sequence
 
 
 # ---------------------------------------------------------------------------------------------
-# Algorithm 1's inner loop: mu passes over the rollout batch, in micro-batches whose gradients accumulate.
+# Algorithm 1's inner loop: mu passes over the rollout batch, in micro-batches whose gradients
+# accumulate.
 def policy_update(
     policy, opt, model, ref, family, prompt, o, mask, logp_rollout, A, tw, args, world
 ):
-    """mu optimizer steps on the batch's loss. Returns its statistics, summed over this process's tokens:
-    loss, kl, clipped tokens, logp_gap (|log-prob of the rollout - of the training forward|, a check that the
-    sampler and the trainer agree on pi_old) and its maximum; and the last grad norm and the skipped updates."""
+    """mu optimizer steps on the batch's loss. Returns its statistics, summed over this process's
+    tokens: loss, kl, clipped tokens, logp_gap (|log-prob of the rollout - of the training forward|,
+    a check that the sampler and the trainer agree on pi_old) and its maximum; and the last grad
+    norm and the skipped updates."""
     N, G, mb = len(o), args.num_generations, args.micro_batch_size
     mbs = [slice(i, min(i + mb, N)) for i in range(0, N, mb)]
     with (
@@ -483,15 +517,17 @@ def policy_update(
     return stats, grad_norm, skipped
 
 
-# ---------------------------------------------------------------------------------------------
-# A step's batch: B prompts drawn (data.draw), encoded by the family (infra.encode), G completions and rewards each.
+# --------------------------------------------------------------------------------------------- A
+# step's batch: B prompts drawn (data.draw), encoded by the family (infra.encode), G completions and
+# rewards each.
 def rollout(
     model, family, rows, rng, step, max_len, rule, weights, coord_space, args, rank, world, device
 ):
-    """(0) and (1) of a step: B prompts, the same on every process (b = B / world are ours), G completions each from
-    pi_old, and their rewards. DAPO's dynamic sampling drops the groups whose rewards are all equal and rolls out up
-    to --dynamic-sampling more rounds of B prompts; the batch is the first B informative groups in draw order (at the
-    cap, those found: the same number on every process), so one process or two train on the same batch."""
+    """(0) and (1) of a step: B prompts, the same on every process (b = B / world are ours), G
+    completions each from pi_old, and their rewards. DAPO's dynamic sampling drops the groups whose
+    rewards are all equal and rolls out up to --dynamic-sampling more rounds of B prompts; the batch
+    is the first B informative groups in draw order (at the cap, those found: the same number on
+    every process), so one process or two train on the same batch."""
     B, G, b = args.prompts_per_step, args.num_generations, args.prompts_per_step // world
     rewarded = functools.partial(
         score,
@@ -552,7 +588,8 @@ def rollout(
 
 
 def score(family, batch, prompt, sizes, o, logp, H, max_len, rule, weights, coord_space, args):
-    """(1) for a batch's completions: their masks, texts, ground truths, rewards r and components."""
+    """(1) for a batch's completions: their masks, texts, ground truths, rewards r and
+    components."""
     mask = completion_mask(o, family.eos_id)
     texts = completion_texts(family.tokenizer, o, mask)
     gts = [
@@ -577,8 +614,9 @@ def score(family, batch, prompt, sizes, o, logp, H, max_len, rule, weights, coor
 
 
 # ---------------------------------------------------------------------------------------------
-# Vision-R1's cold start: supervised steps on chain-of-thought targets before RL: a row's `response` if it has
-# one, else data.sft_target. sft.py runs the same steps alone (the SFT baseline; the tiny bases' warm start).
+# Vision-R1's cold start: supervised steps on chain-of-thought targets before RL: a row's `response`
+# if it has one, else data.sft_target. sft.py runs the same steps alone (the SFT baseline; the tiny
+# bases' warm start).
 def sft_loss(model, family, rows, coord_space, task, chunk, device="cpu"):
     """Mean negative log-likelihood of the target tokens of `rows`, EOS included."""
     prompt, sizes = family.encode(rows, device)
@@ -600,8 +638,9 @@ def sft_loss(model, family, rows, coord_space, task, chunk, device="cpu"):
 
 
 def sft_steps(model, family, rows, coord_space, args, steps, lr, device="cpu"):
-    """Yield (step, loss) over `steps` supervised steps of --prompts-per-step rows, drawn as GRPO draws its
-    prompts (data.draw with random.Random(seed)), so an SFT run with GRPO's seed and B sees GRPO's images in order."""
+    """Yield (step, loss) over `steps` supervised steps of --prompts-per-step rows, drawn as GRPO
+    draws its prompts (data.draw with random.Random(seed)), so an SFT run with GRPO's seed and B
+    sees GRPO's images in order."""
     rng = random.Random(args.seed)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
     model.train()
@@ -639,8 +678,9 @@ def cold_start(model, family, rows, coord_space, args, log, device):
 
 
 def reference_model(args, model, family, resumed, base, device):
-    """pi_ref of the KL term (5) as a forward (infra.Policy): the starting model (after any cold start), also after a
-    resume; with LoRA that is the same model with its adapters off (no copy); None if beta=0."""
+    """pi_ref of the KL term (5) as a forward (infra.Policy): the starting model (after any cold
+    start), also after a resume; with LoRA that is the same model with its adapters off (no copy);
+    None if beta=0."""
     if args.beta == 0:
         return None
     if args.lora_r:
@@ -660,7 +700,8 @@ def reference_model(args, model, family, resumed, base, device):
 
 
 # ---------------------------------------------------------------------------------------------
-# Held-out evaluation: greedy decoding, scored by rewards.score / rewards.summarize (eval.py's command line too).
+# Held-out evaluation: greedy decoding, scored by rewards.score / rewards.summarize (eval.py's
+# command line too).
 EVAL_TOKENS = {"rec": 64, "cls": 64, "count": 64, "det": 160}
 SPLITS = {
     "rec": ("test", "ood")
@@ -684,7 +725,8 @@ def evaluate(model, family, rows, coord_space, task="rec", batch_size=64, max_ne
 
 
 def held_out(model, family, coord_space, splits, task="rec"):
-    """Greedy metrics on each held-out split {name: rows} (infra.load_data), as flat {split_metric: v}."""
+    """Greedy metrics on each held-out split {name: rows} (infra.load_data), as flat {split_metric:
+    v}."""
     out = {}
     for split, rows in splits.items():
         summary, _ = evaluate(model, family, rows, coord_space, task)
@@ -693,7 +735,8 @@ def held_out(model, family, coord_space, splits, task="rec"):
 
 
 def held_out_eval(policy, model, family, coord_space, args, step, log, world, splits):
-    """On the main process, log and print held_out(); the others wait (under FSDP2 after gathering the weights)."""
+    """On the main process, log and print held_out(); the others wait (under FSDP2 after gathering
+    the weights)."""
     with infra.gathered(policy):
         if log.main:
             ev = held_out(model, family, coord_space, splits, args.task)
@@ -771,8 +814,8 @@ def train(args):
     for step in range(start + 1, args.steps + 1):
         t0 = time.time()
         lr = infra.set_lr(opt, infra.lr_at(args, step))
-        # (0) G completions per prompt from pi_old and (1) their rewards, with Vision-R1's staged length and rule
-        # refinement (functions of the step) and DAPO's dynamic sampling
+        # (0) G completions per prompt from pi_old and (1) their rewards, with Vision-R1's staged
+        # length and rule refinement (functions of the step) and DAPO's dynamic sampling
         max_len = stage_value(args.length_schedule, step, args.max_completion_length)
         rule = stage_value(
             args.iou_threshold_schedule, step, {"iou_threshold": 0.0}, rewards.refinement_stage
@@ -796,9 +839,10 @@ def train(args):
                 device,
             )
         o, mask, r, N = ro["o"], ro["mask"], ro["r"], len(ro["o"])
-        # (2) advantages and (6) token weights over the global batch, then our rows. DDP and FSDP2 average gradients
-        # over the processes, so the weights are scaled by `world` to make the sum of all processes' losses.
-        # DAPO's overlong filtering gives a completion cut off at the cap (no EOS) no loss.
+        # (2) advantages and (6) token weights over the global batch, then our rows. DDP and FSDP2
+        # average gradients over the processes, so the weights are scaled by `world` to make the sum
+        # of all processes' losses. DAPO's overlong filtering gives a completion cut off at the cap
+        # (no EOS) no loss.
         truncated = (~(o == family.eos_id).any(1)).float()
         r_all, mask_all, cut_all = (infra.gather(x.to(device), world) for x in (r, mask, truncated))
         A = group_advantages(r_all, G, args.scale_rewards)[rank * N : (rank + 1) * N]

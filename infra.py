@@ -1,14 +1,19 @@
 """The runtime: what a training run needs that the GRPO paper does not cover.
 
-parse_args        argparse built from a dataclass and its field docstrings; task defaults < preset < flags
-load_data         the rows, checked upfront: formats and images (data.py), prompt lengths (the family's tokenizer)
+parse_args        argparse built from a dataclass and its field docstrings;
+                  task defaults < preset < flags
+load_data         the rows, checked upfront: formats and images (data.py), prompt lengths (the
+                  family's tokenizer)
 setup_distributed torchrun processes (gloo on the CPU, NCCL on GPUs); gather, all_sum
-engine            the policy under DDP, or FSDP2 with --fsdp (fsdp; gathered: the weights once per rollout), the
-                  optimizer (--optim); reference: pi_ref whole or sharded
-resume, save_state atomic checkpoints (model, optimizer, step, prompt sampler, RNG) and a checked resume; under
-                  --fsdp the weights gathered for save_pretrained, the optimizer in shards (DCP)
-MetricsLog        metrics.jsonl, cut back to the checkpoint on a resume; the progress line; the curves (matplotlib)
-Reporter          --report-to tensorboard|wandb: the same rows, and sample completions, to either library
+engine            the policy under DDP, or FSDP2 with --fsdp (fsdp; gathered: the weights once per
+                  rollout), the optimizer (--optim); reference: pi_ref whole or sharded
+resume, save_state atomic checkpoints (model, optimizer, step, prompt sampler, RNG) and a checked
+                  resume; under --fsdp the weights gathered for save_pretrained, the optimizer in
+                  shards (DCP)
+MetricsLog        metrics.jsonl, cut back to the checkpoint on a resume; the progress line; the
+                  curves (matplotlib)
+Reporter          --report-to tensorboard|wandb: the same rows, and sample completions, to either
+                  library
 catch_signals     Ctrl-C / SIGTERM: finish the step, save, exit
 """
 
@@ -38,7 +43,8 @@ import vlm
 # Arguments: one flag per field of the dataclass, its docstring as the help.
 # ---------------------------------------------------------------------------------------------
 def field_docs(cls):
-    """{field: the docstring written under it in the source of the class or of the dataclass it extends}."""
+    """{field: the docstring written under it in the source of the class or of the dataclass it
+    extends}."""
     docs = {}
     for c in reversed([c for c in cls.__mro__ if "__dataclass_fields__" in vars(c)]):
         body = ast.parse(inspect.getsource(c)).body[0].body
@@ -68,7 +74,8 @@ class OneLineParser(argparse.ArgumentParser):
 
 
 def parse_args(cls, argv, task_defaults, presets, choices, prog):
-    """An instance of `cls`: its defaults, then the task's defaults, then the preset's values, then the flags given."""
+    """An instance of `cls`: its defaults, then the task's defaults, then the preset's values, then
+    the flags given."""
     docs, default = field_docs(cls), cls()
     p = OneLineParser(
         prog=prog,
@@ -110,21 +117,27 @@ def parse_args(cls, argv, task_defaults, presets, choices, prog):
 @dataclass
 class EngineFlags:  # how a run uses the hardware; the algorithm's flags are grpo_vlm.Args
     rollout_batch_size: int = 0
-    """completions that decode at once in the rollout, a multiple of G: bounds the KV cache (0: all of this process's)"""
+    """completions that decode at once in the rollout, a multiple of G: bounds the KV cache (0: all
+    of this process's)"""
     fsdp: bool = False
-    """shard weights, gradients and optimizer state over the torchrun processes with FSDP2 (default engine: DDP)"""
+    """shard weights, gradients and optimizer state over the torchrun processes with FSDP2 (default
+    engine: DDP)"""
     lora_r: int = 0
-    """LoRA rank (0: full fine-tune); the reference is then the same model with its adapters off, no copy"""
+    """LoRA rank (0: full fine-tune); the reference is then the same model with its adapters off, no
+    copy"""
     lora_alpha: float = 0.0
     """LoRA's alpha: the update is alpha / r * B A (0: 2 * --lora-r)"""
     lora_targets: str = ""
-    """regex of the module names LoRA wraps (empty: the language model's attention and MLP projections)"""
+    """regex of the module names LoRA wraps (empty: the language model's attention and MLP
+    projections)"""
     merge_lora: bool = False
-    """with LoRA: also save final-merged/, the adapters merged into fp32 weights (loads without peft)"""
+    """with LoRA: also save final-merged/, the adapters merged into fp32 weights (loads without
+    peft)"""
     optim: str = "adamw"
     """adamw (fp32 moments), or adamw8bit (8-bit moments: bitsandbytes', torchao's under --fsdp)"""
     plan: bool = False
-    """print the expected peak memory per GPU of this run's rollout and training, part by part, and exit"""
+    """print the expected peak memory per GPU of this run's rollout and training, part by part, and
+    exit"""
     processes: int = 0
     """GPUs that --plan plans for (0: this launch's processes)"""
     gpu_memory: float = 79.6
@@ -142,13 +155,15 @@ def check_engine_flags(args):
         for name in ("lora_alpha", "lora_targets", "merge_lora"):
             if getattr(args, name):
                 sys.exit(
-                    f"error: --{name.replace('_', '-')} is a LoRA flag: give --lora-r too (the adapters' rank)"
+                    f"error: --{name.replace('_', '-')} is a LoRA flag: give --lora-r too (the "
+                    "adapters' rank)"
                 )
     if args.lora_r < 0:
         sys.exit(f"error: --lora-r {args.lora_r}: the rank must be positive (0: full fine-tune)")
     if args.lora_r and args.fsdp:
         sys.exit(
-            "error: --fsdp with --lora-r is not built: drop --fsdp (LoRA's weights and optimizer fit one GPU)"
+            "error: --fsdp with --lora-r is not built: drop --fsdp (LoRA's weights and optimizer "
+            "fit one GPU)"
         )
     try:
         re.compile(args.lora_targets)
@@ -161,11 +176,12 @@ def check_engine_flags(args):
 # Data, checked before any model loads.
 # ---------------------------------------------------------------------------------------------
 def load_data(args, model_path, splits):
-    """(rows, bad rows, held-out splits {name: rows}), all checked before a weight loads: the training rows
-    (data.load_rows); with --eval-every, the synthetic held-out `splits` when there is no --train-data, and
-    --eval-data as the split "eval". The training and --eval-data prompts must fit in --max-prompt-length tokens,
-    image tokens included, counted with the tokenizer and image processor of `model_path` (vlm.adapter: no weight
-    is loaded): a longer row stops the run with one line, or is skipped and listed with --skip-bad-rows."""
+    """(rows, bad rows, held-out splits {name: rows}), all checked before a weight loads: the
+    training rows (data.load_rows); with --eval-every, the synthetic held-out `splits` when there is
+    no --train-data, and --eval-data as the split "eval". The training and --eval-data prompts must
+    fit in --max-prompt-length tokens, image tokens included, counted with the tokenizer and image
+    processor of `model_path` (vlm.adapter: no weight is loaded): a longer row stops the run with
+    one line, or is skipped and listed with --skip-bad-rows."""
     rows, bad = data.load_rows(args)
     held, evaluating = {}, args.eval_every > 0
     try:
@@ -195,25 +211,29 @@ def load_data(args, model_path, splits):
 
 
 def encode(family, rows, step, args, device):
-    """family.encode, where an image that passed the upfront check but fails now (changed on disk?) stops the run
-    with one line."""
+    """family.encode, where an image that passed the upfront check but fails now (changed on disk?)
+    stops the run with one line."""
     try:
         return family.encode(rows, device)
     except data.BadInput as e:
         sys.exit(
-            f"error: {e} (step {step}; last checkpoint in {args.output_dir}; --resume after fixing it)"
+            f"error: {e} (step {step}; last checkpoint in {args.output_dir}; --resume after fixing "
+            "it)"
         )
 
 
 # ---------------------------------------------------------------------------------------------
-# Several processes (torchrun). PyTorch's DDP averages gradients; the trainer gathers rewards and masks.
+# Several processes (torchrun). PyTorch's DDP averages gradients; the trainer gathers rewards and
+# masks.
 # ---------------------------------------------------------------------------------------------
 def setup_distributed(args=None):
-    """(rank, world size, device); a single process when not launched by torchrun. --fsdp needs torchrun's processes
-    (it shards over them) and is refused here, before a weight loads, without them (with LoRA: check_engine_flags)."""
+    """(rank, world size, device); a single process when not launched by torchrun. --fsdp needs
+    torchrun's processes (it shards over them) and is refused here, before a weight loads, without
+    them (with LoRA: check_engine_flags)."""
     if getattr(args, "fsdp", False) and int(os.environ.get("WORLD_SIZE", 1)) < 2:
         sys.exit(
-            "error: --fsdp shards the model over torchrun's processes: launch with torchrun --nproc_per_node N"
+            "error: --fsdp shards the model over torchrun's processes: launch with torchrun "
+            "--nproc_per_node N"
         )
     if "RANK" not in os.environ:
         return 0, 1, "cuda" if torch.cuda.is_available() else "cpu"
@@ -254,20 +274,22 @@ def barrier(world):
 
 
 class Policy(torch.nn.Module):
-    """The training forward (completion log-probs) as one module, so DDP or FSDP2 can wrap exactly what backward runs.
-    The reference is one too; `context` is entered around each forward (LoRA's reference: the adapters off)."""
+    """The training forward (completion log-probs) as one module, so DDP or FSDP2 can wrap exactly
+    what backward runs. The reference is one too; `context` is entered around each forward (LoRA's
+    reference: the adapters off)."""
 
     def __init__(self, model, family, T, chunk, context=contextlib.nullcontext):
         super().__init__()
         self.model, self.family, self.T, self.chunk, self.context = model, family, T, chunk, context
 
     def forward(self, packed):
-        with self.context():  # a copy, not a view: FSDP2 hooks its backward onto the output (a view's hook can be lost)
+        # a copy, not a view: FSDP2 hooks its backward onto the output (a view's hook can be lost)
+        with self.context():
             return vlm.packed_logps(self.model, self.family, packed, self.T, self.chunk).clone()
 
     def gather(self):
-        """FSDP2 (a registered forward method, so the root's own hooks gather the root's weights first): every layer's
-        weights gathered now and kept until gathered() frees them."""
+        """FSDP2 (a registered forward method, so the root's own hooks gather the root's weights
+        first): every layer's weights gathered now and kept until gathered() frees them."""
         from torch.distributed.fsdp import FSDPModule
 
         for m in self.modules():
@@ -275,14 +297,16 @@ class Policy(torch.nn.Module):
                 m.unshard()
 
     def no_sync(self):
-        """FSDP2 reduce-scatters each micro-batch's gradients into the shards: accumulating them unsharded instead
-        (DDP's no_sync) would hold a whole copy of the gradients, the memory FSDP2 is there to save."""
+        """FSDP2 reduce-scatters each micro-batch's gradients into the shards: accumulating them
+        unsharded instead (DDP's no_sync) would hold a whole copy of the gradients, the memory FSDP2
+        is there to save."""
         return contextlib.nullcontext()
 
 
 def engine(args, model, family, state, world, device):
-    """(policy, optimizer): the training forward wrapped by the multi-process engine (DDP; FSDP2 with --fsdp) and the
-    optimizer (--optim) over the trainable weights (under FSDP2 their shards), its state restored on a resume."""
+    """(policy, optimizer): the training forward wrapped by the multi-process engine (DDP; FSDP2
+    with --fsdp) and the optimizer (--optim) over the trainable weights (under FSDP2 their shards),
+    its state restored on a resume."""
     module = Policy(model, family, args.temperature, args.logp_chunk)
     policy = fsdp(module, world, device) if args.fsdp else ddp(module, world, device)
     opt = optimizer(
@@ -294,9 +318,9 @@ def engine(args, model, family, state, world, device):
 
 
 def optimizer(args, params):
-    """AdamW without weight decay (as VLM-R1's GRPO runs): fp32 moments, or with --optim adamw8bit 8-bit ones
-    (block-wise quantized m and v, a quarter of the memory): bitsandbytes' AdamW8bit, or torchao's under --fsdp,
-    because bitsandbytes' fails on FSDP2's sharded (DTensor) weights."""
+    """AdamW without weight decay (as VLM-R1's GRPO runs): fp32 moments, or with --optim adamw8bit
+    8-bit ones (block-wise quantized m and v, a quarter of the memory): bitsandbytes' AdamW8bit, or
+    torchao's under --fsdp, because bitsandbytes' fails on FSDP2's sharded (DTensor) weights."""
     if args.optim == "adamw":
         return torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0)
     if not args.fsdp:
@@ -311,8 +335,8 @@ def optimizer(args, params):
 
 
 def set_lr(opt, lr):
-    """Set (and return) the learning rate of every parameter group; in place where it is a tensor (torchao's 8-bit
-    AdamW refuses a float written over it)."""
+    """Set (and return) the learning rate of every parameter group; in place where it is a tensor
+    (torchao's 8-bit AdamW refuses a float written over it)."""
     for group in opt.param_groups:
         if isinstance(group["lr"], torch.Tensor):
             group["lr"].fill_(lr)
@@ -322,12 +346,14 @@ def set_lr(opt, lr):
 
 
 def ddp(module, world, device):
-    """DDP around the module whose forward the training step calls (the others wait on its gradients)."""
+    """DDP around the module whose forward the training step calls (the others wait on its
+    gradients)."""
     if world == 1:
         return module
     from torch.nn.parallel import DistributedDataParallel
 
-    # the gradients live in DDP's buckets (no second copy of them), as long as they are zeroed, never set to None
+    # the gradients live in DDP's buckets (no second copy of them), as long as they are zeroed,
+    # never set to None
     return DistributedDataParallel(
         module,
         device_ids=[torch.cuda.current_device()] if device.startswith("cuda") else None,
@@ -337,11 +363,12 @@ def ddp(module, world, device):
 
 
 def fsdp(module, world, device, reshard_root=False):
-    """FSDP2 over an infra.Policy: each decoder layer and vision block (the HF model's _no_split_modules) is a unit
-    whose weights are gathered just before it runs and freed after; the Policy is the root, for the rest (embeddings,
-    lm_head, norms, the vision merger). The root must be the module whose forward the step calls: the packed forward
-    calls submodules, never the HF model's forward, so an HF root's hooks would never gather its own weights. On a
-    GPU the gathered weights are bf16 (the master weights stay fp32) and gradients are reduced in fp32."""
+    """FSDP2 over an infra.Policy: each decoder layer and vision block (the HF model's
+    _no_split_modules) is a unit whose weights are gathered just before it runs and freed after; the
+    Policy is the root, for the rest (embeddings, lm_head, norms, the vision merger). The root must
+    be the module whose forward the step calls: the packed forward calls submodules, never the HF
+    model's forward, so an HF root's hooks would never gather its own weights. On a GPU the gathered
+    weights are bf16 (the master weights stay fp32) and gradients are reduced in fp32."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import (
         MixedPrecisionPolicy,
@@ -360,7 +387,8 @@ def fsdp(module, world, device, reshard_root=False):
     for m in module.model.modules():
         if type(m).__name__ in units:
             fully_shard(m, mesh=mesh, mp_policy=mp)
-    # the root's weights stay gathered from forward to backward, as FSDP2 does by default (the reference: freed)
+    # the root's weights stay gathered from forward to backward, as FSDP2 does by default (the
+    # reference: freed)
     fully_shard(module, mesh=mesh, mp_policy=mp, reshard_after_forward=reshard_root)
     register_fsdp_forward_method(module, "gather")
     return module
@@ -368,9 +396,10 @@ def fsdp(module, world, device, reshard_root=False):
 
 @contextlib.contextmanager
 def gathered(policy):
-    """Under FSDP2, all of the policy's weights gathered once for a block that calls the HF model directly (the
-    rollout's prefill and decode steps, the held-out eval) and freed after it. Left to FSDP2, every decoded token
-    would gather every layer again (5.5 GB per token at 3B in bf16). Other engines: nothing to do."""
+    """Under FSDP2, all of the policy's weights gathered once for a block that calls the HF model
+    directly (the rollout's prefill and decode steps, the held-out eval) and freed after it. Left to
+    FSDP2, every decoded token would gather every layer again (5.5 GB per token at 3B in bf16).
+    Other engines: nothing to do."""
     from torch.distributed.fsdp import FSDPModule
 
     if not isinstance(policy, FSDPModule):
@@ -389,8 +418,9 @@ def gathered(policy):
 
 
 def reference(args, ref, path, device):
-    """pi_ref as a forward (infra.Policy). Under --fsdp it stays whole on each process when the memory plan fits it
-    (no gathers: the reference runs once per micro-batch), else it is sharded as the policy is."""
+    """pi_ref as a forward (infra.Policy). Under --fsdp it stays whole on each process when the
+    memory plan fits it (no gathers: the reference runs once per micro-batch), else it is sharded as
+    the policy is."""
     world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
     if not args.fsdp or plan.reference_whole(args, path, world):
         return ref
@@ -398,7 +428,8 @@ def reference(args, ref, path, device):
 
 
 def clip_grad_norm(model, max_norm):
-    """The gradients' global norm, clipped to max_norm; under FSDP2 the norm of the whole gradient, not of a shard."""
+    """The gradients' global norm, clipped to max_norm; under FSDP2 the norm of the whole gradient,
+    not of a shard."""
     from torch.distributed.tensor import DTensor
 
     norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
@@ -406,9 +437,9 @@ def clip_grad_norm(model, max_norm):
 
 
 # ---------------------------------------------------------------------------------------------
-# Checkpoints: model (save_pretrained), optimizer, step, prompt sampler state and RNG state, written to a
-# temporary folder and renamed, so a crash mid-write never leaves a half checkpoint behind. The learning rate
-# is a function of the step, so the step is the schedule's whole state.
+# Checkpoints: model (save_pretrained), optimizer, step, prompt sampler state and RNG state, written
+# to a temporary folder and renamed, so a crash mid-write never leaves a half checkpoint behind. The
+# learning rate is a function of the step, so the step is the schedule's whole state.
 # ---------------------------------------------------------------------------------------------
 RUN_DEFINING = (
     "model",
@@ -432,9 +463,9 @@ RUN_DEFINING = (
 
 
 def save_state(args, step, model, family, opt, rng, extra, rank=0, world=1):
-    """Every process calls it; the main process writes the checkpoint to a temporary folder and renames it. Under
-    --fsdp the weights are gathered from all processes, and each writes its shard of the optimizer state. Returns the
-    checkpoint's path."""
+    """Every process calls it; the main process writes the checkpoint to a temporary folder and
+    renames it. Under --fsdp the weights are gathered from all processes, and each writes its shard
+    of the optimizer state. Returns the checkpoint's path."""
     final = os.path.join(args.output_dir, f"checkpoint-{step:06d}")
     tmp = os.path.join(args.output_dir, f".tmp-checkpoint-{step:06d}")
     if rank == 0:
@@ -470,16 +501,18 @@ def save_state(args, step, model, family, opt, rng, extra, rank=0, world=1):
 
 
 def checkpoint(args, step, model, family, opt, rng, extra, rank, world):
-    """A checkpoint (save_state) on every process; the others wait until the main process has written it."""
+    """A checkpoint (save_state) on every process; the others wait until the main process has
+    written it."""
     path = save_state(args, step, model, family, opt, rng, extra, rank, world)
     barrier(world)
     return path
 
 
 def full_weights(args, model):
-    """Under --fsdp: the whole model's weights gathered onto the main process's CPU (a collective: every process
-    calls it; the others get {}), for save_pretrained; else None (save_pretrained reads the model). A tied weight
-    comes back as two copies (lm_head and the embeddings): its alias is dropped, or it would be written twice."""
+    """Under --fsdp: the whole model's weights gathered onto the main process's CPU (a collective:
+    every process calls it; the others get {}), for save_pretrained; else None (save_pretrained
+    reads the model). A tied weight comes back as two copies (lm_head and the embeddings): its alias
+    is dropped, or it would be written twice."""
     if not args.fsdp:
         return None
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
@@ -494,9 +527,10 @@ def full_weights(args, model):
 
 
 def save_optimizer_shards(model, opt, folder):
-    """Under --fsdp, the optimizer state in PyTorch's distributed checkpoint format: each process writes its own
-    shards (nothing is gathered: fp32 AdamW's moments are 8 bytes a weight), keyed by weight name, so a resume may
-    shard them over another number of processes. torchao's 8-bit moments round-trip exactly."""
+    """Under --fsdp, the optimizer state in PyTorch's distributed checkpoint format: each process
+    writes its own shards (nothing is gathered: fp32 AdamW's moments are 8 bytes a weight), keyed by
+    weight name, so a resume may shard them over another number of processes. torchao's 8-bit
+    moments round-trip exactly."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
 
@@ -504,8 +538,9 @@ def save_optimizer_shards(model, opt, folder):
 
 
 def load_optimizer(args, model, opt, state):
-    """The optimizer state of a checkpoint, back into `opt` (under --fsdp each process reads its shards; this must
-    run before any gradient exists: FSDP2 builds the state it loads into with a step on zero gradients)."""
+    """The optimizer state of a checkpoint, back into `opt` (under --fsdp each process reads its
+    shards; this must run before any gradient exists: FSDP2 builds the state it loads into with a
+    step on zero gradients)."""
     if not args.fsdp:
         return opt.load_state_dict(state["optimizer"])
     import torch.distributed.checkpoint as dcp
@@ -520,8 +555,9 @@ def load_optimizer(args, model, opt, state):
 
 
 def save_or_stop(args, step, bad_steps, model, family, opt, rng, rank, world, device):
-    """At the end of a step: a checkpoint every --save-every steps and at the last; after --max-bad-steps
-    non-finite steps in a row, or a signal to any process, a checkpoint and a stop."""
+    """At the end of a step: a checkpoint every --save-every steps and at the last; after
+    --max-bad-steps non-finite steps in a row, or a signal to any process, a checkpoint and a
+    stop."""
     extra = {"bad_steps": bad_steps}
     if bad_steps >= args.max_bad_steps:
         path = checkpoint(args, step, model, family, opt, rng, extra, rank, world)
@@ -544,14 +580,15 @@ def find_checkpoint(path):
     found = sorted(glob.glob(os.path.join(path, "checkpoint-*", "trainer_state.pt")))
     if not found:
         sys.exit(
-            f"error: --resume {path}: no checkpoint there (expected trainer_state.pt or checkpoint-*/)"
+            f"error: --resume {path}: no checkpoint there (expected trainer_state.pt or "
+            "checkpoint-*/)"
         )
     return os.path.dirname(found[-1])
 
 
 def resume(args, defaults, rng):
-    """(checkpoint folder, its state) of --resume, with the prompt sampler and torch's RNG set back to it;
-    refused with one line if a flag that defines the run differs."""
+    """(checkpoint folder, its state) of --resume, with the prompt sampler and torch's RNG set back
+    to it; refused with one line if a flag that defines the run differs."""
     if not args.resume:
         return None, None
     ckpt = find_checkpoint(args.resume)
@@ -596,9 +633,10 @@ def hash32(x):
 
 
 def sample_keys(seed, step, indices):
-    """One key per completion: its global index in the step's batch, hashed with the seed and step. Each token's
-    uniform draw hashes the key with its position (grpo_vlm.draw), so a completion depends only on the model and its
-    index: one process or two, before or after a resume, the same completions are drawn."""
+    """One key per completion: its global index in the step's batch, hashed with the seed and step.
+    Each token's uniform draw hashes the key with its position (grpo_vlm.draw), so a completion
+    depends only on the model and its index: one process or two, before or after a resume, the same
+    completions are drawn."""
     base = hash32(hash32(torch.tensor(seed)) + step)
     return hash32(base + torch.as_tensor(indices))
 
@@ -610,12 +648,14 @@ def prompt_sampler(seed):
 
 
 # ---------------------------------------------------------------------------------------------
-# Logs: metrics.jsonl (main process only), progress lines, curves; --report-to sends the same rows elsewhere.
+# Logs: metrics.jsonl (main process only), progress lines, curves; --report-to sends the same rows
+# elsewhere.
 # ---------------------------------------------------------------------------------------------
 class MetricsLog:
-    """metrics.jsonl, written by the main process. A resumed run keeps the rows up to its checkpoint's step
-    and drops those written after it (they will be written again). With `args.report_to`, every row also goes to
-    TensorBoard or W&B (Reporter), from the main process only."""
+    """metrics.jsonl, written by the main process. A resumed run keeps the rows up to its
+    checkpoint's step and drops those written after it (they will be written again). With
+    `args.report_to`, every row also goes to TensorBoard or W&B (Reporter), from the main process
+    only."""
 
     def __init__(self, output_dir, main, resumed_at=None, args=None):
         self.path, self.main = os.path.join(output_dir, "metrics.jsonl"), main
@@ -649,7 +689,8 @@ class MetricsLog:
                 print(line, flush=True)
 
     def step(self, m, args, components, bad_steps, batch, texts, r):
-        """A step's row and progress line; every --sample-every steps a few of its completions, also to --report-to."""
+        """A step's row and progress line; every --sample-every steps a few of its completions, also
+        to --report-to."""
         self.write(m, step_line(m, args, components, bad_steps, batch, texts, r))
         if self.report and sample_due(args, m["step"]):
             G = args.num_generations
@@ -677,11 +718,13 @@ REPORT_TO = ("none", "tensorboard", "wandb")
 
 
 class Reporter:
-    """--report-to: each row of metrics.jsonl as scalars named by its keys (reward, reward_iou, kl, test_acc50, ...)
-    against its step (the cold start's sft_loss against sft_step), and a table of sample completions.
-      tensorboard: event files in the output folder (tensorboard --logdir runs); a resume drops the events after
-                   the checkpoint, as metrics.jsonl drops the rows
-      wandb:       a run in OUTPUT/wandb, project $WANDB_PROJECT or grpo-vlm; WANDB_MODE=offline needs no account
+    """--report-to: each row of metrics.jsonl as scalars named by its keys (reward, reward_iou, kl,
+    test_acc50, ...) against its step (the cold start's sft_loss against sft_step), and a table of
+    sample completions.
+      tensorboard: event files in the output folder (tensorboard --logdir runs); a resume drops
+                   the events after the checkpoint, as metrics.jsonl drops the rows
+      wandb:       a run in OUTPUT/wandb, project $WANDB_PROJECT or grpo-vlm; WANDB_MODE=offline
+                   needs no account
     Each library is imported here, only when asked for."""
 
     def __init__(self, kind, output_dir, config, resumed_at=None):
@@ -720,7 +763,8 @@ class Reporter:
                 else ""
             )
             sys.exit(
-                f"error: --report-to {kind}: {type(e).__name__}: {' '.join(str(e).split())[:300]}{hint}"
+                f"error: --report-to {kind}: {type(e).__name__}: "
+                f"{' '.join(str(e).split())[:300]}{hint}"
             )
 
     def scalars(self, row):
@@ -804,7 +848,8 @@ def eval_line(step, ev):
 
 
 def step_row(step, r_all, components, stats, grad_norm, mask_all, mu, world, **extra):
-    """The step's row of metrics.jsonl: named statistics, summed over processes and divided by the token count."""
+    """The step's row of metrics.jsonl: named statistics, summed over processes and divided by the
+    token count."""
     n_tok, sums = mask_all.sum().item(), {k: v for k, v in stats.items() if k != "logp_gap_max"}
     s = dict(zip(sums, all_sum(torch.stack(list(sums.values())), world).tolist()))
     return {
@@ -833,7 +878,8 @@ def step_row(step, r_all, components, stats, grad_norm, mask_all, mu, world, **e
 
 
 def batch_stats(r_all, G, truncated_all):
-    """The share of the batch's groups whose rewards are all equal (no signal), and of completions cut off at the cap."""
+    """The share of the batch's groups whose rewards are all equal (no signal), and of completions
+    cut off at the cap."""
     rg = r_all.view(-1, G)
     return {
         "frac_reward_zero_std": (rg.amax(1) == rg.amin(1)).float().mean().item(),
@@ -860,7 +906,8 @@ def step_line(m, args, components, bad_steps, batch, texts, r):
     )
     if sample_due(args, m["step"]):
         line += "".join(
-            f"\n  [{batch[i // G]['problem'][-40:]}] gt={batch[i // G]['solution']} -> {texts[i]!r} "
+            f"\n  [{batch[i // G]['problem'][-40:]}] gt={batch[i // G]['solution']} -> "
+            f"{texts[i]!r} "
             f"r={r[i]:.2f}"
             for i in range(0, min(2 * G, len(texts)), G)
         )
@@ -873,8 +920,10 @@ def start_banner(
     """What this run is, printed once; the bad rows skipped, listed and counted in metrics.jsonl."""
     say(
         log.main,
-        f"GRPO {args.task}: {len(rows)} prompts, B={args.prompts_per_step} G={args.num_generations} "
-        f"T={args.temperature} beta={args.beta} coords={coord_space} weights={weights} device={device} "
+        f"GRPO {args.task}: {len(rows)} prompts, B={args.prompts_per_step} "
+        f"G={args.num_generations} "
+        f"T={args.temperature} beta={args.beta} coords={coord_space} weights={weights} "
+        f"device={device} "
         f"processes={world}{' (FSDP2)' if args.fsdp else ''} optim={args.optim}"
         + (f" LoRA r={args.lora_r}" if args.lora_r else "")
         + (f", resumed at step {resumed_at}" if resumed_at is not None else ""),
@@ -901,12 +950,15 @@ def start_banner(
 
 
 def check_logp_gap(m, limit, model_type):
-    """Stop when the rollout's log-probs and the training forward's disagree (mean, or 50x at any one token: a leak
-    into a few tokens hides in the mean). Every silent failure of a family adapter showed here first."""
+    """Stop when the rollout's log-probs and the training forward's disagree (mean, or 50x at any
+    one token: a leak into a few tokens hides in the mean). Every silent failure of a family adapter
+    showed here first."""
     if limit >= 0 and (m["logp_gap"] > limit or m["logp_gap_max"] > 50 * limit):
         sys.exit(
-            f"error: the rollout and the training forward disagree on pi_old for model type {model_type!r}: "
-            f"logp_gap {m['logp_gap']:.2e} per token (limit {limit:g}), {m['logp_gap_max']:.2e} at worst "
+            f"error: the rollout and the training forward disagree on pi_old for model type "
+            f"{model_type!r}: "
+            f"logp_gap {m['logp_gap']:.2e} per token (limit {limit:g}), {m['logp_gap_max']:.2e} at "
+            "worst "
             f"(limit {50 * limit:g}); the family's adapter is wrong, or --max-logp-gap is too tight"
         )
 
@@ -921,7 +973,8 @@ def finish(args, model, family, log, bad_rows, rank, world):
     if rank == 0:
         if bad_rows:
             print(
-                f"{len(bad_rows)} bad rows were skipped (see the top of this log and metrics.jsonl)",
+                f"{len(bad_rows)} bad rows were skipped (see the top of this log and "
+                "metrics.jsonl)",
                 flush=True,
             )
         plot_metrics(log.path, os.path.join(args.output_dir, "curves.png"), args.task)
@@ -967,7 +1020,8 @@ PANELS = {
 
 
 def _series(rows, suffix):
-    """{name: [(step, value)]} for the keys that are (or end with) `suffix`; rewards are smoothed."""
+    """{name: [(step, value)]} for the keys that are (or end with) `suffix`; rewards are
+    smoothed."""
     out = {}
     for key in sorted({k for r in rows for k in r}):
         if (
@@ -992,7 +1046,8 @@ def _series(rows, suffix):
 
 
 def plot_metrics(metrics_path, png_path, task="rec", width=1000, height=700):
-    """The task's four panels (PANELS) of metrics.jsonl against steps, each legend beside its axes."""
+    """The task's four panels (PANELS) of metrics.jsonl against steps, each legend beside its
+    axes."""
     from matplotlib.figure import Figure  # the object API: no pyplot, no global backend, no display
 
     with open(metrics_path) as f:
@@ -1020,8 +1075,8 @@ def plot_metrics(metrics_path, png_path, task="rec", width=1000, height=700):
 
 
 # ---------------------------------------------------------------------------------------------
-# Ctrl-C / SIGTERM: the loop finishes its step, saves a checkpoint and exits with 128 + the signal number.
-# A second Ctrl-C kills at once.
+# Ctrl-C / SIGTERM: the loop finishes its step, saves a checkpoint and exits with 128 + the signal
+# number. A second Ctrl-C kills at once.
 # ---------------------------------------------------------------------------------------------
 STOP = {}
 

@@ -3,7 +3,8 @@ with a word-level tokenizer, Qwen's special tokens and chat template, and an ima
 then warm-start it with a deliberately short supervised run on the synthetic REC world (sft.py), so
 that it is half-trained (Acc@0.5 ~0.39 in-domain) and RL has room to teach.
 
-    OMP_NUM_THREADS=1 python make_tiny_model.py --out checkpoints/tiny-qwen2.5-vl-rec --sft-steps 1500 --seed 0
+    OMP_NUM_THREADS=1 python make_tiny_model.py --out checkpoints/tiny-qwen2.5-vl-rec --sft-steps
+    1500 --seed 0
 
 The committed checkpoint was made by exactly this command (about 8 CPU minutes; see README).
 `--arch qwen2_vl` builds the same thing as a Qwen2-VL (used by the tests, random weights, 0-1000
@@ -44,8 +45,10 @@ TAGS = ["<think>", "</think>", "<answer>", "</answer>"]
 CHAT_TEMPLATE = (
     "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
     "{% if message['content'] is string %}{{ message['content'] }}{% else %}"
-    "{% for c in message['content'] %}{% if c['type'] == 'image' %}<|vision_start|><|image_pad|><|vision_end|>"
-    "{% elif c['type'] == 'text' %}{{ c['text'] }}{% endif %}{% endfor %}{% endif %}<|im_end|>\n{% endfor %}"
+    "{% for c in message['content'] %}{% if c['type'] == 'image' %}"
+    "<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif c['type'] == 'text' %}{{ c['text'] }}{% endif %}{% endfor %}{% endif %}"
+    "<|im_end|>\n{% endfor %}"
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
 INPUT_PIXELS = (
@@ -54,16 +57,17 @@ INPUT_PIXELS = (
 
 
 def build_tokenizer(task="rec"):
-    """Word-level tokenizer: words, integers 0..1000 and punctuation are one token each. The other tasks' tokenizer
-    appends every task's words and the confidences 0.0, 0.1, ..., 1.0 (one token each) to the REC vocabulary, so
-    the REC model's embedding rows keep their ids (make_tiny_model --init starts from it) and the shipped REC
-    model rebuilds bit-identically."""
+    """Word-level tokenizer: words, integers 0..1000 and punctuation are one token each. The other
+    tasks' tokenizer appends every task's words and the confidences 0.0, 0.1, ..., 1.0 (one token
+    each) to the REC vocabulary, so the REC model's embedding rows keep their ids (make_tiny_model
+    --init starts from it) and the shipped REC model rebuilds bit-identically."""
     words = data.synthetic_vocab() + ["user", "assistant", "system", "I", "a", "an"]
     tokens = SPECIAL + TAGS + [str(n) for n in range(1001)] + list("[]{}(),.:;\"'-+_/") + words
     vocab = {t: i for i, t in enumerate(tokens)}
-    # The tags also occur among the words and keep their later id, which leaves 4 ids unused and 4 words ("system",
-    # "I", "a", "an") past the end of the embedding table. Those words never occur in the REC data (so moving them
-    # changes no weight) and they now fill the gaps: before, a caption with "a" crashed the REC model.
+    # The tags also occur among the words and keep their later id, which leaves 4 ids unused and 4
+    # words ("system", "I", "a", "an") past the end of the embedding table. Those words never occur
+    # in the REC data (so moving them changes no weight) and they now fill the gaps: before, a
+    # caption with "a" crashed the REC model.
     gaps = sorted(set(range(len(vocab))) - set(vocab.values()))
     for t, gap in zip(sorted((t for t in vocab if vocab[t] >= len(vocab)), key=vocab.get), gaps):
         vocab[t] = gap
@@ -94,10 +98,11 @@ def build_tokenizer(task="rec"):
 
 
 def init_number_codes(model, tokenizer, dims=32, scale=0.05):
-    """Give the integer tokens 0..1000 smooth value codes (sin/cos of n at periods 4..4000) in the first
-    `dims` embedding dimensions, the rest staying random. With tied embeddings the same rows are the
-    output head, so part of every number's logit is a smooth function of n, and nearby coordinates
-    can share what is learned. A prior, not a measured win: `--number-codes 0` builds without it."""
+    """Give the integer tokens 0..1000 smooth value codes (sin/cos of n at periods 4..4000) in the
+    first `dims` embedding dimensions, the rest staying random. With tied embeddings the same rows
+    are the output head, so part of every number's logit is a smooth function of n, and nearby
+    coordinates can share what is learned. A prior, not a measured win: `--number-codes 0` builds
+    without it."""
     n = torch.arange(1001, dtype=torch.float32)[:, None]
     periods = torch.logspace(math.log10(4), math.log10(4000), dims // 2)
     angles = 2 * math.pi * n / periods
@@ -184,10 +189,11 @@ def save(model, tokenizer, image_processor, out):
     print(f"saved {out}", flush=True)
 
 
-# ---------------------------------------------------------------------------------------------
-# Tiny random checkpoints of today's other families, for the family tests. Each exercises what makes its family
-# differ, or "packed = plain" would pass trivially: Qwen3-VL has three DeepStack levels, Qwen3.5 both of its layer
-# types, Gemma 3 a sliding window (8) shorter than any prompt and a bidirectional image block.
+# --------------------------------------------------------------------------------------------- Tiny
+# random checkpoints of today's other families, for the family tests. Each exercises what makes its
+# family differ, or "packed = plain" would pass trivially: Qwen3-VL has three DeepStack levels,
+# Qwen3.5 both of its layer types, Gemma 3 a sliding window (8) shorter than any prompt and a
+# bidirectional image block.
 # ---------------------------------------------------------------------------------------------
 QWEN3_SPECIAL = SPECIAL[:-1] + [
     "<|object_ref_start|>",
@@ -208,13 +214,15 @@ GEMMA_SPECIAL = [
     "<end_of_image>",
     "<image_soft_token>",
 ]
-# Gemma 3's chat template reduced to one image + text turn: the assistant is "model", an image is <start_of_image>
+# Gemma 3's chat template reduced to one image + text turn: the assistant is "model", an image is
+# <start_of_image>
 GEMMA_TEMPLATE = (
     "{{ bos_token }}{% for message in messages %}<start_of_turn>"
     "{{ 'model' if message['role'] == 'assistant' else message['role'] }}\n"
     "{% if message['content'] is string %}{{ message['content'] }}{% else %}"
     "{% for c in message['content'] %}{% if c['type'] == 'image' %}<start_of_image>"
-    "{% elif c['type'] == 'text' %}{{ c['text'] }}{% endif %}{% endfor %}{% endif %}<end_of_turn>\n{% endfor %}"
+    "{% elif c['type'] == 'text' %}{{ c['text'] }}{% endif %}{% endfor %}{% endif %}"
+    "<end_of_turn>\n{% endfor %}"
     "{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}"
 )
 
@@ -370,7 +378,9 @@ def build_family(arch, out, seed=0, hidden=64):
                 **ids,
             )
             model = tf.Qwen3VLForConditionalGeneration(config)
-        else:  # every 4th layer full attention, the others Gated DeltaNet (linear attention), as the real models
+        # every 4th layer full attention, the others Gated DeltaNet (linear attention), as the real
+        # models
+        else:
             text.update(
                 num_attention_heads=2,
                 num_key_value_heads=1,
@@ -390,8 +400,9 @@ def build_family(arch, out, seed=0, hidden=64):
                 text_config=text, vision_config=vision, tie_word_embeddings=False, **ids
             )
             model = tf.Qwen3_5ForConditionalGeneration(config)
-            # HF draws each linear head's decay from U(0.01, 16): the state then forgets all but the last few tokens
-            # and different prompts' states agree to 1e-9, so no test could tell them apart; U(0.001, 0.1) remembers
+            # HF draws each linear head's decay from U(0.01, 16): the state then forgets all but the
+            # last few tokens and different prompts' states agree to 1e-9, so no test could tell
+            # them apart; U(0.001, 0.1) remembers
             with torch.no_grad():
                 for layer in model.model.language_model.layers:
                     if hasattr(layer, "linear_attn"):
@@ -425,7 +436,8 @@ def main():
         "--arch",
         default="qwen2_5_vl",
         choices=["qwen2_5_vl", "qwen2_vl", "qwen3_vl", "qwen3_5", "gemma3"],
-        help="HF architecture (qwen3_vl, qwen3_5, gemma3: random weights only, for the family tests)",
+        help="HF architecture (qwen3_vl, qwen3_5, gemma3: random weights only, for the family "
+        "tests)",
     )
     p.add_argument(
         "--sft-steps",

@@ -1,15 +1,20 @@
-"""The memory plan (--plan): the expected peak memory per GPU of a run, part by part, before it starts.
+"""The memory plan (--plan): the expected peak memory per GPU of a run, part by part, before it
+starts.
 
-    python grpo_vlm.py --preset vlm-r1 --model PATH --plan [--processes 2] [--fsdp] [--lora-r 64] [--optim adamw8bit]
+    python grpo_vlm.py --preset vlm-r1 --model PATH --plan [--processes 2] [--fsdp] [--lora-r 64]
+    [--optim adamw8bit]
 
-It reads the model's config.json and preprocessor_config.json only: no tokenizer, no weights, no network. The
-parameters are counted on the model built on the meta device. The rollout and the training step peak separately:
-  resident    fp32 weights, the reference (bf16 on a GPU), optimizer state, the gradients while they are kept
+It reads the model's config.json and preprocessor_config.json only: no tokenizer, no weights, no
+network. The parameters are counted on the model built on the meta device. The rollout and the
+training step peak separately:
+  resident    fp32 weights, the reference (bf16 on a GPU), optimizer state, the gradients while
+              they are kept
   rollout     the KV cache of the completions decoding at once, the prefill, the sampling logits
-  training    one micro-batch's activations (checkpointed layer inputs, one layer recomputed, the attention mask,
-              the vision tower) and the log-prob chunk's [chunk, vocab] logits
-It cannot see the CUDA context (about 0.5 GiB), the allocator's fragmentation, kernel workspaces (cuBLAS, attention)
-or NCCL's buffers. benchmarks/memory_plan.py compares every part with a measurement (README: "Memory").
+  training    one micro-batch's activations (checkpointed layer inputs, one layer recomputed, the
+              attention mask, the vision tower) and the log-prob chunk's [chunk, vocab] logits
+It cannot see the CUDA context (about 0.5 GiB), the allocator's fragmentation, kernel workspaces
+(cuBLAS, attention) or NCCL's buffers. benchmarks/memory_plan.py compares every part with a
+measurement (README: "Memory").
 """
 
 import functools
@@ -21,13 +26,15 @@ import torch
 import vlm
 
 GiB = 2**30
-TEXT_TOKENS = 64  # the chat template and a question around the image (the README's REC prompts: 40 to 70 tokens)
+# the chat template and a question around the image (the README's REC prompts: 40 to 70 tokens)
+TEXT_TOKENS = 64
 
 
 @functools.lru_cache(maxsize=8)
 def architecture(path):
-    """What the plan needs of a model, from its config alone: parameter counts (the model built on the meta
-    device), the text model's shapes, the cache bytes of one token, and the image tokens of a width x height image."""
+    """What the plan needs of a model, from its config alone: parameter counts (the model built on
+    the meta device), the text model's shapes, the cache bytes of one token, and the image tokens of
+    a width x height image."""
     from transformers import AutoConfig, AutoModelForImageTextToText
 
     config = AutoConfig.from_pretrained(path)
@@ -94,7 +101,8 @@ def architecture(path):
 
 
 def linear_state(text):
-    """Elements of one row's recurrent and convolution state in one Gated DeltaNet layer (Qwen3.5)."""
+    """Elements of one row's recurrent and convolution state in one Gated DeltaNet layer
+    (Qwen3.5)."""
     k, v = getattr(text, "linear_key_head_dim", 0), getattr(text, "linear_value_head_dim", 0)
     hk, hv = getattr(text, "linear_num_key_heads", 0), getattr(text, "linear_num_value_heads", 0)
     return hv * k * v + (2 * hk * k + hv * v) * getattr(text, "linear_conv_kernel_dim", 0)
@@ -103,9 +111,10 @@ def linear_state(text):
 def parts(
     args, path, world, device="cuda", arch=None, whole_reference=None, text_tokens=TEXT_TOKENS
 ):
-    """{"rollout": {part: bytes}, "training": {part: bytes}, "shape": {...}} per process for `args` on `world`
-    processes. device "cuda": bf16 autocast over fp32 weights, a bf16 reference and KV cache (vlm.precision);
-    "cpu": fp32 throughout, as the CPU runs that benchmarks/memory_plan.py measures."""
+    """{"rollout": {part: bytes}, "training": {part: bytes}, "shape": {...}} per process for `args`
+    on `world` processes. device "cuda": bf16 autocast over fp32 weights, a bf16 reference and KV
+    cache (vlm.precision); "cpu": fp32 throughout, as the CPU runs that benchmarks/memory_plan.py
+    measures."""
     a = arch or architecture(path)
     gpu, N = device == "cuda", a["params"]
     half = 2 if gpu else 4  # bytes of an activation element, and of the reference's and the cache's
@@ -166,7 +175,8 @@ def parts(
         rows * V * (4 * 4 + 8 * 2)
     )  # fp32 logits, /T, log-softmax, p log p; fp64 cdf
 
-    # training: one micro-batch, packed (each prompt once, its completions after it; Qwen3.5: one per row)
+    # training: one micro-batch, packed (each prompt once, its completions after it; Qwen3.5: one
+    # per row)
     training = {**resident, **grads}
     n_prompts = mb if a["one_row"] else math.ceil(mb / G)
     tokens = mb * (P + L) if a["one_row"] else n_prompts * P + mb * L
@@ -189,8 +199,8 @@ def parts(
         + 2 * patches * a["vision_intermediate"] * half
     )
     chunk = min(args.logp_chunk, mb * L)
-    # measured: 3 fp32 [chunk, vocab] arrays at the peak of its backward (log-softmax, its gradient, the logits'),
-    # and on a GPU the bf16 logits before .float()
+    # measured: 3 fp32 [chunk, vocab] arrays at the peak of its backward (log-softmax, its gradient,
+    # the logits'), and on a GPU the bf16 logits before .float()
     training["log-prob chunk"] = chunk * V * (14 if gpu else 12)
     if (
         args.fsdp
@@ -201,7 +211,8 @@ def parts(
 
 
 def reference_whole(args, path, world, arch=None):
-    """Under --fsdp: whether the peak with a whole (unsharded) bf16 reference on each GPU fits in --gpu-memory."""
+    """Under --fsdp: whether the peak with a whole (unsharded) bf16 reference on each GPU fits in
+    --gpu-memory."""
     p = parts(args, path, world, "cuda", arch or architecture(path), whole_reference=True)
     return peak(p) / GiB <= args.gpu_memory
 
@@ -221,8 +232,8 @@ def count(n):
 
 
 def show(args, path):
-    """Print the plan and its verdict; the last line reads `peak per GPU: N GiB (fits in M GiB)` or `(does not fit
-    in M GiB)`. Returns 0."""
+    """Print the plan and its verdict; the last line reads `peak per GPU: N GiB (fits in M GiB)` or
+    `(does not fit in M GiB)`. Returns 0."""
     import os
 
     world = args.processes or int(os.environ.get("WORLD_SIZE", 1))
@@ -231,13 +242,17 @@ def show(args, path):
     s = p["shape"]
     engine = "FSDP2" if args.fsdp else "DDP" if world > 1 else "one process"
     print(
-        f"memory plan: {path} ({a['name']}, {count(a['params'])} parameters, {count(s['trained'])} trained"
-        f"{f', LoRA r={args.lora_r}' if args.lora_r else ''}), {world} GPU(s), {engine}, bf16 autocast "
+        f"memory plan: {path} ({a['name']}, {count(a['params'])} parameters, {count(s['trained'])} "
+        "trained"
+        f"{f', LoRA r={args.lora_r}' if args.lora_r else ''}), {world} GPU(s), {engine}, bf16 "
+        "autocast "
         f"over fp32 weights, {args.optim}"
     )
     print(
-        f"  per GPU: B={args.prompts_per_step // world} prompts x G={args.num_generations}, prompt {s['P']} tokens "
-        f"({args.image_size} image + {TEXT_TOKENS} text), completions {s['L']} tokens, {s['rows']} decoding at once "
+        f"  per GPU: B={args.prompts_per_step // world} prompts x G={args.num_generations}, prompt "
+        f"{s['P']} tokens "
+        f"({args.image_size} image + {TEXT_TOKENS} text), completions {s['L']} tokens, {s['rows']} "
+        "decoding at once "
         f"(--rollout-batch-size), micro-batch {args.micro_batch_size} ({s['tokens']} packed tokens)"
     )
     names = list(dict.fromkeys([*p["rollout"], *p["training"]]))
@@ -251,7 +266,8 @@ def show(args, path):
     totals = [sum(p[ph].values()) / GiB for ph in ("rollout", "training")]
     print(f"  {'total':28s} {totals[0]:9.2f} {totals[1]:9.2f}")
     print(
-        "  not counted: the CUDA context (about 0.5 GiB), fragmentation, kernel workspaces, NCCL buffers"
+        "  not counted: the CUDA context (about 0.5 GiB), fragmentation, kernel workspaces, NCCL "
+        "buffers"
     )
     verdict = "fits in" if max(totals) <= args.gpu_memory else "does not fit in"
     print(f"peak per GPU: {max(totals):.1f} GiB ({verdict} {args.gpu_memory:g} GiB)")

@@ -4,13 +4,13 @@ Every function here is total: malformed, empty or absurd output scores 0.0 and n
 Ground truth `gt` is a dict; every task's gt holds what is needed to map the model's coordinates
 back to original-image pixels:
 
-    {"width": W, "height": H,                                         # original image
-     "input_width": w, "input_height": h,                             # image after the processor resize
+    {"width": W, "height": H,                                # original image
+     "input_width": w, "input_height": h,                    # image after the processor resize
      "coord_space": "abs_resized" | "norm1000" | "abs_original",
-     "iou_threshold": t}                                              # optional, default 0.0 (see below)
+     "iou_threshold": t}                                     # optional, default 0.0 (see below)
 
-`image` (the row's image, as written in the row) and `problem` (the prompt's text), which say which row a
-completion answers; and `solution`, per task:
+`image` (the row's image, as written in the row) and `problem` (the prompt's text), which say which
+row a completion answers; and `solution`, per task:
 
     rec    [x1, y1, x2, y2]                   the box, original pixels
     cls    "label"                            normalized exact match
@@ -18,10 +18,10 @@ completion answers; and `solution`, per task:
     det    [[x1, y1, x2, y2], ...]            the true boxes, original pixels (possibly [])
 
 `iou_threshold` is Vision-R1's progressive rule refinement: the trainer raises it over training to
-make the box rules stricter (REC IoU below it scores 0; detection matching never looser than 0.5). The Vision-R1
-rewards (vr1_*) also read "penalty_threshold" and "full_threshold", the thresholds of their differentiation
-mapping (Eq. 8; default 0.5 and 0.75, the paper's first stage). --iou-threshold-schedule sets all three by stage
-(refinement_stage).
+make the box rules stricter (REC IoU below it scores 0; detection matching never looser than 0.5).
+The Vision-R1 rewards (vr1_*) also read "penalty_threshold" and "full_threshold", the thresholds of
+their differentiation mapping (Eq. 8; default 0.5 and 0.75, the paper's first stage).
+--iou-threshold-schedule sets all three by stage (refinement_stage).
 """
 
 import importlib.util
@@ -40,10 +40,12 @@ NUMBER_RE = re.compile(rf"(?<![\d.]){NUM}(?!\.?\d)")
 FENCE_RE = re.compile(r"\s*```(?:json)?(.*?)```\s*", re.DOTALL)
 BOX_KEYS = ("bbox_2d", "bbox", "box", "position")
 CONF_KEYS = ("confidence", "conf", "score")
-# 0.50, ..., 0.95; pycocotools has 0.8999999999999999 for 0.9: they differ only for an IoU in between
+# 0.50, ..., 0.95; pycocotools has 0.8999999999999999 for 0.9: they differ only for an IoU in
+# between
 COCO_IOUS = tuple(round(0.5 + 0.05 * i, 2) for i in range(10))
-# pycocotools' recall grid bit for bit (np.linspace = i * 0.01): i / 100 differs by one ulp at 10 points
-# (0.35, 0.41, ..., 0.95), which decides ties such as recall 7/10 against 0.70 (COCO: not reached)
+# pycocotools' recall grid bit for bit (np.linspace = i * 0.01): i / 100 differs by one ulp at 10
+# points (0.35, 0.41, ..., 0.95), which decides ties such as recall 7/10 against 0.70 (COCO: not
+# reached)
 COCO_RECALLS = tuple(i * 0.01 for i in range(101))
 
 
@@ -87,7 +89,8 @@ def to_original_pixels(box, gt):
 
 
 def box_iou(a, b):
-    """IoU of two [x1, y1, x2, y2] boxes; 0 for degenerate (x2 <= x1 or y2 <= y1) or non-finite boxes."""
+    """IoU of two [x1, y1, x2, y2] boxes; 0 for degenerate (x2 <= x1 or y2 <= y1) or non-finite
+    boxes."""
     if not all(math.isfinite(v) for v in (*a, *b)):
         return 0.0
     area_a = max(0.0, a[2] - a[0]) * max(0.0, a[3] - a[1])
@@ -113,7 +116,8 @@ def hit_reward(completion, gt):
     """1 if the centre of the first answered box lies inside the true box (rescaled first), else 0.
 
     Credits picking the right object even while the box edges are still off: with several objects,
-    continuous IoU is 0 for a box on a distractor and for a box that is slightly beside the target alike.
+    continuous IoU is 0 for a box on a distractor and for a box that is slightly beside the target
+    alike.
     """
     box = parse_box(completion)
     if box is None:
@@ -142,8 +146,8 @@ def accuracy_reward(completion, gt):
 
 
 def parse_number(completion):
-    """The one number in <answer> ("3", " -2 ", "3.0", "3 shapes") as a finite float; None for no answer,
-    no number, two or more ("3 or 4", "1e9") or one that overflows."""
+    """The one number in <answer> ("3", " -2 ", "3.0", "3 shapes") as a finite float; None for no
+    answer, no number, two or more ("3 or 4", "1e9") or one that overflows."""
     answer = extract_answer(completion)
     found = NUMBER_RE.findall(answer) if answer is not None else []
     if len(found) != 1:
@@ -192,7 +196,8 @@ def _detection(item):
 
 def parse_detections(completion):
     """The <answer> as a JSON list (optionally in a ```json fence) of {box, confidence} dicts ->
-    [(box, conf)]; None if missing or if ANY element is malformed (strict, like the format reward)."""
+    [(box, conf)]; None if missing or if ANY element is malformed (strict, like the format
+    reward)."""
     answer = extract_answer(completion)
     if answer is None:
         return None
@@ -208,8 +213,9 @@ def parse_detections(completion):
 
 
 def _greedy(preds, gt_boxes, thr, coco):
-    """Visit predictions by confidence (descending, stable); match each to the free true box of highest
-    IoU. Visual-RFT: IoU > thr, ties to the first box. COCO: IoU >= thr, ties to the last (its loop)."""
+    """Visit predictions by confidence (descending, stable); match each to the free true box of
+    highest IoU. Visual-RFT: IoU > thr, ties to the first box. COCO: IoU >= thr, ties to the last
+    (its loop)."""
     order = sorted(range(len(preds)), key=lambda i: -preds[i][1])
     free, matches = list(range(len(gt_boxes))), []
     for i in order:
@@ -225,15 +231,17 @@ def _greedy(preds, gt_boxes, thr, coco):
 
 
 def match_detections(preds, gt_boxes, thr):
-    """Visual-RFT's greedy matching (IoU > thr) -> [(pred_index, gt_index, iou)]; boxes in original pixels."""
+    """Visual-RFT's greedy matching (IoU > thr) -> [(pred_index, gt_index, iou)]; boxes in original
+    pixels."""
     return _greedy(preds, gt_boxes, thr, coco=False)
 
 
 def average_precision(images, thr):
-    """COCO AP of one category at IoU threshold thr, pooled over images = [(preds [(box, conf)], gt_boxes)].
+    """COCO AP of one category at IoU threshold thr, pooled over images = [(preds [(box, conf)],
+    gt_boxes)].
 
-    COCO matching (IoU >= thr), precision envelope, 101-point interpolation. No true boxes at all (COCO
-    says -1, undefined): 0.0 if there are predictions, 1.0 if there are none.
+    COCO matching (IoU >= thr), precision envelope, 101-point interpolation. No true boxes at all
+    (COCO says -1, undefined): 0.0 if there are predictions, 1.0 if there are none.
     """
     npos, scored = sum(len(g) for _, g in images), []
     for preds, gts in images:
@@ -273,7 +281,8 @@ def mean_ap(images, thresholds=COCO_IOUS):
 
 
 def _det_inputs(completion, gt):
-    """(preds in original pixels, true boxes, match threshold), or None if the answer is malformed."""
+    """(preds in original pixels, true boxes, match threshold), or None if the answer is
+    malformed."""
     preds = parse_detections(completion)
     if preds is None:
         return None
@@ -310,10 +319,11 @@ def det_conf_reward(completion, gt):
 
 
 def det_iou_sum_reward(completion, gt):
-    """HACKABLE on purpose, do not train with it: sum of matched IoUs / #gt, no penalty for extra boxes.
+    """HACKABLE on purpose, do not train with it: sum of matched IoUs / #gt, no penalty for extra
+    boxes.
 
-    Kept to reproduce VLM-R1's detection reward hacking: spraying boxes never lowers it, so the policy
-    learns to answer many (repeated) boxes. Use det_iou or det_map for real training.
+    Kept to reproduce VLM-R1's detection reward hacking: spraying boxes never lowers it, so the
+    policy learns to answer many (repeated) boxes. Use det_iou or det_map for real training.
     """
     inputs = _det_inputs(completion, gt)
     if inputs is None:
@@ -339,22 +349,24 @@ def det_map_reward(completion, gt):
 
 
 # ---------------------------------------------------------------------------------------------
-# Vision-R1 (Zhan et al., arXiv 2503.18013): the criterion-driven reward (Sec. 3.2, Eqs. 3-7) and the
-# progressive rule refinement (Sec. 3.3, Eq. 8). Eq. 7 sums the three parts: --reward-weights
-# vr1_format=1,vr1_recall=1,vr1_precision=1. Detection and REC alike: REC is the one-box case.
-#   xi0: a matched prediction is valid (a true positive) at IoU >= xi0   gt["iou_threshold"], never below 0.5
-#   xi1, xi2: Eq. 8 maps x < xi1 to 0 and x >= xi2 to 1                  gt["penalty_threshold"], gt["full_threshold"]
-# Staged progression (Sec. 3.3): (xi0, xi1, xi2) = (0.5, 0.5, 0.75) in the initial stage and (0.75, 0.75, 0.9) in
-# the advanced one, from a step STEP on: --iou-threshold-schedule "0:0.5/0.5/0.75,STEP:0.75/0.75/0.9".
+# Vision-R1 (Zhan et al., arXiv 2503.18013): the criterion-driven reward (Sec. 3.2, Eqs. 3-7) and
+# the progressive rule refinement (Sec. 3.3, Eq. 8). Eq. 7 sums the three parts: --reward-weights
+# vr1_format=1,vr1_recall=1,vr1_precision=1. Detection and REC alike: REC is the one-box case. xi0:
+# a matched prediction is valid (a true positive) at IoU >= xi0   gt["iou_threshold"], never below
+# 0.5 xi1, xi2: Eq. 8 maps x < xi1 to 0 and x >= xi2 to 1                  gt["penalty_threshold"],
+# gt["full_threshold"] Staged progression (Sec. 3.3): (xi0, xi1, xi2) = (0.5, 0.5, 0.75) in the
+# initial stage and (0.75, 0.75, 0.9) in the advanced one, from a step STEP on:
+# --iou-threshold-schedule "0:0.5/0.5/0.75,STEP:0.75/0.75/0.9".
 # ---------------------------------------------------------------------------------------------
 VISION_R1_STAGES = ((0.5, 0.5, 0.75), (0.75, 0.75, 0.9))
 _NO_MATCH = 1e9  # the cost of a pair whose cost is not a finite number (boxes past float range)
 
 
 def refinement_stage(text):
-    """One stage's value of --iou-threshold-schedule -> the gt keys it sets. "t": the IoU threshold xi0 = t alone
-    (the Vision-R1 rewards keep Eq. 8's default thresholds); "t/lo/hi": xi0 = t and Eq. 8's xi1 = lo, xi2 = hi.
-    ValueError if it is neither, if a number is not finite, or if lo > hi."""
+    """One stage's value of --iou-threshold-schedule -> the gt keys it sets. "t": the IoU threshold
+    xi0 = t alone (the Vision-R1 rewards keep Eq. 8's default thresholds); "t/lo/hi": xi0 = t and
+    Eq. 8's xi1 = lo, xi2 = hi. ValueError if it is neither, if a number is not finite, or if lo >
+    hi."""
     try:
         values = [float(v) for v in text.split("/")]
     except ValueError:
@@ -371,8 +383,9 @@ def refinement_stage(text):
 
 
 def differentiation(x, low, high):
-    """Vision-R1's differentiation policy (Eq. 8): f(x) = 1 if x >= xi2 (high), 0 if x < xi1 (low), else x. It
-    pushes near-misses to 0 and good enough values to 1; low = 0, high = 1 is the plain value on [0, 1]."""
+    """Vision-R1's differentiation policy (Eq. 8): f(x) = 1 if x >= xi2 (high), 0 if x < xi1 (low),
+    else x. It pushes near-misses to 0 and good enough values to 1; low = 0, high = 1 is the plain
+    value on [0, 1]."""
     return 1.0 if x >= high else 0.0 if x < low else x
 
 
@@ -387,8 +400,9 @@ def _vr1_rule(gt):
 
 
 def parse_localization(completion):
-    """The answer's boxes [(box, confidence)]: a detection list (parse_detections), or REC's one box, a bare
-    [x1, y1, x2, y2] or one {"bbox_2d": [...]} dict, as one prediction of confidence 1. None if malformed."""
+    """The answer's boxes [(box, confidence)]: a detection list (parse_detections), or REC's one
+    box, a bare [x1, y1, x2, y2] or one {"bbox_2d": [...]} dict, as one prediction of confidence 1.
+    None if malformed."""
     dets = parse_detections(completion)
     answer = extract_answer(completion) if dets is None else None
     if answer is None:
@@ -417,8 +431,9 @@ def _truths(gt):
 
 
 def _box_cost(p, t, width, height):
-    """The box-only cost of matching prediction p to truth t: DETR's Hungarian-matcher box terms with its weights,
-    5 x L1 of the image-normalized corners + 2 x (1 - GIoU), the class term dropped (Vision-R1's Eq. 3, Table 3)."""
+    """The box-only cost of matching prediction p to truth t: DETR's Hungarian-matcher box terms
+    with its weights, 5 x L1 of the image-normalized corners + 2 x (1 - GIoU), the class term
+    dropped (Vision-R1's Eq. 3, Table 3)."""
     area = lambda b: max(0.0, b[2] - b[0]) * max(0.0, b[3] - b[1])  # noqa: E731
     inter = area([max(p[0], t[0]), max(p[1], t[1]), min(p[2], t[2]), min(p[3], t[3])])
     union, hull = (
@@ -432,8 +447,9 @@ def _box_cost(p, t, width, height):
 
 
 def _assignment(cost):
-    """Minimum-cost assignment of every row to its own column of a rows <= columns cost matrix: the Hungarian
-    method with potentials and shortest augmenting paths, O(rows^2 x columns). Returns each row's column."""
+    """Minimum-cost assignment of every row to its own column of a rows <= columns cost matrix: the
+    Hungarian method with potentials and shortest augmenting paths, O(rows^2 x columns). Returns
+    each row's column."""
     n, m, inf = len(cost), len(cost[0]), float("inf")
     u, v, owner, way = (
         [0.0] * (n + 1),
@@ -469,8 +485,9 @@ def _assignment(cost):
 
 
 def box_prioritized_match(preds, truths, width, height):
-    """Vision-R1's box-prioritized prediction matching (Eq. 3): a one-to-one Hungarian matching of predicted to true
-    boxes on box cost alone (no class term) -> [(pred_index, truth_index, IoU)], min(#pred, #truth) pairs."""
+    """Vision-R1's box-prioritized prediction matching (Eq. 3): a one-to-one Hungarian matching of
+    predicted to true boxes on box cost alone (no class term) -> [(pred_index, truth_index, IoU)],
+    min(#pred, #truth) pairs."""
     if not preds or not truths:
         return []
     cost = [[_box_cost(p, t, width, height) for t in truths] for p, _ in preds]
@@ -491,9 +508,10 @@ def _vr1_inputs(completion, gt):
 
 
 def vr1_format_reward(completion, gt):
-    """Vision-R1's dual format reward (Eq. 4): 1 iff f_tem (the <answer> is the designated template: a JSON list
-    of box dicts, or REC's one box) and f_cont (every box four finite numbers with x1 < x2, y1 < y2, inside the
-    image with 1 px slack, and any confidence in [0, 1]), else 0. The <think>/<answer> frame is `format`'s."""
+    """Vision-R1's dual format reward (Eq. 4): 1 iff f_tem (the <answer> is the designated template:
+    a JSON list of box dicts, or REC's one box) and f_cont (every box four finite numbers with x1 <
+    x2, y1 < y2, inside the image with 1 px slack, and any confidence in [0, 1]), else 0. The
+    <think>/<answer> frame is `format`'s."""
     preds = parse_localization(completion)
     if preds is None:
         return 0.0
@@ -503,8 +521,8 @@ def vr1_format_reward(completion, gt):
 
 
 def vr1_recall_reward(completion, gt):
-    """Vision-R1's recall reward (Eq. 5) under Eq. 8: f(#valid matched predictions (IoU >= xi0) / #true boxes).
-    No true boxes: 1 for no prediction, else 0."""
+    """Vision-R1's recall reward (Eq. 5) under Eq. 8: f(#valid matched predictions (IoU >= xi0) /
+    #true boxes). No true boxes: 1 for no prediction, else 0."""
     inputs = _vr1_inputs(completion, gt)
     if inputs is None:
         return 0.0
@@ -516,9 +534,9 @@ def vr1_recall_reward(completion, gt):
 
 
 def vr1_precision_reward(completion, gt):
-    """Vision-R1's precision reward (Eq. 6) with Eq. 8 on each instance: the sum over matched predictions of
-    (IoU >= xi0) * f(IoU), over ALL M predictions, so unmatched (extra, duplicate) boxes count 0. No prediction:
-    1 if there is nothing to find, else 0."""
+    """Vision-R1's precision reward (Eq. 6) with Eq. 8 on each instance: the sum over matched
+    predictions of (IoU >= xi0) * f(IoU), over ALL M predictions, so unmatched (extra, duplicate)
+    boxes count 0. No prediction: 1 if there is nothing to find, else 0."""
     inputs = _vr1_inputs(completion, gt)
     if inputs is None:
         return 0.0
@@ -553,13 +571,15 @@ TASK_REWARDS = {
 
 
 # ---------------------------------------------------------------------------------------------
-# Reward plug-ins: --reward-weights path/to/file.py:function=w adds `function` from that file as a component named
-# after the function (logged as reward_<function>, like a built-in). It takes (completion, gt) -> float, the `gt`
-# above. Policy: a plug-in that raises, or returns anything but a finite number, stops the run with one line
-# naming the function and the row (RewardPluginError); a reward it did not compute is never replaced by 0.
+# Reward plug-ins: --reward-weights path/to/file.py:function=w adds `function` from that file as a
+# component named after the function (logged as reward_<function>, like a built-in). It takes
+# (completion, gt) -> float, the `gt` above. Policy: a plug-in that raises, or returns anything but
+# a finite number, stops the run with one line naming the function and the row (RewardPluginError);
+# a reward it did not compute is never replaced by 0.
 # ---------------------------------------------------------------------------------------------
 class RewardPluginError(SystemExit):
-    """A reward plug-in failed on a completion: exits with status 1 and its one-line message when not caught."""
+    """A reward plug-in failed on a completion: exits with status 1 and its one-line message when
+    not caught."""
 
 
 def _one_line(text, n=200):
@@ -568,7 +588,8 @@ def _one_line(text, n=200):
 
 
 def guarded(fn, label):
-    """`fn` as a reward that returns a finite float or raises RewardPluginError naming `label` and the row."""
+    """`fn` as a reward that returns a finite float or raises RewardPluginError naming `label` and
+    the row."""
 
     def reward(completion, gt):
         try:
@@ -599,9 +620,10 @@ def _where(completion, gt):
 
 
 def load_plugin(spec):
-    """'path/to/file.py:function' -> the function's name, with the function (guarded) added to REWARDS under it.
-    ValueError says in one line what is wrong: no file, an import that fails, no such function, a signature that
-    cannot take (completion, gt), or a name a built-in reward already has."""
+    """'path/to/file.py:function' -> the function's name, with the function (guarded) added to
+    REWARDS under it. ValueError says in one line what is wrong: no file, an import that fails, no
+    such function, a signature that cannot take (completion, gt), or a name a built-in reward
+    already has."""
     path, _, name = spec.rpartition(":")
     if not os.path.isfile(path):
         raise ValueError(f"reward plug-in {spec!r}: no file {path!r}")
@@ -636,8 +658,9 @@ def load_plugin(spec):
 
 
 def parse_weights(task, spec=""):
-    """{reward name: w_k}: the task's weights, with `spec` ("name=w,...", a name being a built-in reward or
-    path/to/file.py:function) overriding them. ValueError says in one line what is wrong."""
+    """{reward name: w_k}: the task's weights, with `spec` ("name=w,...", a name being a built-in
+    reward or path/to/file.py:function) overriding them. ValueError says in one line what is
+    wrong."""
     weights = dict(TASK_REWARDS[task])
     for item in filter(None, (x.strip() for x in spec.split(","))):
         name, eq, w = item.rpartition("=")
@@ -659,11 +682,11 @@ def parse_weights(task, spec=""):
 
 # ---------------------------------------------------------------------------------------------
 # Held-out metrics, built on the same parsers as the rewards: one scored prediction per completion
-# (score), and a task's summary of them (summarize).
-#   rec:   acc50 (IoU >= 0.5), miou, center_error, area_ratio, right_object, parsed_rate, format_rate
-#   cls:   accuracy (normalized exact match), format_rate
-#   count: accuracy (exact numeric match), mae, parsed_rate, format_rate
-#   det:   map (COCO-style, IoU 0.50:0.95, 101-point), ap50, ap75, pred_per_gt (#pred / #gt), parsed_rate, format_rate
+# (score), and a task's summary of them (summarize). rec:   acc50 (IoU >= 0.5), miou, center_error,
+# area_ratio, right_object, parsed_rate, format_rate cls:   accuracy (normalized exact match),
+# format_rate count: accuracy (exact numeric match), mae, parsed_rate, format_rate det:   map
+# (COCO-style, IoU 0.50:0.95, 101-point), ap50, ap75, pred_per_gt (#pred / #gt), parsed_rate,
+# format_rate
 # ---------------------------------------------------------------------------------------------
 def box_metrics(pred, gt_box, width, height):
     """IoU, centre distance / image diagonal, and predicted area / true area."""
@@ -729,7 +752,8 @@ def summarize(task, preds):
             parsed_rate=len(parsed) / len(preds),
             center_error=mean(p["center_error"] for p in parsed),
             area_ratio=mean(p["area_ratio"] for p in parsed),
-            # of the boxes that overlap some object, the share whose best-overlapping object is the target
+            # of the boxes that overlap some object, the share whose best-overlapping object is the
+            # target
             right_object=mean(
                 p["chosen_object"] == 0 for p in parsed if p["chosen_object"] is not None
             ),
@@ -754,8 +778,8 @@ def summarize(task, preds):
 
 
 def rollout_stats(task, texts, gts):
-    """Statistics of a step's sampled completions, logged beside the rewards: for det, #pred / #gt (VLM-R1's
-    detection reward hacking shows as its climb)."""
+    """Statistics of a step's sampled completions, logged beside the rewards: for det, #pred / #gt
+    (VLM-R1's detection reward hacking shows as its climb)."""
     if task != "det":
         return {}
     n_pred = sum(len(parse_detections(t) or []) for t in texts)

@@ -1,21 +1,23 @@
 """Supervised fine-tuning on the same rows (the tiny models' warm start; the SFT baseline).
 
-    python sft.py --task TASK --model PATH --output-dir DIR --steps N --prompts-per-step B [--train-data DATA --image-root DIR]
+    python sft.py --task TASK --model PATH --output-dir DIR --steps N --prompts-per-step B
+    [--train-data DATA --image-root DIR]
 
-Same arguments as grpo_vlm.py (those that apply: the data formats, --eval-data, --max-prompt-length too). With the same --task, --steps, --prompts-per-step and --seed as
-a GRPO run, it trains on the same images in the same order: the matched-budget SFT baseline. The steps are
-grpo_vlm.sft_steps, which is also Vision-R1's cold start (grpo_vlm.py --sft-steps N).
+Same arguments as grpo_vlm.py (those that apply: the data formats, --eval-data, --max-prompt-length
+too). With the same --task, --steps, --prompts-per-step and --seed as a GRPO run, it trains on the
+same images in the same order: the matched-budget SFT baseline. The steps are grpo_vlm.sft_steps,
+which is also Vision-R1's cold start (grpo_vlm.py --sft-steps N).
 
-Targets (data.sft_target) are a short chain of thought that first lists every object left to right, then
-concludes, then answers in the model's coordinate space, e.g. for rec:
+Targets (data.sft_target) are a short chain of thought that first lists every object left to right,
+then concludes, then answers in the model's coordinate space, e.g. for rec:
 
-    <think> red square top left , blue circle center right . the blue circle is at the center right </think>
-    <answer> [71, 40, 104, 73] </answer>
+    <think> red square top left , blue circle center right . the blue circle is at the center right
+    </think> <answer> [71, 40, 104, 73] </answer>
 
-A row with a `response` field is trained on that text instead. The loss is the mean negative log-likelihood of
-the target tokens. Listing every object teaches the tiny model what each object looks like (dense
-supervision); with only the target named, the same model stayed near chance at picking the right object for
-3000 steps (see README).
+A row with a `response` field is trained on that text instead. The loss is the mean negative
+log-likelihood of the target tokens. Listing every object teaches the tiny model what each object
+looks like (dense supervision); with only the target named, the same model stayed near chance at
+picking the right object for 3000 steps (see README).
 """
 
 import sys
@@ -33,7 +35,8 @@ def main(argv=None):
     args = g.parse_args(argv)
     if args.lora_r or args.optim != "adamw":
         sys.exit(
-            "error: sft.py is a full fine-tune with AdamW: --lora-r and --optim are grpo_vlm.py's flags"
+            "error: sft.py is a full fine-tune with AdamW: --lora-r and --optim are grpo_vlm.py's "
+            "flags"
         )
     if not any(a.split("=")[0] == "--output-dir" for a in argv):  # never GRPO's default folder
         args.output_dir = f"runs/sft-{args.task}"

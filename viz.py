@@ -1,11 +1,13 @@
-"""Pictures of predicted boxes: a grid of images, each with its true box(es) in white and each model's predicted
-box(es) in that model's colour, the phrase above it and each model's IoU below it (rec and det).
+"""Pictures of predicted boxes: a grid of images, each with its true box(es) in white and each
+model's predicted box(es) in that model's colour, the phrase above it and each model's IoU below it
+(rec and det).
 
-    python eval.py --task rec --model checkpoints/tiny-qwen2.5-vl-rec runs/rec/final --n 8 --visualize 8
+    python eval.py --task rec --model checkpoints/tiny-qwen2.5-vl-rec runs/rec/final --n 8
+    --visualize 8
 
-draws the grid of the models eval.py compares (eval.py); grpo_vlm.py draws one of the final model on the held-out
-test split at the end of a run on the synthetic world (held_out_grid). Drawn from eval's scored predictions
-(rewards.score): boxes already in original pixels.
+draws the grid of the models eval.py compares (eval.py); grpo_vlm.py draws one of the final model on
+the held-out test split at the end of a run on the synthetic world (held_out_grid). Drawn from
+eval's scored predictions (rewards.score): boxes already in original pixels.
 """
 
 import math
@@ -15,8 +17,8 @@ import data
 import rewards
 
 TASKS = ("rec", "det")  # the tasks with boxes to draw
-# (box, text) colours: the true boxes black in a white halo (no shape is black); each model's in a black halo, its
-# text a darker shade of the same hue (readable on white)
+# (box, text) colours: the true boxes black in a white halo (no shape is black); each model's in a
+# black halo, its text a darker shade of the same hue (readable on white)
 TRUE = ("black", "black")
 COLOURS = [
     ("#ff1fce", "#c4009a"),
@@ -49,8 +51,9 @@ def phrase(row):
 
 
 def det_iou(pred_boxes, true_boxes):
-    """Visual-RFT's detection IoU (rewards.det_iou_reward on boxes in original pixels): the sum of the IoUs of
-    greedy matches above 0.5 / max(#true, #pred), and the number matched; (0, 0) for an unparsed answer."""
+    """Visual-RFT's detection IoU (rewards.det_iou_reward on boxes in original pixels): the sum of
+    the IoUs of greedy matches above 0.5 / max(#true, #pred), and the number matched; (0, 0) for an
+    unparsed answer."""
     if not pred_boxes:
         return (1.0 if not true_boxes else 0.0), 0
     matches = rewards.match_detections(pred_boxes, true_boxes, 0.5)
@@ -58,15 +61,16 @@ def det_iou(pred_boxes, true_boxes):
 
 
 def model_label(path):
-    """A short name for a model path: its folder name, with its parent's for a run's final/checkpoint folder."""
+    """A short name for a model path: its folder name, with its parent's for a run's
+    final/checkpoint folder."""
     parts = os.path.normpath(str(path)).split(os.sep)
     generic = parts[-1] in ("final", "cold-start") or parts[-1].startswith("checkpoint-")
     return "/".join(parts[-2:]) if generic and len(parts) > 1 else parts[-1]
 
 
 def save_grid(path, task, rows, preds, n=None):
-    """Draw the first n rows (all if None) with each model's predictions, preds = {label: [rewards.score dict per row]},
-    and save the PNG at `path` (size grid_size). Returns the path."""
+    """Draw the first n rows (all if None) with each model's predictions, preds = {label:
+    [rewards.score dict per row]}, and save the PNG at `path` (size grid_size). Returns the path."""
     from matplotlib import patheffects
     from matplotlib.figure import Figure  # the object API: no pyplot, no display
     from matplotlib.patches import Rectangle
@@ -111,18 +115,13 @@ def save_grid(path, task, rows, preds, n=None):
         ax.set_axis_off()
         ax.set_xlim(0, im.width)
         ax.set_ylim(im.height, 0)
-        box = lambda b, colour, lw, ls="-": ax.add_patch(
-            Rectangle(  # noqa: E731
-                (b[0], b[1]),
-                b[2] - b[0],
-                b[3] - b[1],
-                fill=False,
-                edgecolor=colour,
-                lw=lw,
-                ls=ls,
-                path_effects=halo["white" if colour == "black" else "black"],
-            )
-        )
+
+        def box(b, colour, lw, ls="-"):
+            edge = halo["white" if colour == "black" else "black"]
+            w, h = b[2] - b[0], b[3] - b[1]
+            kw = dict(fill=False, edgecolor=colour, lw=lw, ls=ls, path_effects=edge)
+            ax.add_patch(Rectangle((b[0], b[1]), w, h, **kw))
+
         true_boxes = [row["solution"]] if task == "rec" else row["solution"]
         for b in true_boxes:
             box(b, TRUE[0], 2.2)
@@ -157,7 +156,8 @@ def save_grid(path, task, rows, preds, n=None):
                     )
                 iou, matched = det_iou(dets, true_boxes)
                 line = (
-                    f"{len(dets)} box{'es' * (len(dets) != 1)}, {matched} of {len(true_boxes)} found, IoU {iou:.2f}"
+                    f"{len(dets)} box{'es' * (len(dets) != 1)}, {matched} of {len(true_boxes)} "
+                    f"found, IoU {iou:.2f}"
                     if p["pred_boxes"] is not None
                     else "no parsable answer"
                 )
@@ -175,8 +175,9 @@ def save_grid(path, task, rows, preds, n=None):
 
 
 def held_out_grid(args, predict, n=8):
-    """At the end of a run on the synthetic world (rec, det): the final model's boxes on the first n images of the
-    held-out test split, in OUTPUT/held_out.png. `predict(rows)` returns rewards.score dicts (grpo_vlm.evaluate)."""
+    """At the end of a run on the synthetic world (rec, det): the final model's boxes on the first n
+    images of the held-out test split, in OUTPUT/held_out.png. `predict(rows)` returns rewards.score
+    dicts (grpo_vlm.evaluate)."""
     if args.task not in TASKS or args.train_data:
         return None
     rows = data.synthetic_split("test", n, args.task)

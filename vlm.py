@@ -1,19 +1,26 @@
-"""The model family: everything that differs between vision-language models, behind one adapter per family.
+"""The model family: everything that differs between vision-language models, behind one adapter per
+family.
 
 grpo_vlm.py never reaches into a model; it calls these hooks of the adapter that `load` returns:
-  family.encode(rows, device) -> prompt, sizes   chat template, image, placeholder expansion, left padding
+  family.encode(rows, device) -> prompt, sizes   chat template, image, placeholder expansion,
+                                                 left padding
   family.select(prompt, first, last)             prompts first..last-1 of a batch, with their images
-  family.prefill(model, prompt, G, extra)        one forward of each prompt; its KV cache repeated G times
+  family.prefill(model, prompt, G, extra)        one forward of each prompt; its KV cache repeated
+                                                 G times
   family.decode(model, tokens, state, t)         one decode step of all B*G rows
-  family.pack(model, prompt, copies, ids, mask)  shared-prefix layout of completions for the training forward
-  family.hidden(model, packed)                   the hidden states that predict each completion token
+  family.pack(model, prompt, copies, ids, mask)  shared-prefix layout of completions for the
+                                                 training forward
+  family.hidden(model, packed)                   the hidden states that predict each completion
+                                                 token
   family.vision(model)                           what --freeze-vision freezes
-  family.coord_space, family.suppress, eos_id    the boxes' coordinate space; tokens never sampled; the EOS
+  family.coord_space, family.suppress, eos_id    the boxes' coordinate space; tokens never sampled;
+                                                 the EOS
   family.save(model, out, weights)               everything load() reads back
-  family.prompt_text, family.image_tokens        the prompt's text and an image's token count (prompt_lengths)
-packed_logps turns a pack's hidden states into log pi(o_t | q, o_<t) / T (the training forward). Families: Qwen2-VL,
-Qwen2.5-VL, Qwen3-VL, Qwen3.5, Gemma 3 (ADAPTERS). A model type with no adapter is refused before any weight is
-loaded: a family we have not tested never trains.
+  family.prompt_text, family.image_tokens        the prompt's text and an image's token count
+                                                 (prompt_lengths)
+packed_logps turns a pack's hidden states into log pi(o_t | q, o_<t) / T (the training forward).
+Families: Qwen2-VL, Qwen2.5-VL, Qwen3-VL, Qwen3.5, Gemma 3 (ADAPTERS). A model type with no adapter
+is refused before any weight is loaded: a family we have not tested never trains.
 """
 
 import contextlib
@@ -30,11 +37,13 @@ import data
 
 
 def precision(model):
-    """bf16 autocast over fp32 weights on a GPU, plain fp32 on the CPU. AdamW moves a weight by about lr:
-    at lr 1e-6 that is far below the spacing of bf16 numbers (1/256 of the weight), so bf16 weights
-    would round most updates away; fp32 master weights keep them (as DeepSpeed's bf16 mode does)."""
+    """bf16 autocast over fp32 weights on a GPU, plain fp32 on the CPU. AdamW moves a weight by
+    about lr: at lr 1e-6 that is far below the spacing of bf16 numbers (1/256 of the weight), so
+    bf16 weights would round most updates away; fp32 master weights keep them (as DeepSpeed's bf16
+    mode does)."""
     on_gpu = next(model.parameters()).device.type == "cuda"
-    # no cast cache: it would keep a bf16 copy of every weight (2 bytes a parameter) until the region ends
+    # no cast cache: it would keep a bf16 copy of every weight (2 bytes a parameter) until the
+    # region ends
     return (
         torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=False)
         if on_gpu
@@ -42,8 +51,8 @@ def precision(model):
     )
 
 
-# LoRA's default targets (--lora-targets): the language model's attention and MLP projections (Qwen3.5's Gated
-# DeltaNet layers: their large projections), never the vision tower
+# LoRA's default targets (--lora-targets): the language model's attention and MLP projections
+# (Qwen3.5's Gated DeltaNet layers: their large projections), never the vision tower
 LORA_TARGETS = (
     r".*language_model\.layers\.\d+\.(self_attn|linear_attn|mlp)\."
     r"(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj|in_proj_qkv|in_proj_z|out_proj)"
@@ -51,27 +60,29 @@ LORA_TARGETS = (
 
 
 def logp_gap_limit(model):
-    """The default --max-logp-gap: per-token agreement of the rollout and the training forward that fp32, or bf16
-    autocast, keeps on every tested family (README: "Model families")."""
+    """The default --max-logp-gap: per-token agreement of the rollout and the training forward that
+    fp32, or bf16 autocast, keeps on every tested family (README: "Model families")."""
     return 0.02 if isinstance(precision(model), torch.autocast) else 1e-4
 
 
 def mm_types(input_ids, image_token_id):
-    """Modality of each token (0 text, 1 image). Without it MRoPE silently falls back to 1-D positions."""
+    """Modality of each token (0 text, 1 image). Without it MRoPE silently falls back to 1-D
+    positions."""
     return (input_ids == image_token_id).int()
 
 
 def cache_dtype(model):
-    """The rollout's KV cache dtype: bf16 under autocast (attention reads its keys and values in bf16 anyway; RoPE
-    would otherwise leave the keys in fp32, at twice the memory), else the prefill's."""
+    """The rollout's KV cache dtype: bf16 under autocast (attention reads its keys and values in
+    bf16 anyway; RoPE would otherwise leave the keys in fp32, at twice the memory), else the
+    prefill's."""
     return torch.bfloat16 if isinstance(precision(model), torch.autocast) else None
 
 
 class RoomyLayer(DynamicLayer):
-    """One layer's KV cache for decoding G samples per prompt: each prompt's keys and values repeated G times
-    (prompt-major), with room for `extra` more positions, in `dtype` (None: the prefill's). update() writes new keys
-    and values in place and returns views, where DynamicLayer would torch.cat the whole cache at every decode step
-    (O(length^2) bytes copied)."""
+    """One layer's KV cache for decoding G samples per prompt: each prompt's keys and values
+    repeated G times (prompt-major), with room for `extra` more positions, in `dtype` (None: the
+    prefill's). update() writes new keys and values in place and returns views, where DynamicLayer
+    would torch.cat the whole cache at every decode step (O(length^2) bytes copied)."""
 
     def __init__(self, layer, G, extra, dtype=None):
         if getattr(
@@ -102,9 +113,10 @@ class RoomyLayer(DynamicLayer):
 
 
 def shared_prefix(prompt_ids, prompt_mask, copies, completion_ids, comp_mask):
-    """The shared-prefix layout of pack(): completion i continues prompt copies[i]. Each prompt's row holds the prompt
-    and then its completions one after another; `seen` [n, S, S] lets each completion see the prompt and its own
-    earlier tokens only. `col` is where completion i's tokens go, `pred` where each of them is predicted."""
+    """The shared-prefix layout of pack(): completion i continues prompt copies[i]. Each prompt's
+    row holds the prompt and then its completions one after another; `seen` [n, S, S] lets each
+    completion see the prompt and its own earlier tokens only. `col` is where completion i's tokens
+    go, `pred` where each of them is predicted."""
     n_p, P = prompt_ids.shape
     L, dev = completion_ids.shape[1], prompt_ids.device
     slot = (
@@ -127,7 +139,8 @@ def shared_prefix(prompt_ids, prompt_mask, copies, completion_ids, comp_mask):
         & ((block[:, None, :] == -1) | (block[:, None, :] == block[:, :, None]))
     )
     seen |= torch.eye(S, dtype=torch.bool, device=dev)  # no query may see nothing (NaN in softmax)
-    # token t of completion i is predicted at its position t-1; token 0 at the prompt's last position
+    # token t of completion i is predicted at its position t-1; token 0 at the prompt's last
+    # position
     pred = torch.cat([torch.full_like(col[:, :1], P - 1), col[:, :-1]], 1)
     return {
         "ids": ids,
@@ -147,8 +160,8 @@ def file_of(path, name):
 
 
 class Qwen2VL:
-    """Qwen2-VL: an image is t*h*w patches, merged 2x2 into <|image_pad|> tokens; MRoPE positions (3 axes over the
-    image grid, text counting on from the maximum); boxes in 0-1000."""
+    """Qwen2-VL: an image is t*h*w patches, merged 2x2 into <|image_pad|> tokens; MRoPE positions (3
+    axes over the image grid, text counting on from the maximum); boxes in 0-1000."""
 
     coord_space = "norm1000"
     image_token = "<|image_pad|>"
@@ -176,8 +189,8 @@ class Qwen2VL:
         return AutoTokenizer.from_pretrained(path, padding_side="left")
 
     def encode(self, rows, device="cpu"):
-        """Chat template + image -> left-padded prompt ids with <|image_pad|> expanded to the image's tokens;
-        sizes are (input w, input h, original w, original h)."""
+        """Chat template + image -> left-padded prompt ids with <|image_pad|> expanded to the
+        image's tokens; sizes are (input w, input h, original w, original h)."""
         images = [data.load_image(r["image_path"]) for r in rows]
         vis = self.image_processor(images=images, return_tensors="pt")
         grid, merge = vis["image_grid_thw"], self.image_processor.merge_size
@@ -200,21 +213,24 @@ class Qwen2VL:
         }, sizes
 
     def prompt_text(self, problem, image_tokens):
-        """The chat-templated prompt of a problem, its image placeholder expanded to `image_tokens` tokens."""
+        """The chat-templated prompt of a problem, its image placeholder expanded to `image_tokens`
+        tokens."""
         text = self.tokenizer.apply_chat_template(
             data.build_messages(problem), tokenize=False, add_generation_prompt=True
         )
         return text.replace(self.image_token, self.image_token * image_tokens, 1)
 
     def image_tokens(self, width, height):
-        """The tokens of a width x height image: its patches after the processor's resize, merge_size^2 to a token."""
+        """The tokens of a width x height image: its patches after the processor's resize,
+        merge_size^2 to a token."""
         return (
             self.image_processor.get_number_of_image_patches(height, width)
             // self.image_processor.merge_size**2
         )
 
     def select(self, prompt, first, last):
-        """Prompts first..last-1 with their images (pixel_values holds each image's patches one after another)."""
+        """Prompts first..last-1 with their images (pixel_values holds each image's patches one
+        after another)."""
         patches = prompt["image_grid_thw"].prod(-1)
         p0, p1 = int(patches[:first].sum()), int(patches[:last].sum())
         return {
@@ -232,8 +248,9 @@ class Qwen2VL:
         )[0]
 
     def prefill(self, model, prompt, G, extra):
-        """Each prompt, image included, through the model once; its KV cache then repeated G times (prompt-major)
-        with room for `extra` tokens. Returns the last position's logits, G times, and the decoding state."""
+        """Each prompt, image included, through the model once; its KV cache then repeated G times
+        (prompt-major) with room for `extra` tokens. Returns the last position's logits, G times,
+        and the decoding state."""
         ids, mask, grid = prompt["input_ids"], prompt["attention_mask"], prompt["image_grid_thw"]
         position_ids = self.positions(model, ids, mask, grid)
         with precision(model):
@@ -278,14 +295,16 @@ class Qwen2VL:
             )
 
     def pack(self, model, prompt, copies, completion_ids, comp_mask):
-        """Shared-prefix packing (shared_prefix) for one forward: each prompt, image included, computed once, and each
-        completion at the positions it had when sampled. The layout depends on the tokens only, so the policy,
-        reference and old-policy forwards of a micro-batch share one."""
+        """Shared-prefix packing (shared_prefix) for one forward: each prompt, image included,
+        computed once, and each completion at the positions it had when sampled. The layout depends
+        on the tokens only, so the policy, reference and old-policy forwards of a micro-batch share
+        one."""
         p = shared_prefix(
             prompt["input_ids"], prompt["attention_mask"], copies, completion_ids, comp_mask
         )
         (n_p, S), P, L = p["ids"].shape, prompt["input_ids"].shape[1], completion_ids.shape[1]
-        # positions: MRoPE for the prompt; each completion counts on from the prompt's maximum, as when sampled
+        # positions: MRoPE for the prompt; each completion counts on from the prompt's maximum, as
+        # when sampled
         prompt_pos = self.positions(
             model, prompt["input_ids"], prompt["attention_mask"], prompt["image_grid_thw"]
         )
@@ -307,8 +326,9 @@ class Qwen2VL:
         }
 
     def image_embeds(self, model, p):
-        """Token embeddings with each image's features (the vision tower runs once per image) in its placeholders,
-        and the features themselves. A pack with `copies` has one row per completion: image copies[i] in row i."""
+        """Token embeddings with each image's features (the vision tower runs once per image) in its
+        placeholders, and the features themselves. A pack with `copies` has one row per completion:
+        image copies[i] in row i."""
         feats = model.model.get_image_features(p["pixel_values"], p["grid"])
         merged = list(
             feats.pooler_output if hasattr(feats, "pooler_output") else feats
@@ -333,8 +353,8 @@ class Qwen2VL:
         return model.model.visual
 
     def save(self, model, out, weights=None):
-        """Model (its `weights` if given: a sharded model's, gathered), tokenizer, image processor and chat template:
-        what load() reads."""
+        """Model (its `weights` if given: a sharded model's, gathered), tokenizer, image processor
+        and chat template: what load() reads."""
         os.makedirs(out, exist_ok=True)
         model.save_pretrained(out, state_dict=weights)
         self.tokenizer.save_pretrained(out)
@@ -350,13 +370,15 @@ class Qwen25VL(Qwen2VL):
 
 
 class Qwen3VL(Qwen2VL):
-    """Qwen3-VL: as Qwen2-VL (patch 16, interleaved MRoPE, boxes in 0-1000), plus DeepStack: the vision tower also
-    returns features of some of its middle blocks, which the language model adds to the image tokens' hidden states
-    after its first layers. A forward that scatters the image features itself must pass those levels on too."""
+    """Qwen3-VL: as Qwen2-VL (patch 16, interleaved MRoPE, boxes in 0-1000), plus DeepStack: the
+    vision tower also returns features of some of its middle blocks, which the language model adds
+    to the image tokens' hidden states after its first layers. A forward that scatters the image
+    features itself must pass those levels on too."""
 
     def hidden(self, model, p):
         embeds, feats = self.image_embeds(model, p)
-        # per level: a tuple of per-image tensors (transformers 5.23) or one tensor of all images (5.17)
+        # per level: a tuple of per-image tensors (transformers 5.23) or one tensor of all images
+        # (5.17)
         deep = [
             (torch.cat(list(f)) if isinstance(f, (list, tuple)) else f).to(embeds.dtype)
             for f in feats.deepstack_features
@@ -373,15 +395,17 @@ class Qwen3VL(Qwen2VL):
 
 
 class Qwen35(Qwen2VL):
-    """Qwen3.5: Qwen3-VL's vision (no DeepStack) and a hybrid text model: three of every four layers are Gated
-    DeltaNet (linear attention), which carry a recurrent state and ignore 4-D masks. So the rollout repeats their
-    states G times, and the training forward holds one completion per row (a shared-prefix row would run one
-    completion's recurrence into the next); each image still goes through the vision tower once."""
+    """Qwen3.5: Qwen3-VL's vision (no DeepStack) and a hybrid text model: three of every four layers
+    are Gated DeltaNet (linear attention), which carry a recurrent state and ignore 4-D masks. So
+    the rollout repeats their states G times, and the training forward holds one completion per row
+    (a shared-prefix row would run one completion's recurrence into the next); each image still goes
+    through the vision tower once."""
 
     @staticmethod
     def load_tokenizer(path):
-        """AutoTokenizer, except for a word-level tokenizer.json (the tiny test models): on transformers 5.23
-        AutoTokenizer forces Qwen3_5Tokenizer, which rebuilds such a vocabulary as byte-level BPE and splits words."""
+        """AutoTokenizer, except for a word-level tokenizer.json (the tiny test models): on
+        transformers 5.23 AutoTokenizer forces Qwen3_5Tokenizer, which rebuilds such a vocabulary as
+        byte-level BPE and splits words."""
         from transformers import PreTrainedTokenizerFast
 
         with open(file_of(path, "tokenizer.json")) as f:
@@ -412,8 +436,8 @@ class Qwen35(Qwen2VL):
         return layer
 
     def pack(self, model, prompt, copies, completion_ids, comp_mask):
-        """Row i: the left-padded prompt copies[i], then completion i. The linear layers zero the padded inputs
-        (2-D mask), so their states stay zero over the padding."""
+        """Row i: the left-padded prompt copies[i], then completion i. The linear layers zero the
+        padded inputs (2-D mask), so their states stay zero over the padding."""
         ids_p, mask_p, grid = (
             prompt["input_ids"],
             prompt["attention_mask"],
@@ -448,10 +472,11 @@ class Qwen35(Qwen2VL):
 
 
 class Gemma3(Qwen2VL):
-    """Gemma 3: each image resized to one square and pooled to a fixed block of mm_tokens_per_image soft tokens,
-    with bidirectional attention inside the block; 1-D positions; sliding-window layers mixed with global ones; the
-    vision part is the SigLIP tower and a projector. No trained box format (no <loc> tokens): we use 0-1000, which
-    does not depend on the processor's image size. A turn ends with <end_of_turn>, the EOS we stop on."""
+    """Gemma 3: each image resized to one square and pooled to a fixed block of mm_tokens_per_image
+    soft tokens, with bidirectional attention inside the block; 1-D positions; sliding-window layers
+    mixed with global ones; the vision part is the SigLIP tower and a projector. No trained box
+    format (no <loc> tokens): we use 0-1000, which does not depend on the processor's image size. A
+    turn ends with <end_of_turn>, the EOS we stop on."""
 
     image_processor_class = "Gemma3ImageProcessorPil"
 
@@ -495,7 +520,8 @@ class Gemma3(Qwen2VL):
         return {k: v[first:last] for k, v in prompt.items()}  # one image per prompt
 
     def positions(self, model, ids, mask, grid=None):
-        """1-D positions of a left-padded batch: the index among the row's real tokens (as HF generate)."""
+        """1-D positions of a left-padded batch: the index among the row's real tokens (as HF
+        generate)."""
         return (mask.long().cumsum(-1) - 1).clamp(min=0)
 
     def prefill(self, model, prompt, G, extra):
@@ -503,8 +529,9 @@ class Gemma3(Qwen2VL):
 
         ids, mask = prompt["input_ids"], prompt["attention_mask"]
         pos = self.positions(model, ids, mask)
-        # a plain DynamicCache keeps every position of the sliding layers too (the decode steps' masks window them);
-        # the cache HF builds from the config would already have dropped all but the window
+        # a plain DynamicCache keeps every position of the sliding layers too (the decode steps'
+        # masks window them); the cache HF builds from the config would already have dropped all but
+        # the window
         cache = DynamicCache()
         with precision(model):
             out = model(
@@ -541,8 +568,8 @@ class Gemma3(Qwen2VL):
             )
 
     def pack(self, model, prompt, copies, completion_ids, comp_mask):
-        """Shared-prefix packing with one 4-D mask per layer type: the image block sees itself both ways, and the
-        sliding layers see only keys fewer than `window` positions back."""
+        """Shared-prefix packing with one 4-D mask per layer type: the image block sees itself both
+        ways, and the sliding layers see only keys fewer than `window` positions back."""
         p = shared_prefix(
             prompt["input_ids"], prompt["attention_mask"], copies, completion_ids, comp_mask
         )
@@ -595,8 +622,8 @@ ADAPTERS = {
 
 
 def image_processor(path, family):
-    """The family's PIL image processor, as named in preprocessor_config.json (torchvision, which the fast ones
-    need, does not import with every torch)."""
+    """The family's PIL image processor, as named in preprocessor_config.json (torchvision, which
+    the fast ones need, does not import with every torch)."""
     import transformers
 
     with open(file_of(path, "preprocessor_config.json")) as f:
@@ -608,15 +635,17 @@ def image_processor(path, family):
 
 
 def adapter(path, config=None):
-    """The family adapter of a checkpoint (its tokenizer, PIL image processor and config) without its weights: all
-    the upfront prompt-length check needs. A model type with no adapter is refused with one line."""
+    """The family adapter of a checkpoint (its tokenizer, PIL image processor and config) without
+    its weights: all the upfront prompt-length check needs. A model type with no adapter is refused
+    with one line."""
     from transformers import AutoConfig
 
     config = config or AutoConfig.from_pretrained(path)
     family = ADAPTERS.get(config.model_type)
     if family is None:
         sys.exit(
-            f"error: {path}: model type {config.model_type!r} is not supported (untested families are never "
+            f"error: {path}: model type {config.model_type!r} is not supported (untested families "
+            "are never "
             f"trained); supported: {', '.join(ADAPTERS)}"
         )
     tokenizer = family.load_tokenizer(path)
@@ -629,19 +658,21 @@ def adapter(path, config=None):
 
 
 def load(path, device="cpu"):
-    """(model, family): the HF model in fp32 with SDPA attention, and its family's adapter (loaded first: an
-    unsupported model type is refused before a weight loads). `path` may be a LoRA adapter folder (a LoRA run's
-    checkpoint or final model): its base model with the adapter in place.
+    """(model, family): the HF model in fp32 with SDPA attention, and its family's adapter (loaded
+    first: an unsupported model type is refused before a weight loads). `path` may be a LoRA adapter
+    folder (a LoRA run's checkpoint or final model): its base model with the adapter in place.
 
-    We never use AutoProcessor: it can silently return only the tokenizer, and Qwen's processor needs torchvision
-    for videos. The tokenizer and the family's image-only PIL processor suffice."""
+    We never use AutoProcessor: it can silently return only the tokenizer, and Qwen's processor
+    needs torchvision for videos. The tokenizer and the family's image-only PIL processor
+    suffice."""
     from transformers import AutoConfig, AutoModelForImageTextToText, GenerationConfig
 
     base = lora_base(path)  # a LoRA adapter folder: its base model, then the adapter
     config = AutoConfig.from_pretrained(base)
     family = adapter(path, config)
-    # fp32 weights everywhere; on a GPU the forwards run in bf16 autocast (precision()). SDPA, also where flash-attn
-    # is installed: the training forward's block attention mask (pack) is beyond flash-attn's kernels.
+    # fp32 weights everywhere; on a GPU the forwards run in bf16 autocast (precision()). SDPA, also
+    # where flash-attn is installed: the training forward's block attention mask (pack) is beyond
+    # flash-attn's kernels.
     model = AutoModelForImageTextToText.from_pretrained(
         base, dtype=torch.float32, attn_implementation="sdpa"
     )
@@ -652,8 +683,8 @@ def load(path, device="cpu"):
     model = model.to(device)
     if base != path:
         frozen_to_bf16(model)
-    # Rollouts must come from exactly the policy the loss scores: a hub generation_config's repetition penalty,
-    # top-k or top-p would change them, so only the special tokens are kept.
+    # Rollouts must come from exactly the policy the loss scores: a hub generation_config's
+    # repetition penalty, top-k or top-p would change them, so only the special tokens are kept.
     gc = model.generation_config
     model.generation_config = GenerationConfig(
         bos_token_id=gc.bos_token_id, eos_token_id=gc.eos_token_id, pad_token_id=gc.pad_token_id
@@ -662,8 +693,9 @@ def load(path, device="cpu"):
 
 
 def prompt_lengths(family, rows):
-    """(prompt tokens, image tokens) of each checked row, as family.encode will make them, from the problem's text and
-    the image's size alone (no pixel is decoded; the text is tokenized once per distinct problem)."""
+    """(prompt tokens, image tokens) of each checked row, as family.encode will make them, from the
+    problem's text and the image's size alone (no pixel is decoded; the text is tokenized once per
+    distinct problem)."""
     text, out = {}, []
     for r in rows:
         if r["problem"] not in text:
@@ -677,8 +709,8 @@ def prompt_lengths(family, rows):
     return out
 
 
-# ---------------------------------------------------------------------------------------------
-# log pi(o_t | q, o_<t) / T of completion tokens only, from the family's packed forward, in chunks whose
+# --------------------------------------------------------------------------------------------- log
+# pi(o_t | q, o_<t) / T of completion tokens only, from the family's packed forward, in chunks whose
 # [chunk, vocab] logits are recomputed in backward (checkpoint): only log-probs are kept.
 def _chunk_logps(h, y, lm_head, T):
     logits = lm_head(h).float() / T
@@ -697,7 +729,8 @@ def chunked_logps(hidden, lm_head, targets, T, chunk):
 
 
 def packed_logps(model, family, packed, T, chunk):
-    """log pi(o_t | q, o_<t) / T of every completion token of a family.pack(): the training forward."""
+    """log pi(o_t | q, o_<t) / T of every completion token of a family.pack(): the training
+    forward."""
     with precision(model):
         return chunked_logps(
             family.hidden(model, packed), model.lm_head, packed["targets"], T, chunk
@@ -705,14 +738,16 @@ def packed_logps(model, family, packed, T, chunk):
 
 
 def completion_logps(model, family, prompt, copies, completion_ids, comp_mask, T, chunk):
-    """log pi(o_t | q, o_<t) / T for every completion token; completion i continues prompt copies[i]."""
+    """log pi(o_t | q, o_<t) / T for every completion token; completion i continues prompt
+    copies[i]."""
     return packed_logps(
         model, family, family.pack(model, prompt, copies, completion_ids, comp_mask), T, chunk
     )
 
 
 def enable_checkpointing(model):
-    """Recompute activations in backward (renamed after transformers 5.17; the old name warns on newer versions)."""
+    """Recompute activations in backward (renamed after transformers 5.17; the old name warns on
+    newer versions)."""
     if hasattr(model, "activation_checkpointing_enable"):
         model.activation_checkpointing_enable(
             activation_checkpointing_kwargs={"use_reentrant": False}
@@ -721,13 +756,15 @@ def enable_checkpointing(model):
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
-# ---------------------------------------------------------------------------------------------
-# LoRA (Hu et al. 2021): W x + (alpha / r) B A x on the targeted linear layers; only A and B train. The adapters go
-# into the HF model in place (transformers' peft integration), so the model stays the HF class every hook above
-# calls; save_pretrained then writes the adapter only (adapter_model.safetensors, adapter_config.json).
+# --------------------------------------------------------------------------------------------- LoRA
+# (Hu et al. 2021): W x + (alpha / r) B A x on the targeted linear layers; only A and B train. The
+# adapters go into the HF model in place (transformers' peft integration), so the model stays the HF
+# class every hook above calls; save_pretrained then writes the adapter only
+# (adapter_model.safetensors, adapter_config.json).
 def lora_modules(model, family, targets, freeze_vision=False):
-    """Names of the linear layers whose full name matches the regex `targets` (empty: LORA_TARGETS); with
-    --freeze-vision none in the vision tower (a frozen tower gets no adapter). Refused with one line if none match."""
+    """Names of the linear layers whose full name matches the regex `targets` (empty: LORA_TARGETS);
+    with --freeze-vision none in the vision tower (a frozen tower gets no adapter). Refused with one
+    line if none match."""
     frozen = {id(m) for m in family.vision(model).modules()} if freeze_vision else set()
     names = [
         n
@@ -739,15 +776,17 @@ def lora_modules(model, family, targets, freeze_vision=False):
     if not names:
         sys.exit(
             f"error: --lora-targets {targets or LORA_TARGETS!r} matches no linear layer"
-            f"{' outside the frozen vision tower' if frozen else ''} (full names, as model.named_modules())"
+            f"{' outside the frozen vision tower' if frozen else ''} (full names, as "
+            "model.named_modules())"
         )
     return names
 
 
 def add_lora(model, family, args, base):
-    """Rank --lora-r adapters on lora_modules(), in place: A random, B = 0, so the run starts at exactly the base
-    model. Dropout 0: any dropout makes the training forward differ from the rollout (rho != 1 at mu = 1, and the
-    logp_gap check trips). The adapter records `base` (absolute if local), the weights load() puts it on."""
+    """Rank --lora-r adapters on lora_modules(), in place: A random, B = 0, so the run starts at
+    exactly the base model. Dropout 0: any dropout makes the training forward differ from the
+    rollout (rho != 1 at mu = 1, and the logp_gap check trips). The adapter records `base` (absolute
+    if local), the weights load() puts it on."""
     from peft import LoraConfig
 
     names = lora_modules(model, family, args.lora_targets, args.freeze_vision)
@@ -766,9 +805,9 @@ def add_lora(model, family, args, base):
 
 
 def frozen_to_bf16(model):
-    """Under bf16 autocast (a GPU), LoRA's frozen base in bf16: it never takes an update, so it needs no fp32 master
-    copy (half its memory, as --plan counts it; the forwards compute in bf16 anyway, as the full fine-tune's bf16
-    reference does). The adapters A and B stay fp32."""
+    """Under bf16 autocast (a GPU), LoRA's frozen base in bf16: it never takes an update, so it
+    needs no fp32 master copy (half its memory, as --plan counts it; the forwards compute in bf16
+    anyway, as the full fine-tune's bf16 reference does). The adapters A and B stay fp32."""
     if isinstance(precision(model), torch.autocast):
         for p in model.parameters():
             if not p.requires_grad:
@@ -786,8 +825,8 @@ def lora_base(path):
 
 @contextlib.contextmanager
 def adapters_off(model):
-    """The model without its adapters: the base weights, LoRA's pi_ref (no copy). peft's toggle also sets A and B
-    trainable again on the way back."""
+    """The model without its adapters: the base weights, LoRA's pi_ref (no copy). peft's toggle also
+    sets A and B trainable again on the way back."""
     model.disable_adapters()
     try:
         yield
@@ -796,8 +835,9 @@ def adapters_off(model):
 
 
 def merge_lora(path, out):
-    """The adapter folder `path` merged into its base's fp32 weights, W + (alpha / r) B A (a bf16 base would round
-    small deltas away), saved to `out` as a plain model: loads with from_pretrained, no peft needed."""
+    """The adapter folder `path` merged into its base's fp32 weights, W + (alpha / r) B A (a bf16
+    base would round small deltas away), saved to `out` as a plain model: loads with
+    from_pretrained, no peft needed."""
     from peft import PeftModel
 
     model, _ = load(lora_base(path))

@@ -27,8 +27,10 @@ def main(out):
                 else "OVER the bf16 limit"
             )
             print(
-                f"| logp_gap (bf16 on a GPU) | {arch} | {r['logp_gap']:.2e} per token, {r['logp_gap_max']:.2e} at worst "
-                f"(limit 0.02 / 1.0): {verdict}; max_memory_allocated {r.get('gpu_peak_gib', float('nan')):.2f} GiB |"
+                f"| logp_gap (bf16 on a GPU) | {arch} | {r['logp_gap']:.2e} per token, "
+                f"{r['logp_gap_max']:.2e} at worst "
+                f"(limit 0.02 / 1.0): {verdict}; max_memory_allocated "
+                f"{r.get('gpu_peak_gib', float('nan')):.2f} GiB |"
             )
     for arch in sorted(
         {os.path.basename(p)[4:-4] for p in glob.glob(os.path.join(out, "gap-*.log"))}
@@ -42,7 +44,8 @@ def main(out):
                 got = res["measured"][k]
                 err = f"{100 * (want - got) / got:+.0f}%" if got > 0 else "-"
                 print(
-                    f"| --plan vs measured | {shape}: {k} | planned {want / MiB:.0f} MiB, measured {got / MiB:.0f} "
+                    f"| --plan vs measured | {shape}: {k} | planned {want / MiB:.0f} MiB, measured "
+                    f"{got / MiB:.0f} "
                     f"MiB ({err}) |"
                 )
     else:
@@ -52,8 +55,10 @@ def main(out):
         res = json.load(open(path))["results"]
         o, t = res["ours"], res["trl"]
         print(
-            f"| 3B step vs TRL | s/step, peak MiB | ours {o['median_s']:.2f} s, {o['peak_mb']:.0f} MiB; TRL "
-            f"{t['median_s']:.2f} s, {t['peak_mb']:.0f} MiB; ours/TRL {o['median_s'] / t['median_s']:.2f}x time, "
+            f"| 3B step vs TRL | s/step, peak MiB | ours {o['median_s']:.2f} s, {o['peak_mb']:.0f} "
+            "MiB; TRL "
+            f"{t['median_s']:.2f} s, {t['peak_mb']:.0f} MiB; ours/TRL "
+            f"{o['median_s'] / t['median_s']:.2f}x time, "
             f"{o['peak_mb'] / t['peak_mb']:.2f}x memory |"
         )
     else:

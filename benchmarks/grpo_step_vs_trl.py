@@ -1,21 +1,24 @@
-"""One GRPO step of grpo_vlm.py against TRL's GRPOTrainer, on identical work, in alternating fresh processes.
+"""One GRPO step of grpo_vlm.py against TRL's GRPOTrainer, on identical work, in alternating fresh
+processes.
 
     pip install -r benchmarks/requirements.txt            # TRL: a benchmark-only install
     python benchmarks/grpo_step_vs_trl.py                 # CPU, the shipped tiny Qwen2.5-VL
-    python benchmarks/grpo_step_vs_trl.py --model 3b      # GPU: Qwen2.5-VL-3B architecture, random weights
+    python benchmarks/grpo_step_vs_trl.py --model 3b      # GPU: Qwen2.5-VL-3B architecture,
+                                                          # random weights
 
-Identical work: the same model and prompts (images included), the same B prompts x G completions per step,
-exactly L new tokens per completion (EOS is blocked before L on both sides, so neither stops early), the
-same beta (a reference model on both), mu = 1, gradient checkpointing, micro-batch, optimizer (AdamW, lr,
-no weight decay, grad clipping), precision and thread count. Each run is a fresh process that times
-`--warmup + --steps` optimizer steps; runs of ours and TRL alternate `--rounds` times, and the table shows
-the median over all timed steps, so a noisy machine hits both alike.
+Identical work: the same model and prompts (images included), the same B prompts x G completions per
+step, exactly L new tokens per completion (EOS is blocked before L on both sides, so neither stops
+early), the same beta (a reference model on both), mu = 1, gradient checkpointing, micro-batch,
+optimizer (AdamW, lr, no weight decay, grad clipping), precision and thread count. Each run is a
+fresh process that times `--warmup + --steps` optimizer steps; runs of ours and TRL alternate
+`--rounds` times, and the table shows the median over all timed steps, so a noisy machine hits both
+alike.
 
-Memory: on the CPU, peak resident memory of the process (and that minus the memory after imports, before
-the model loads); on a GPU, torch.cuda.max_memory_allocated. On a GPU the table also shows the physical
-floor of a step: the decode steps at measured memory bandwidth (weight bytes per decode step / bandwidth)
-plus training at the measured bf16 matmul rate (~6 x params x trained tokens, plus 2 x params x tokens for
-the reference forward), and the fraction of it each implementation reaches.
+Memory: on the CPU, peak resident memory of the process (and that minus the memory after imports,
+before the model loads); on a GPU, torch.cuda.max_memory_allocated. On a GPU the table also shows
+the physical floor of a step: the decode steps at measured memory bandwidth (weight bytes per decode
+step / bandwidth) plus training at the measured bf16 matmul rate (~6 x params x trained tokens, plus
+2 x params x tokens for the reference forward), and the fraction of it each implementation reaches.
 """
 
 import argparse
@@ -45,9 +48,10 @@ def peak_rss_mb():
 # The models: the shipped tiny one, or Qwen2.5-VL-3B's architecture with random weights
 # ---------------------------------------------------------------------------------------------
 def build_3b(out, scale=1):
-    """Qwen2.5-VL-3B-Instruct's config (hand-written: no hub here), random bf16 weights, a word-level tokenizer
-    with the real vocabulary size 151,936 and Qwen's special tokens, and an image processor for 448x448 images.
-    scale > 1 divides widths and depths, for a CPU smoke test of this path."""
+    """Qwen2.5-VL-3B-Instruct's config (hand-written: no hub here), random bf16 weights, a
+    word-level tokenizer with the real vocabulary size 151,936 and Qwen's special tokens, and an
+    image processor for 448x448 images. scale > 1 divides widths and depths, for a CPU smoke test of
+    this path."""
     import torch
     from tokenizers import AddedToken, Tokenizer, models
     from transformers import (
@@ -79,7 +83,8 @@ def build_3b(out, scale=1):
         t: tok.convert_tokens_to_ids(t)
         for t in ("<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "<|vision_end|>")
     }
-    # scale divides widths, depths and head counts alike, so head dims (text 128, vision 80) and MRoPE stay
+    # scale divides widths, depths and head counts alike, so head dims (text 128, vision 80) and
+    # MRoPE stay
     text = dict(
         vocab_size=151_936,
         hidden_size=2048 // scale,
@@ -196,8 +201,8 @@ def run_trl(a, model_path):
     import rewards
     import vlm
 
-    # Qwen2_5_VLProcessor insists on a video processor class, which needs torchvision (broken with the CPU
-    # torch here). The processor itself only touches it for videos, so skip the class check.
+    # Qwen2_5_VLProcessor insists on a video processor class, which needs torchvision (broken with
+    # the CPU torch here). The processor itself only touches it for videos, so skip the class check.
     ProcessorMixin.check_argument_for_proper_class = lambda self, name, arg: None
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model, family = vlm.load(model_path, device)
@@ -250,7 +255,8 @@ def run_trl(a, model_path):
         remove_unused_columns=False,
         dataloader_num_workers=0,
         shuffle_dataset=False,
-        # B prompts x G completions per optimizer step, in micro-batches of `micro_batch` completions
+        # B prompts x G completions per optimizer step, in micro-batches of `micro_batch`
+        # completions
         per_device_train_batch_size=a.micro_batch,
         gradient_accumulation_steps=a.B * a.G // a.micro_batch,
         num_generations=a.G,
@@ -429,7 +435,8 @@ def main():
                 sys.exit(f"{name} run failed:\n{out.stderr[-3000:]}")
             results[name].append(json.loads(line[0][7:]))
             print(
-                f"round {r + 1} {name}: {time.time() - t:.0f}s, steps {[round(x, 3) for x in results[name][-1]['times']]}",
+                f"round {r + 1} {name}: {time.time() - t:.0f}s, steps "
+                f"{[round(x, 3) for x in results[name][-1]['times']]}",
                 flush=True,
             )
     rows = {}
@@ -450,19 +457,23 @@ def main():
 
     mem = "peak GPU memory (MiB)" if torch.cuda.is_available() else "peak RSS (MiB)"
     print(
-        f"\n{a.model} model, B={a.B} G={a.G} L={a.L} micro-batch {a.micro_batch}, beta {a.beta}, gradient checkpointing, "
+        f"\n{a.model} model, B={a.B} G={a.G} L={a.L} micro-batch {a.micro_batch}, beta {a.beta}, "
+        "gradient checkpointing, "
         f"{a.threads} threads, {a.rounds} rounds x {a.steps} timed steps\n"
     )
     print(
-        f"| | median s/step (min-max) | {mem} | run memory (MiB) | tokens per completion |\n|---|---|---|---|---|"
+        f"| | median s/step (min-max) | {mem} | run memory (MiB) | tokens per completion "
+        "|\n|---|---|---|---|---|"
     )
     for name, r in rows.items():
         print(
-            f"| {name} | {r['median_s']:.3f} ({r['min_s']:.3f}-{r['max_s']:.3f}) | {r['peak_mb']:.0f} | "
+            f"| {name} | {r['median_s']:.3f} ({r['min_s']:.3f}-{r['max_s']:.3f}) | "
+            f"{r['peak_mb']:.0f} | "
             f"{r['run_mb']:.0f} | {r['mean_len']:.1f} |"
         )
     print(
-        f"| ours / TRL | **{o['median_s'] / t['median_s']:.2f}x** | **{o['peak_mb'] / t['peak_mb']:.2f}x** | "
+        f"| ours / TRL | **{o['median_s'] / t['median_s']:.2f}x** | "
+        f"**{o['peak_mb'] / t['peak_mb']:.2f}x** | "
         f"{o['run_mb'] / t['run_mb']:.2f}x | |"
     )
     floor = None
@@ -470,8 +481,10 @@ def main():
         floor = gpu_floor(a, model_path, prompt_len=300)
         print(
             f"\nphysical floor: {floor['floor_s']:.3f} s/step (decode {floor['decode_s']:.3f} s at "
-            f"{floor['bandwidth_GBs']:.0f} GB/s, training {floor['train_s']:.3f} s at {floor['bf16_TFLOPs']:.0f} "
-            f"TFLOP/s, {floor['params'] / 1e9:.2f}B params); ours reaches {floor['floor_s'] / o['median_s']:.0%}, "
+            f"{floor['bandwidth_GBs']:.0f} GB/s, training {floor['train_s']:.3f} s at "
+            f"{floor['bf16_TFLOPs']:.0f} "
+            f"TFLOP/s, {floor['params'] / 1e9:.2f}B params); ours reaches "
+            f"{floor['floor_s'] / o['median_s']:.0%}, "
             f"TRL {floor['floor_s'] / t['median_s']:.0%}"
         )
     if a.json:

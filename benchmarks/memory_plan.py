@@ -3,15 +3,17 @@
     python benchmarks/memory_plan.py [--json benchmarks/results/memory_plan_cpu.json]
 
 Two models (the shipped tiny Qwen2.5-VL, and Qwen2.5-VL-3B's architecture scaled down by 8 as in
-grpo_step_vs_trl.py), two shapes each. Each shape runs in a fresh process: load, the reference, then two GRPO steps
-(rollout, then policy_update) through grpo_vlm's own functions, EOS blocked so every completion has its full length.
+grpo_step_vs_trl.py), two shapes each. Each shape runs in a fresh process: load, the reference, then
+two GRPO steps (rollout, then policy_update) through grpo_vlm's own functions, EOS blocked so every
+completion has its full length.
 
-On the CPU, memory is resident memory (RSS) above the RSS after imports. A part resident for the run (weights,
-reference, AdamW moments) is the RSS it adds; a phase (the rollout, the training step of step 2) is the peak RSS
-during it (VmHWM, reset through /proc/self/clear_refs) above the RSS before it. glibc is told to give every block
-over 64 KiB back at once (MALLOC_MMAP_THRESHOLD_), so a freed buffer is not counted again. The plan is computed for
-the CPU (fp32 throughout: the reference and the KV cache too) with the prompt length the run really had. On a GPU
-(--device cuda) memory is torch.cuda.memory_allocated and max_memory_allocated instead, and the plan is the GPU's.
+On the CPU, memory is resident memory (RSS) above the RSS after imports. A part resident for the run
+(weights, reference, AdamW moments) is the RSS it adds; a phase (the rollout, the training step of
+step 2) is the peak RSS during it (VmHWM, reset through /proc/self/clear_refs) above the RSS before
+it. glibc is told to give every block over 64 KiB back at once (MALLOC_MMAP_THRESHOLD_), so a freed
+buffer is not counted again. The plan is computed for the CPU (fp32 throughout: the reference and
+the KV cache too) with the prompt length the run really had. On a GPU (--device cuda) memory is
+torch.cuda.memory_allocated and max_memory_allocated instead, and the plan is the GPU's.
 """
 
 import argparse
@@ -34,7 +36,8 @@ SHAPES = {  # name: (model, image size, B, G, L, micro-batch, rollout batch)
     "tiny-b": ("tiny", 256, 8, 8, 96, 32, 32),
     "3b/8-a": ("3b/8", 448, 2, 8, 32, 16, 0),
     "3b/8-b": ("3b/8", 448, 4, 8, 64, 8, 16),
-    # on a GPU (gpu_check.sh): the full 3B architecture, a small step and one GPU's share of --preset vlm-r1 on two
+    # on a GPU (gpu_check.sh): the full 3B architecture, a small step and one GPU's share of
+    # --preset vlm-r1 on two
     "3b-a": ("3b", 448, 4, 8, 128, 8, 0),
     "3b-b": ("3b", 448, 8, 8, 256, 8, 32),
 }

@@ -1,4 +1,5 @@
-"""Shared by the tests that compare one process with two: run grpo_vlm.py both ways on the same flags."""
+"""Shared by the tests that compare one process with two: run grpo_vlm.py both ways on the same
+flags."""
 
 import os
 import subprocess
@@ -9,8 +10,8 @@ TWO = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_p
 
 
 def one_and_two(flags, out_dir):
-    """Run `grpo_vlm.py FLAGS` on 2 gloo processes (out_dir/two) and on 1 (out_dir/one), one thread each so that
-    both round alike; returns the stdout of each, after checking both succeeded."""
+    """Run `grpo_vlm.py FLAGS` on 2 gloo processes (out_dir/two) and on 1 (out_dir/one), one thread
+    each so that both round alike; returns the stdout of each, after checking both succeeded."""
     env = dict(os.environ, OMP_NUM_THREADS="1")
     outs = {}
     for launcher, name in ((TWO, "two"), ([sys.executable], "one")):

@@ -1,4 +1,5 @@
-"""Issue 6: bad input stops with one line naming the file and the line, or is skipped and counted."""
+"""Issue 6: bad input stops with one line naming the file and the line, or is skipped and
+counted."""
 
 import json
 import os

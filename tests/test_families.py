@@ -1,7 +1,8 @@
-"""Each model family on a tiny random checkpoint of its real HF class, built here (make_tiny_model.build_family):
-rollout = HF generate, packed log-probs = a plain forward, GRPO moves every parameter, eval.py loads the result;
-and an untested family is refused, and a rollout/training disagreement stops the run. .ci/run runs this file on
-transformers 5.17 too. Qwen2.5-VL, the shipped family, is covered the same way in test_grpo and test_robustness."""
+"""Each model family on a tiny random checkpoint of its real HF class, built here
+(make_tiny_model.build_family): rollout = HF generate, packed log-probs = a plain forward, GRPO
+moves every parameter, eval.py loads the result; and an untested family is refused, and a
+rollout/training disagreement stops the run. .ci/run runs this file on transformers 5.17 too.
+Qwen2.5-VL, the shipped family, is covered the same way in test_grpo and test_robustness."""
 
 import json
 import os
@@ -63,7 +64,8 @@ def two_prompts(family):
 
 
 def plain_inputs(family, prompt, copies, completion_ids=None, comp_mask=None):
-    """HF's own inputs for one prompt (plus completion) per row: prompt copies[i], its image, then completion i."""
+    """HF's own inputs for one prompt (plus completion) per row: prompt copies[i], its image, then
+    completion i."""
     ids, mask = prompt["input_ids"][copies], prompt["attention_mask"][copies]
     if completion_ids is not None:
         ids, mask = torch.cat([ids, completion_ids], 1), torch.cat([mask, comp_mask.long()], 1)
@@ -97,7 +99,8 @@ def test_rollout_equals_generate_and_packed_equals_plain(family_dir):
     ids, logps, _ = g.sample_group(model, family, prompt, G, L, 1.0, keys)
     assert len({tuple(r.tolist()) for r in ids}) > 2
 
-    class Keyed:  # the same keyed draws, as a logits processor of HF generate (which then takes the argmax)
+    # the same keyed draws, as a logits processor of HF generate (which then takes the argmax)
+    class Keyed:
         def __call__(self, input_ids, scores):
             token = g.draw(scores, keys, input_ids.shape[1] - prompt["input_ids"].shape[1])
             return torch.full_like(scores, -float("inf")).scatter(1, token[:, None], 0.0)
@@ -119,8 +122,8 @@ def test_rollout_equals_generate_and_packed_equals_plain(family_dir):
         ids[:, : hf.shape[1]] * mask[:, : hf.shape[1]].long(), hf * mask[:, : hf.shape[1]].long()
     )
 
-    # packed (several completions after their prompt, or one per row for Qwen3.5) = a plain forward per completion,
-    # with completions of different lengths (pad tails) so the layout's slots differ
+    # packed (several completions after their prompt, or one per row for Qwen3.5) = a plain forward
+    # per completion, with completions of different lengths (pad tails) so the layout's slots differ
     mask[:, 5:] = 0
     mask[[0, 4], 5:] = 1
     mask[3, 5:12] = 1
@@ -138,7 +141,8 @@ def test_rollout_equals_generate_and_packed_equals_plain(family_dir):
 def test_grpo_moves_every_parameter_and_eval_loads(family_dir, tmp_path, monkeypatch):
     name, path = family_dir
     before = {k: v.clone() for k, v in vlm.load(path)[0].state_dict().items()}
-    # a random model earns no task reward; this one differs between completions, so advantages are not 0
+    # a random model earns no task reward; this one differs between completions, so advantages are
+    # not 0
     monkeypatch.setitem(rewards.REWARDS, "chars", lambda t, gt: (sum(map(ord, t)) % 97) / 97)
     final = g.train(
         g.parse_args(
@@ -206,8 +210,9 @@ def test_freeze_vision_freezes_the_family_vision_part(family_dir):
 
 
 def test_prompt_lengths_equal_what_encode_makes(family_dir, tmp_path):
-    """--max-prompt-length's upfront count (vlm.prompt_lengths: the text once per problem, the image's tokens from its
-    size, no weight loaded) equals the prompt encode() makes, for images of several sizes."""
+    """--max-prompt-length's upfront count (vlm.prompt_lengths: the text once per problem, the
+    image's tokens from its size, no weight loaded) equals the prompt encode() makes, for images of
+    several sizes."""
     from PIL import Image
 
     _, path = family_dir
@@ -261,8 +266,9 @@ def test_an_untested_family_is_refused_with_one_line(tmp_path):
 
 
 def test_logp_gap_guard(tmp_path, monkeypatch):
-    """The alarm: Qwen3-VL trained through Qwen2-VL's training forward (DeepStack dropped, the bug it had) stops at
-    the first step naming the model type; a leak into a single token trips the maximum though not the mean."""
+    """The alarm: Qwen3-VL trained through Qwen2-VL's training forward (DeepStack dropped, the bug
+    it had) stops at the first step naming the model type; a leak into a single token trips the
+    maximum though not the mean."""
     path = mtm.build_family("qwen3_vl", str(tmp_path / "q3"))
     monkeypatch.setattr(vlm.Qwen3VL, "hidden", vlm.Qwen2VL.hidden)
     flags = [

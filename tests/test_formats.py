@@ -1,9 +1,10 @@
-"""Issue 18: the public data formats load as they are, small datasets train, long prompts are refused upfront,
---eval-data is evaluated during training.
+"""Issue 18: the public data formats load as they are, small datasets train, long prompts are
+refused upfront, --eval-data is evaluated during training.
 
-Each format is written here by the test, for REC and for count: problem/solution JSONL (solution as text), VLM-R1
-`conversations` JSONL, chat `messages` JSONL, R1-V-style parquet (image as a {bytes, path} struct), an Arrow file, a
-datasets save_to_disk folder (EasyR1 keys: problem/answer/images), and a hub dataset (a stand-in `datasets` module).
+Each format is written here by the test, for REC and for count: problem/solution JSONL (solution as
+text), VLM-R1 `conversations` JSONL, chat `messages` JSONL, R1-V-style parquet (image as a {bytes,
+path} struct), an Arrow file, a datasets save_to_disk folder (EasyR1 keys: problem/answer/images),
+and a hub dataset (a stand-in `datasets` module).
 """
 
 import io
@@ -40,7 +41,8 @@ IMAGE = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
 
 
 def _items(task, n=2):
-    """(file name, PNG bytes, problem, solution as the rewards take it, solution as text) of n synthetic rows."""
+    """(file name, PNG bytes, problem, solution as the rewards take it, solution as text) of n
+    synthetic rows."""
     out = []
     for i, (im, row) in enumerate(data.synthetic_rows("test", n, task=task)):
         buf = io.BytesIO()
@@ -67,7 +69,8 @@ def _jsonl(path, rows):
 
 
 def _write_all(d, task):
-    """Every local format in folder d, two rows each (the same two images and answers); returns {format: path}."""
+    """Every local format in folder d, two rows each (the same two images and answers); returns
+    {format: path}."""
     items = _items(task)
     (d / "imgs").mkdir(exist_ok=True)
     for name, png, *_ in items:
@@ -194,8 +197,8 @@ def test_every_format_loads_the_same_rows(formats):
 
 
 def test_hub_dataset_id(formats, monkeypatch):
-    """A hub id (a path that does not exist) goes through datasets.load_dataset, imported only then; here a
-    stand-in module serves the parquet table. Without `datasets` it is one line."""
+    """A hub id (a path that does not exist) goes through datasets.load_dataset, imported only then;
+    here a stand-in module serves the parquet table. Without `datasets` it is one line."""
     task, d, f, items = formats
     asked, corrupt = [], [s[1] for s in _bad_sources(d) if s[0] == "parquet"][0]
 
@@ -237,8 +240,9 @@ def test_hub_dataset_id(formats, monkeypatch):
 
 
 def test_every_format_trains_and_eval_data_is_logged(formats, tmp_path):
-    """Each format's rows (joined by ':', one image folder for all) in one 2-step run whose batch holds all of them,
-    with --eval-data in yet another format, evaluated at steps 0 and 2 with the task's metrics."""
+    """Each format's rows (joined by ':', one image folder for all) in one 2-step run whose batch
+    holds all of them, with --eval-data in yet another format, evaluated at steps 0 and 2 with the
+    task's metrics."""
     task, d, f, items = formats
     joined = ":".join(
         f[k] for k in ("plain", "conversations", "messages", "parquet", "arrow", "saved")
@@ -274,7 +278,8 @@ def test_every_format_trains_and_eval_data_is_logged(formats, tmp_path):
 
 
 def test_image_folders_joined_by_colon(formats, tmp_path):
-    """VLM-R1's --image_folders: one folder per data file; a count that matches neither is one line."""
+    """VLM-R1's --image_folders: one folder per data file; a count that matches neither is one
+    line."""
     task, d, f, items = formats
     other = tmp_path / "elsewhere"
     other.mkdir()
@@ -317,7 +322,8 @@ def test_solution_as_text_for_every_task():
 
 
 def test_key_flags(tmp_path):
-    """--problem-key, --solution-key, --image-key name other columns (here an image as raw bytes)."""
+    """--problem-key, --solution-key, --image-key name other columns (here an image as raw
+    bytes)."""
     ((_, png, problem, sol, text),) = _items("count", 1)
     path = str(tmp_path / "custom.parquet")
     pq.write_table(
@@ -367,8 +373,8 @@ def test_key_flags(tmp_path):
 
 
 def _bad_sources(d):
-    """(format, path, the line's start, what it must say): one bad row (the second) in each format, and several
-    images in one row in each."""
+    """(format, path, the line's start, what it must say): one bad row (the second) in each format,
+    and several images in one row in each."""
     ((a, png, problem, _, text),) = _items("rec", 1)
     (d / a).write_bytes(png)
     good = {"image": a, "problem": problem, "solution": text}
@@ -557,8 +563,9 @@ def _two_rows_and(d, words=0):
 def test_a_long_prompt_is_refused_before_a_model_loads_and_two_rows_train_with_b4(
     tmp_path, monkeypatch
 ):
-    """The third row's prompt (600 words) is above --max-prompt-length 512: one line, counted by the tokenizer and
-    image processor alone. With --skip-bad-rows it is skipped, and the two rows left train with B=4."""
+    """The third row's prompt (600 words) is above --max-prompt-length 512: one line, counted by the
+    tokenizer and image processor alone. With --skip-bad-rows it is skipped, and the two rows left
+    train with B=4."""
     path = _two_rows_and(tmp_path, 600)
     real_load = vlm.load
     monkeypatch.setattr(vlm, "load", lambda *a, **k: pytest.fail("a model was loaded"))
@@ -587,7 +594,8 @@ def test_a_long_prompt_is_refused_before_a_model_loads_and_two_rows_train_with_b
 
 
 def test_prompt_lengths_equal_what_encode_makes(tmp_path):
-    """Text once per problem plus the image's tokens from its size: the lengths encode() makes, for odd sizes."""
+    """Text once per problem plus the image's tokens from its size: the lengths encode() makes, for
+    odd sizes."""
     from PIL import Image
 
     _, family = vlm.load(g.TINY_MODEL)

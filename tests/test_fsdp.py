@@ -1,6 +1,7 @@
-"""Issue 17: FSDP2 (--fsdp) on 2 gloo processes on the CPU: the same update as one process, a rollout that gathers
-the weights once, checkpoints that save_pretrained and eval.py read and that resume exactly, Ctrl-C under torchrun,
-torchao's 8-bit AdamW. This file is also the torchrun worker of two of them (see the bottom)."""
+"""Issue 17: FSDP2 (--fsdp) on 2 gloo processes on the CPU: the same update as one process, a
+rollout that gathers the weights once, checkpoints that save_pretrained and eval.py read and that
+resume exactly, Ctrl-C under torchrun, torchao's 8-bit AdamW. This file is also the torchrun worker
+of two of them (see the bottom)."""
 
 import importlib.util
 import json
@@ -73,12 +74,13 @@ def complete_checkpoint(path):
 
 
 def test_fsdp_step_equals_one_process_and_its_checkpoints_load_and_resume(tmp_path):
-    """Two steps of mu=2 passes (logp_old from the sharded policy) with the KL to a reference: one process, then
-    --fsdp on two, bit for bit the same weights; then a resume of the --fsdp run from its step-1 checkpoint, with the
-    reference sharded this time, equal to it. Token-mean aggregation and batch-std advantages make the update depend
-    on the global normalisation. Bit-exact because the gradients are reduce-scattered in fp32 (2 g / 2 is exact)
-    and nothing is clipped: FSDP2's gradient norm adds up the shards' squares, so it differs from one process's in
-    the last bit (1e-6 below), and a clipped step moves the weights apart by about 6e-6 (measured with
+    """Two steps of mu=2 passes (logp_old from the sharded policy) with the KL to a reference: one
+    process, then --fsdp on two, bit for bit the same weights; then a resume of the --fsdp run from
+    its step-1 checkpoint, with the reference sharded this time, equal to it. Token-mean aggregation
+    and batch-std advantages make the update depend on the global normalisation. Bit-exact because
+    the gradients are reduce-scattered in fp32 (2 g / 2 is exact) and nothing is clipped: FSDP2's
+    gradient norm adds up the shards' squares, so it differs from one process's in the last bit
+    (1e-6 below), and a clipped step moves the weights apart by about 6e-6 (measured with
     --max-grad-norm 1, where this run's norm reaches 17)."""
     flags = SMALL + [
         "--steps",
@@ -107,7 +109,8 @@ def test_fsdp_step_equals_one_process_and_its_checkpoints_load_and_resume(tmp_pa
         assert [r[key] for r in m1] == pytest.approx([r[key] for r in m2], rel=1e-6, abs=1e-7), key
     assert m1[1]["kl"] > 0.01  # the reference did count
 
-    # a resume from the step-1 checkpoint (weights from save_pretrained, optimizer shards), the reference sharded
+    # a resume from the step-1 checkpoint (weights from save_pretrained, optimizer shards), the
+    # reference sharded
     assert complete_checkpoint(tmp_path / "two" / "checkpoint-000001")
     out = run(
         TWO,
@@ -147,10 +150,11 @@ def test_fsdp_step_equals_one_process_and_its_checkpoints_load_and_resume(tmp_pa
 
 
 def test_rollout_gathers_the_weights_once_and_samples_the_same_tokens(tmp_path):
-    """Each process samples its prompts from the sharded policy inside infra.gathered: the tokens equal the
-    unsharded model's, and the all-gathers are one per FSDP unit (3 decoder layers, 2 vision blocks, the root) for
-    8 or for 32 decoded tokens alike. Left to FSDP2 (the rollout as a registered forward method, each layer freed
-    after it runs) the same tokens cost every decoder layer's gather at every token."""
+    """Each process samples its prompts from the sharded policy inside infra.gathered: the tokens
+    equal the unsharded model's, and the all-gathers are one per FSDP unit (3 decoder layers, 2
+    vision blocks, the root) for 8 or for 32 decoded tokens alike. Left to FSDP2 (the rollout as a
+    registered forward method, each layer freed after it runs) the same tokens cost every decoder
+    layer's gather at every token."""
     run(TWO, "rollout", str(tmp_path), script=os.path.abspath(__file__))
     for rank in (0, 1):
         r = json.load(open(tmp_path / f"rollout-{rank}.json"))
@@ -163,11 +167,12 @@ def test_rollout_gathers_the_weights_once_and_samples_the_same_tokens(tmp_path):
 
 
 def test_ctrl_c_under_torchrun_saves_a_checkpoint_and_adamw8bit_resumes_exactly(tmp_path):
-    """SIGINT to torchrun's process group (a terminal's Ctrl-C; torchrun passes it on to its workers): both
-    processes finish the step and write one complete checkpoint; resumed, torchao's 8-bit AdamW (set up with its
-    lr in place) continues exactly as an uninterrupted run. torch.compile is off: torchao compiles its step for
-    every weight shape, 2 minutes on 2 CPU cores; eager runs the same arithmetic in every run compared here.
-    torchao is optional (not in requirements.txt; .ci/run installs it): without it, plain AdamW."""
+    """SIGINT to torchrun's process group (a terminal's Ctrl-C; torchrun passes it on to its
+    workers): both processes finish the step and write one complete checkpoint; resumed, torchao's
+    8-bit AdamW (set up with its lr in place) continues exactly as an uninterrupted run.
+    torch.compile is off: torchao compiles its step for every weight shape, 2 minutes on 2 CPU
+    cores; eager runs the same arithmetic in every run compared here. torchao is optional (not in
+    requirements.txt; .ci/run installs it): without it, plain AdamW."""
     optim = "adamw8bit" if importlib.util.find_spec("torchao") else "adamw"
     flags = SMALL + [
         "--save-every",
@@ -240,8 +245,9 @@ def test_fsdp_is_refused_without_torchrun_or_with_lora(flags, env, says):
 # ---------------------------------------------------------------------------------------------
 # torchrun workers: python -m torch.distributed.run --nproc_per_node 2 tests/test_fsdp.py MODE ...
 def rollout_worker(out_dir, G=4):
-    """The rollout of test_rollout_gathers_the_weights_once_and_samples_the_same_tokens: each process's two prompts,
-    first from the whole model, then from the sharded one inside infra.gathered, counting FSDP2's all-gathers."""
+    """The rollout of test_rollout_gathers_the_weights_once_and_samples_the_same_tokens: each
+    process's two prompts, first from the whole model, then from the sharded one inside
+    infra.gathered, counting FSDP2's all-gathers."""
     from torch.distributed.fsdp import FSDPModule, register_fsdp_forward_method
     from torch.distributed.tensor import DTensor
 

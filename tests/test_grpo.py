@@ -153,7 +153,8 @@ def test_iou_rescales_resized_and_norm1000():
     ) == pytest.approx(1.0)
     assert rewards.format_reward(text) == 1.0 and rewards.format_reward(text + " extra") == 0.0
     assert rewards.accuracy_reward("<answer></answer>", {"solution": "cat"}) == 0.0
-    # hit: the box centre, rescaled, inside the true box; a box on a distractor or an inverted box scores 0
+    # hit: the box centre, rescaled, inside the true box; a box on a distractor or an inverted box
+    # scores 0
     assert (
         rewards.hit_reward(
             "<answer>[15, 25, 25, 35]</answer>", {**gt, "coord_space": "abs_resized"}
@@ -202,7 +203,8 @@ def test_left_padding_and_shared_image_features(tiny):
             model, family, family.select(prompt, 0, 1), torch.tensor([0]), comp, mask, 1.0, 7
         )
         lp_one = vlm.completion_logps(model, family, single, torch.tensor([0]), comp, mask, 1.0, 7)
-        # rows that share a prompt share its image features: the same log-probs as separate encodings
+        # rows that share a prompt share its image features: the same log-probs as separate
+        # encodings
         comps = torch.cat([comp, comp, comp])
         shared = vlm.completion_logps(
             model, family, prompt, torch.tensor([0, 0, 1]), comps, mask.repeat(3, 1), 1.0, 7
@@ -319,7 +321,8 @@ def test_periodic_eval_and_plot(tmp_path):
 
 
 def test_eval_scores_known_boxes_and_right_object(tmp_path):
-    """grpo_vlm.evaluate's metrics on a model whose greedy output we force: one exact box, one on a distractor."""
+    """grpo_vlm.evaluate's metrics on a model whose greedy output we force: one exact box, one on a
+    distractor."""
     model, family = vlm.load(g.TINY_MODEL)
     tok = family.tokenizer
     rows = data.synthetic_split("ood", 2)
@@ -352,7 +355,8 @@ def test_eval_scores_known_boxes_and_right_object(tmp_path):
 
 
 def test_sft_target_is_a_perfect_answer_and_lists_objects():
-    """The SFT target scores format 1 and IoU ~1 under the GRPO rewards, and lists every object left to right."""
+    """The SFT target scores format 1 and IoU ~1 under the GRPO rewards, and lists every object left
+    to right."""
     rows = data.load_rows(g.Args(train_size=8))[0]
     gts = data.ground_truths(rows, [(112, 112, 128, 128)] * len(rows), "abs_resized")
     for row, gt in zip(rows, gts):
@@ -370,7 +374,8 @@ def test_sft_target_is_a_perfect_answer_and_lists_objects():
 
 
 def test_sft_baseline_sees_the_grpo_batches_and_trains(tmp_path, monkeypatch):
-    """sft.py with GRPO's --seed/--prompts-per-step draws the same images per step, and updates the model."""
+    """sft.py with GRPO's --seed/--prompts-per-step draws the same images per step, and updates the
+    model."""
     import sft
 
     seen = []
@@ -409,7 +414,8 @@ def test_sft_baseline_sees_the_grpo_batches_and_trains(tmp_path, monkeypatch):
 
 
 def test_number_tokens_start_with_smooth_value_codes():
-    """In the value-code dimensions, 40 is nearer to 41 than to 90 (tied rows: the output head agrees)."""
+    """In the value-code dimensions, 40 is nearer to 41 than to 90 (tied rows: the output head
+    agrees)."""
     tok = mtm.build_tokenizer()
     model = mtm.build_model(tok)
     E = model.get_input_embeddings().weight

@@ -1,4 +1,5 @@
-"""Guards of the layout: the golden 10-step run, the line budget, imports that flow one way, and the flags."""
+"""Guards of the layout: the golden 10-step run, the line budget, imports that flow one way, and the
+flags."""
 
 import ast
 import json
@@ -28,9 +29,10 @@ GOLDEN_CMD = [
 
 
 def test_golden_ten_steps(tmp_path):
-    """OMP_NUM_THREADS=1 python grpo_vlm.py --task rec --steps 10 --eval-every 0 --save-every 0 --sample-every 0
-    writes the committed metrics: every key of every row but `seconds`, to 1e-6 (rows may gain new keys). A change
-    that moves a number must say which and why, and commit a new golden file."""
+    """OMP_NUM_THREADS=1 python grpo_vlm.py --task rec --steps 10 --eval-every 0 --save-every 0
+    --sample-every 0 writes the committed metrics: every key of every row but `seconds`, to 1e-6
+    (rows may gain new keys). A change that moves a number must say which and why, and commit a new
+    golden file."""
     env = dict(os.environ, OMP_NUM_THREADS="1")
     res = subprocess.run(
         [
@@ -81,8 +83,8 @@ def project_imports(name):
 
 
 def test_imports_flow_one_way():
-    """rewards/data (-> viz) -> vlm -> plan -> infra -> grpo_vlm -> eval, sft: no module imports one that imports it back, and
-    grpo_vlm.py (run as __main__) never loads a second copy of itself."""
+    """rewards/data (-> viz) -> vlm -> plan -> infra -> grpo_vlm -> eval, sft: no module imports one
+    that imports it back, and grpo_vlm.py (run as __main__) never loads a second copy of itself."""
     order = [
         "rewards",
         "data",
@@ -102,7 +104,8 @@ def test_imports_flow_one_way():
             sys.executable,
             "-c",
             "import runpy, sys; sys.argv = ['grpo_vlm.py', '--help']\n"
-            "try:\n    runpy.run_path('grpo_vlm.py', run_name='__main__')\nexcept SystemExit:\n    pass\n"
+            "try:\n    runpy.run_path('grpo_vlm.py', run_name='__main__')\nexcept SystemExit:\n    "
+            "pass\n"
             "print('LOADED', sorted(m for m in sys.modules if m in ('grpo_vlm', 'eval', 'sft')))",
         ],
         capture_output=True,
@@ -139,7 +142,8 @@ def test_bad_flags_stop_with_one_line(flags, says):
 
 
 def test_flag_forms_and_precedence():
-    """--key=value; bare booleans; a bare boolean before another flag; task defaults < preset < explicit flags."""
+    """--key=value; bare booleans; a bare boolean before another flag; task defaults < preset <
+    explicit flags."""
     a = g.parse_args(["--task=det", "--skip-bad-rows", "--steps", "10"])
     assert (a.task, a.skip_bad_rows, a.steps, a.max_completion_length) == ("det", True, 10, 128)
     assert (

@@ -1,6 +1,7 @@
-"""Issue 16: LoRA (--lora-r) with the reference taken from the same model, its adapters off; and 8-bit AdamW
-(--optim adamw8bit). Only the adapters train, the reference is the base model exactly, the checkpoints hold the
-adapter, --merge-lora writes a plain fp32 model, eval.py reads both, resume is exact, every family trains."""
+"""Issue 16: LoRA (--lora-r) with the reference taken from the same model, its adapters off; and
+8-bit AdamW (--optim adamw8bit). Only the adapters train, the reference is the base model exactly,
+the checkpoints hold the adapter, --merge-lora writes a plain fp32 model, eval.py reads both, resume
+is exact, every family trains."""
 
 import json
 import os
@@ -22,8 +23,8 @@ import make_tiny_model as mtm  # noqa: E402
 import rewards  # noqa: E402
 import vlm  # noqa: E402
 
-# short completions; a reward that differs between completions (a tiny model's task reward is often all equal at
-# this length, and then the advantages are 0 and nothing moves)
+# short completions; a reward that differs between completions (a tiny model's task reward is often
+# all equal at this length, and then the advantages are 0 and nothing moves)
 SMALL = [
     "--prompts-per-step",
     "2",
@@ -58,7 +59,8 @@ def base_of(key):
 
 
 def check_only_adapters_moved(final, base_path, vision_prefix):
-    """The adapter folder `final` on its base: every base weight as it was, every B moved from its zero start."""
+    """The adapter folder `final` on its base: every base weight as it was, every B moved from its
+    zero start."""
     model, family = vlm.load(final)
     base = vlm.load(base_path)[0].state_dict()
     after = model.state_dict()
@@ -118,7 +120,8 @@ def test_lora_trains_the_adapters_only(lora_run):
         0.0,
     )  # alpha 0 means 2 r
     model, family = check_only_adapters_moved(str(final), g.TINY_MODEL, "model.visual.")
-    # r (in + out) per wrapped layer: the 3 layers' q, k, v, o, gate, up, down projections of the tiny model
+    # r (in + out) per wrapped layer: the 3 layers' q, k, v, o, gate, up, down projections of the
+    # tiny model
     assert sum(p.numel() for p in model.parameters() if p.requires_grad) == 58368
     m = metrics(lora_run)
     assert m[0]["kl"] == 0.0  # B = 0 at the start: the policy is its reference exactly
@@ -253,8 +256,9 @@ def test_resume_equals_an_uninterrupted_run(tmp_path, engine):
 
 
 def test_two_processes_make_the_same_lora_update_as_one(tmp_path):
-    """torchrun with 2 gloo processes equals one process (DDP over the adapters only; the reference's toggle of A and
-    B's requires_grad inside the step leaves DDP's gradient sync intact). The task reward, as in test_robustness."""
+    """torchrun with 2 gloo processes equals one process (DDP over the adapters only; the
+    reference's toggle of A and B's requires_grad inside the step leaves DDP's gradient sync
+    intact). The task reward, as in test_robustness."""
     flags = [
         "--prompts-per-step",
         "2",
@@ -296,8 +300,9 @@ def test_two_processes_make_the_same_lora_update_as_one(tmp_path):
 
 @pytest.mark.parametrize("arch", ["qwen2_vl", "qwen3_vl", "qwen3_5", "gemma3"])
 def test_every_family_trains_lora(arch, tmp_path):
-    """Two LoRA steps per family with the KL on: the logp_gap guard passes (train stops otherwise), the first KL is 0
-    (the reference, adapters off, is the starting model), and only the adapters moved."""
+    """Two LoRA steps per family with the KL on: the logp_gap guard passes (train stops otherwise),
+    the first KL is 0 (the reference, adapters off, is the starting model), and only the adapters
+    moved."""
     path = str(tmp_path / arch)
     if arch == "qwen2_vl":
         tok = mtm.build_tokenizer()
@@ -374,8 +379,9 @@ def test_the_vision_tower_gets_adapters_only_when_asked(tmp_path):
 
 
 def test_lora_after_a_cold_start_refers_to_the_cold_started_model(tmp_path):
-    """--sft-steps with --lora-r: the cold start is a full fine-tune, saved; LoRA goes on the cold-started model, which
-    is also the reference (first KL 0) and the base the adapter records."""
+    """--sft-steps with --lora-r: the cold start is a full fine-tune, saved; LoRA goes on the
+    cold-started model, which is also the reference (first KL 0) and the base the adapter
+    records."""
     final = g.train(
         g.parse_args(
             SMALL
@@ -435,7 +441,8 @@ def test_a_refusal_prints_one_line():
 
 
 def test_sft_refuses_the_grpo_engine_flags():
-    """sft.py (and the cold start) fine-tune in full with AdamW: the LoRA and optimizer flags are not silently ignored."""
+    """sft.py (and the cold start) fine-tune in full with AdamW: the LoRA and optimizer flags are
+    not silently ignored."""
     import sft
 
     for flags in (["--lora-r", "4"], ["--optim", "adamw8bit"]):

@@ -1,5 +1,5 @@
-"""Issue 15: the memory fixes (autocast's cast cache, the bf16 KV cache, DDP's bucket views, a bounded rollout) and
-the memory plan (--plan)."""
+"""Issue 15: the memory fixes (autocast's cast cache, the bf16 KV cache, DDP's bucket views, a
+bounded rollout) and the memory plan (--plan)."""
 
 import contextlib
 import io
@@ -28,7 +28,8 @@ needs_configs = pytest.mark.skipif(
 
 
 def run_plan(*flags):
-    """The lines `python grpo_vlm.py --plan FLAGS` prints (in this process: the architectures are cached)."""
+    """The lines `python grpo_vlm.py --plan FLAGS` prints (in this process: the architectures are
+    cached)."""
     out = io.StringIO()
     args = g.parse_args(["--plan", *flags])
     with contextlib.redirect_stdout(out):
@@ -43,7 +44,8 @@ def gib(lines, part, phase):
 
 
 def test_autocast_keeps_no_cast_cache():
-    """A cached bf16 copy of every fp32 weight would live until the autocast region ends (2 bytes a parameter)."""
+    """A cached bf16 copy of every fp32 weight would live until the autocast region ends (2 bytes a
+    parameter)."""
     on_gpu = types.SimpleNamespace(
         parameters=lambda: iter([types.SimpleNamespace(device=torch.device("cuda"))])
     )
@@ -60,8 +62,9 @@ def test_autocast_keeps_no_cast_cache():
 
 
 def test_bf16_kv_cache_under_autocast(monkeypatch):
-    """Under autocast the rollout keeps its KV cache in bf16 (RoPE leaves fp32 keys), and the log-probs it samples
-    with still agree with the training forward's within the bf16 limit of the logp_gap guard."""
+    """Under autocast the rollout keeps its KV cache in bf16 (RoPE leaves fp32 keys), and the
+    log-probs it samples with still agree with the training forward's within the bf16 limit of the
+    logp_gap guard."""
     model, family = vlm.load(g.TINY_MODEL)
     rows = data.load_rows(g.Args(train_size=4))[0][:2]
     prompt, _ = family.encode(rows)
@@ -83,7 +86,8 @@ def test_bf16_kv_cache_under_autocast(monkeypatch):
 
 
 def test_a_bounded_rollout_draws_the_same_tokens():
-    """--rollout-batch-size decodes the B*G completions in chunks: the same keyed draws, so the same tokens."""
+    """--rollout-batch-size decodes the B*G completions in chunks: the same keyed draws, so the same
+    tokens."""
     model, family = vlm.load(g.TINY_MODEL)
     rows = data.load_rows(g.Args(train_size=6))[0][:3]
     prompt, _ = family.encode(rows)
@@ -128,9 +132,9 @@ torch.distributed.destroy_process_group()
 
 
 def test_ddp_gradients_are_views_of_its_buckets(tmp_path):
-    """With gradient_as_bucket_view and gradients zeroed (not set to None), DDP keeps one copy of the gradients:
-    from the second step on (DDP rebuilds its buckets after the first), each gradient is a view into one of a few
-    bucket buffers, the same ones at every step."""
+    """With gradient_as_bucket_view and gradients zeroed (not set to None), DDP keeps one copy of
+    the gradients: from the second step on (DDP rebuilds its buckets after the first), each gradient
+    is a view into one of a few bucket buffers, the same ones at every step."""
     script = tmp_path / "ddp.py"
     script.write_text(DDP_SCRIPT.format(root=ROOT))
     res = subprocess.run(
@@ -161,7 +165,8 @@ def test_ddp_gradients_are_views_of_its_buckets(tmp_path):
 
 @needs_configs
 def test_plan_reads_only_the_configs_and_gives_a_verdict():
-    """The shared config folders hold config.json and preprocessor_config.json only: no tokenizer, no weights."""
+    """The shared config folders hold config.json and preprocessor_config.json only: no tokenizer,
+    no weights."""
     assert sorted(os.listdir(QWEN_3B)) == ["config.json", "preprocessor_config.json"]
     res = subprocess.run(
         [
@@ -186,7 +191,8 @@ def test_plan_reads_only_the_configs_and_gives_a_verdict():
     assert one[-1].startswith("peak per GPU: ") and one[-1].endswith("(fits in 79.6 GiB)"), one[-1]
     assert two[-1].endswith("(fits in 79.6 GiB)"), two[-1]
     assert "3.75B parameters" in one[0]
-    # the parts the issue counts: 4N weights, 2N bf16 reference, 8N moments, 4N gradients (N = 3.7546e9)
+    # the parts the issue counts: 4N weights, 2N bf16 reference, 8N moments, 4N gradients (N =
+    # 3.7546e9)
     N = 3_754_622_976 / 2**30
     for part, per_param in (
         ("fp32 weights", 4),
@@ -245,7 +251,8 @@ def test_plan_knows_lora_8bit_fsdp_and_the_rollout_batch():
 
 
 def test_plan_counts_the_kv_cache_the_rollout_allocates():
-    """One part measured exactly: the plan's KV cache (CPU: fp32) is the bytes of the rollout's cache buffers."""
+    """One part measured exactly: the plan's KV cache (CPU: fp32) is the bytes of the rollout's
+    cache buffers."""
     model, family = vlm.load(g.TINY_MODEL)
     rows = data.load_rows(g.Args(train_size=4))[0][:2]
     prompt, _ = family.encode(rows)
@@ -267,8 +274,9 @@ def test_plan_counts_the_kv_cache_the_rollout_allocates():
 
 
 def test_lora_keeps_its_frozen_base_in_bf16_under_autocast(tmp_path, monkeypatch):
-    """--plan counts LoRA's frozen base at 2 bytes a parameter on a GPU: under bf16 autocast (here on the CPU) the
-    base weights are bf16 and the adapters fp32, and a LoRA step runs with the logp_gap check passing."""
+    """--plan counts LoRA's frozen base at 2 bytes a parameter on a GPU: under bf16 autocast (here
+    on the CPU) the base weights are bf16 and the adapters fp32, and a LoRA step runs with the
+    logp_gap check passing."""
     monkeypatch.setattr(vlm, "precision", lambda model: torch.autocast("cpu", dtype=torch.bfloat16))
     args = g.parse_args(
         [

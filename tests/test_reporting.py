@@ -1,5 +1,6 @@
-"""Seeing what training does: --report-to tensorboard|wandb, the matplotlib curves, eval.py --visualize and the
-end-of-run picture, and reward plug-ins (loaded, weighted, logged; a failure stops the run with one line)."""
+"""Seeing what training does: --report-to tensorboard|wandb, the matplotlib curves, eval.py
+--visualize and the end-of-run picture, and reward plug-ins (loaded, weighted, logged; a failure
+stops the run with one line)."""
 
 import json
 import os
@@ -42,7 +43,8 @@ def chars(completion, gt):
 
 @pytest.fixture
 def own_rewards(monkeypatch):
-    """Plug-ins loaded in this process register in a copy of rewards.REWARDS, dropped after the test."""
+    """Plug-ins loaded in this process register in a copy of rewards.REWARDS, dropped after the
+    test."""
     monkeypatch.setattr(rewards, "REWARDS", dict(rewards.REWARDS))
 
 
@@ -60,7 +62,8 @@ def run(*flags, env=None):
 
 @pytest.fixture(scope="module")
 def tb_run(tmp_path_factory):
-    """2 steps with --report-to tensorboard, a held-out eval at step 2 and a plug-in weighted 0.5."""
+    """2 steps with --report-to tensorboard, a held-out eval at step 2 and a plug-in weighted
+    0.5."""
     d = tmp_path_factory.mktemp("tb")
     (d / "plug.py").write_text(PLUGIN)
     res = run(
@@ -231,8 +234,8 @@ def test_only_the_main_process_reports(tmp_path):
 
 
 def test_plugin_failure_stops_the_run_with_one_line(tmp_path, own_rewards):
-    """The documented policy: an exception (or a non-finite value) inside a plug-in stops the run with one line
-    naming the function and the row; it is never scored 0."""
+    """The documented policy: an exception (or a non-finite value) inside a plug-in stops the run
+    with one line naming the function and the row; it is never scored 0."""
     (tmp_path / "bad.py").write_text(
         "def picky(completion, gt):\n    return {'x': 1}[completion[:1]]\n"
         "def nan(completion, gt):\n    return float('nan')\n"

@@ -8,10 +8,10 @@ What is fuzzed, and why only that: totality is promised on the *completion* (mod
 can come back). The ground truth comes from our own loader, so gt is drawn from what the loader can
 produce: 4 finite numbers (ints or floats; inverted, zero-size, negative and ~1e308 boxes included),
 positive int sizes, one of the three coord spaces or none (then "abs_original"), sometimes an
-iou_threshold and (Vision-R1's Eq. 8) a penalty_threshold and a full_threshold in [0, 1]; a count gt is a
-finite number or its string; a det gt is a list of 0-4 such boxes. Each reward gets the gts of the tasks it
-serves (REWARD_TASKS). Outside that (an unknown coord_space, input_width 0, a missing key, a REC box given to
-a det reward) raising is right: it is our bug, and must be loud.
+iou_threshold and (Vision-R1's Eq. 8) a penalty_threshold and a full_threshold in [0, 1]; a count gt
+is a finite number or its string; a det gt is a list of 0-4 such boxes. Each reward gets the gts of
+the tasks it serves (REWARD_TASKS). Outside that (an unknown coord_space, input_width 0, a missing
+key, a REC box given to a det reward) raising is right: it is our bug, and must be loud.
 """
 
 import math
@@ -74,7 +74,8 @@ NUMBERS = st.one_of(
     st.integers().map(str),
     st.floats().map(repr),  # nan, inf, subnormals, 1.7976931348623157e+308
     st.integers(0, 1000).map(str),  # plausible pixels
-    # digit runs either side of float max (309 digits: finite, then inf once rescaled) and of int()'s 4300
+    # digit runs either side of float max (309 digits: finite, then inf once rescaled) and of
+    # int()'s 4300
     st.builds(
         lambda d, n: d * n, st.sampled_from("19٣５"), st.sampled_from([308, 309, 400, 4300, 4301])
     ),
@@ -135,7 +136,8 @@ FRAGMENTS = [
 JUNK = st.one_of(st.sampled_from(FRAGMENTS), NUMBERS, box_text(), st.text(max_size=4))
 FRAGMENT_SOUP = st.lists(JUNK, max_size=30).map("".join)
 # Very long strings, capped at ~40k chars: a completion is at most max_new_tokens long, and the lazy
-# regexes are quadratic in the worst case ("<answer>" * 12_000, 96k chars, takes ~5 s; 12k chars 0.1 s).
+# regexes are quadratic in the worst case ("<answer>" * 12_000, 96k chars, takes ~5 s; 12k chars 0.1
+# s).
 LONG = st.builds(
     lambda s, n: s * n,
     st.one_of(
@@ -157,7 +159,8 @@ NON_STR = st.one_of(
 
 @st.composite
 def tagged(draw, answer):
-    """<think>..</think><answer>ANSWER</answer> with each piece kept (mostly), dropped, doubled or replaced."""
+    """<think>..</think><answer>ANSWER</answer> with each piece kept (mostly), dropped, doubled or
+    replaced."""
     pieces = [
         "<think>",
         draw(st.text(max_size=20)),
@@ -193,7 +196,8 @@ EXTRA = st.sampled_from(
 
 @st.composite
 def det_item(draw, box=None):
-    """One {"box": [...], "confidence": c, ...} dict: key variants, absurd numbers, booleans, extra keys."""
+    """One {"box": [...], "confidence": c, ...} dict: key variants, absurd numbers, booleans, extra
+    keys."""
     if box is None:
         box = draw(
             st.one_of(
@@ -208,7 +212,8 @@ def det_item(draw, box=None):
 
 
 def det_list(draw, items):
-    """items as a JSON list: often as is, else repeated (box spraying), fenced, nested or in a dict."""
+    """items as a JSON list: often as is, else repeated (box spraying), fenced, nested or in a
+    dict."""
     if items and draw(st.integers(0, 4)) == 0:
         items = items[:1] * draw(st.sampled_from([2, 5, 50, 500]))
     body = "[" + ", ".join(items) + "]"
@@ -244,8 +249,9 @@ def model_scale(gt):
 
 @st.composite
 def near_det(draw, gt):
-    """The true boxes in the model's space, nudged, some dropped, plus extras; mostly well-formed (one bad
-    element zeroes the whole answer, so without this the det rewards' arithmetic would go untested)."""
+    """The true boxes in the model's space, nudged, some dropped, plus extras; mostly well-formed
+    (one bad element zeroes the whole answer, so without this the det rewards' arithmetic would go
+    untested)."""
     sx, sy = model_scale(gt)
     boxes = [
         [v * s for v, s in zip(b, (sx, sy, sx, sy))]
@@ -284,7 +290,8 @@ def count_text(draw, n):
 
 @st.composite
 def plain(draw, answer):
-    """<think>..</think><answer>ANSWER</answer>, or tagged() with its pieces dropped, doubled, replaced."""
+    """<think>..</think><answer>ANSWER</answer>, or tagged() with its pieces dropped, doubled,
+    replaced."""
     a = draw(answer)
     return (
         draw(tagged(st.just(a)))
@@ -295,8 +302,9 @@ def plain(draw, answer):
 
 @st.composite
 def near_answer(draw, gt, label):
-    """The true box mapped to the model's coordinate space and nudged, or the label with noise: without
-    these almost every fuzzed iou/hit/accuracy would be 0 and their arithmetic would go untested."""
+    """The true box mapped to the model's coordinate space and nudged, or the label with noise:
+    without these almost every fuzzed iou/hit/accuracy would be 0 and their arithmetic would go
+    untested."""
     if draw(st.integers(0, 3)) == 0:
         return draw(
             st.sampled_from(
@@ -350,8 +358,8 @@ COUNT = st.one_of(
 
 @st.composite
 def cases(draw):
-    """(completion, {task: gt}); gts first, so that some completions answer them nearly right. The rec
-    and det gts share one image, to keep the 10,000 examples fast to draw."""
+    """(completion, {task: gt}); gts first, so that some completions answer them nearly right. The
+    rec and det gts share one image, to keep the 10,000 examples fast to draw."""
     label = draw(st.one_of(st.text(), st.sampled_from(["cat", "traffic light", "Ñandú", "42"])))
     image, box = draw(IMAGE), draw(ANY_BOX)
     boxes = draw(
@@ -439,8 +447,8 @@ GT = {
 
 def test_fuzzer_categories_each_score_as_meant():
     R = rewards.REWARDS
-    # a 400-digit coordinate is inf to float(); exponents are not in the box grammar; a finite 1e308 that
-    # overflows once rescaled: all score 0, none raises
+    # a 400-digit coordinate is inf to float(); exponents are not in the box grammar; a finite 1e308
+    # that overflows once rescaled: all score 0, none raises
     for big in ["9" * 400, "1e999", "1e308"]:
         assert R["iou"](f"<answer>[{big}, 20, 30, 40]</answer>", GT) == 0.0
         assert R["hit"](f"<answer>[{big}, 20, 30, 40]</answer>", GT) == 0.0
@@ -454,7 +462,8 @@ def test_fuzzer_categories_each_score_as_meant():
     assert (
         R["iou"]("<answer>[nan, 20, 30, 40]</answer>", GT) == 0.0
     )  # spelled-out nan/inf is not a number
-    # re's \d and float() agree on every Unicode decimal digit (checked exhaustively): read as its value
+    # re's \d and float() agree on every Unicode decimal digit (checked exhaustively): read as its
+    # value
     assert R["iou"]("<answer>[١٠, ٢٠, ３０, ٤٠]</answer>", GT) == 1.0
     # an empty or punctuation-only answer never matches a label (the substring-match hack)
     for empty in ["<answer></answer>", "<answer> .,!? </answer>", "<answer>\x00</answer>"]:
@@ -466,7 +475,8 @@ def test_fuzzer_categories_each_score_as_meant():
         ["<answer>[10, 20, 30, 40]</answer>"],
     ]:
         assert all(f(not_str, GT) == 0.0 for f in R.values())
-    # duplicated/nested tags: the first complete <answer>..</answer> is read; format needs the whole output
+    # duplicated/nested tags: the first complete <answer>..</answer> is read; format needs the whole
+    # output
     assert R["iou"]("<answer><answer>[10, 20, 30, 40]</answer></answer>", GT) == 1.0
     assert (
         R["format"]("<think>a</think><answer>b</answer><answer>c</answer>") == 1.0

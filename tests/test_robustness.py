@@ -1,4 +1,5 @@
-"""Issue 6: sampling that does not depend on who samples, two processes, exact resume, signals, NaN, frozen vision."""
+"""Issue 6: sampling that does not depend on who samples, two processes, exact resume, signals, NaN,
+frozen vision."""
 
 import json
 import os
@@ -87,8 +88,9 @@ def test_a_completion_depends_on_its_key_not_on_the_batch():
 
 
 def test_two_processes_make_the_same_update_as_one(tmp_path):
-    """torchrun with 2 gloo processes, one prompt each, equals one process with both prompts. Token-mean
-    aggregation and batch-std advantages make the test depend on the global normalisation."""
+    """torchrun with 2 gloo processes, one prompt each, equals one process with both prompts.
+    Token-mean aggregation and batch-std advantages make the test depend on the global
+    normalisation."""
     flags = SMALL + [
         "--steps",
         "2",
@@ -257,9 +259,9 @@ def test_lr_schedule():
 
 
 def test_shared_prefill_rollout_matches_the_plain_one():
-    """The rollout encodes each prompt once and repeats its KV cache G times. Its tokens must be those of HF
-    generate on G plain copies of every input (same keyed draws), and its log-probs those of the training
-    forward on G plain copies (each with its own image)."""
+    """The rollout encodes each prompt once and repeats its KV cache G times. Its tokens must be
+    those of HF generate on G plain copies of every input (same keyed draws), and its log-probs
+    those of the training forward on G plain copies (each with its own image)."""
     model, family = vlm.load(g.TINY_MODEL)
     tok = family.tokenizer
     rows = data.load_rows(g.Args(train_size=4))[0][:2]
@@ -280,7 +282,8 @@ def test_shared_prefill_rollout_matches_the_plain_one():
         for k in ("input_ids", "attention_mask", "image_grid_thw")
     }
 
-    class Keyed:  # the same draws, as a logits processor of HF generate (which then takes the argmax)
+    # the same draws, as a logits processor of HF generate (which then takes the argmax)
+    class Keyed:
         def __call__(self, input_ids, scores):
             token = g.draw(scores, keys, input_ids.shape[1] - rep["input_ids"].shape[1])
             return torch.full_like(scores, -float("inf")).scatter(1, token[:, None], 0.0)
@@ -311,7 +314,8 @@ def test_shared_prefill_rollout_matches_the_plain_one():
 
 def test_fp32_master_weights_keep_small_updates_under_bf16_autocast(tmp_path, monkeypatch):
     """Why the weights stay fp32 on a GPU: an AdamW step at lr 1e-6 is lost on bf16 weights. And the
-    training path under bf16 autocast (the GPU setting, here on the CPU) keeps fp32 weights that move."""
+    training path under bf16 autocast (the GPU setting, here on the CPU) keeps fp32 weights that
+    move."""
     for dtype, moves in ((torch.bfloat16, False), (torch.float32, True)):
         w = torch.full((1000,), 0.01, dtype=dtype, requires_grad=True)
         w.grad = torch.randn(1000).to(dtype)

@@ -143,7 +143,8 @@ def test_parse_detections_not_a_str():
 def test_det_known_values():
     assert scores(f"[{BOX}]") == [1.0, 0.9, 1.0, 1.0]
     miss = '{"bbox_2d": [60, 60, 90, 90], "confidence": 0.2}'
-    # one hit (conf 0.9) and one miss (conf 0.2): iou 1/2; conf (0.9 + 0.8) / 2; AP 1 (the hit ranks first)
+    # one hit (conf 0.9) and one miss (conf 0.2): iou 1/2; conf (0.9 + 0.8) / 2; AP 1 (the hit ranks
+    # first)
     assert scores(f"[{BOX}, {miss}]") == pytest.approx([0.5, 0.85, 1.0, 0.5])
     # the miss ranked first: AP = 0.5 (see test_ap_false_positive_first), times min(1, 1/2)
     hi_miss = '{"bbox_2d": [60, 60, 90, 90], "confidence": 0.95}'
@@ -167,8 +168,9 @@ def test_empty_answers():
 
 
 def test_repeated_box_is_the_hack():
-    """A correct box answered 5 times: det_iou and det_map divide by the 5 answers, det_conf pays 1 - c
-    for the 4 unmatched copies; det_iou_sum keeps 1.0: spraying boxes costs nothing, VLM-R1's hack."""
+    """A correct box answered 5 times: det_iou and det_map divide by the 5 answers, det_conf pays 1
+    - c for the 4 unmatched copies; det_iou_sum keeps 1.0: spraying boxes costs nothing, VLM-R1's
+    hack."""
     assert scores(f"[{', '.join([BOX] * 5)}]") == pytest.approx(
         [0.2, (0.9 + 4 * 0.1) / 5, 1.0, 0.2]
     )
@@ -226,13 +228,14 @@ def test_coord_space_mapping():
 def test_iou_threshold_raises_the_match_threshold():
     box = f'[{{"bbox_2d": {IOU06}}}]'
     assert R.box_iou(IOU06, TRUE) == 0.6
-    # threshold 0 (and 0.3): Visual-RFT's 0.5; COCO thresholds 0.50, 0.55, 0.60 of ten match (IoU >= t)
+    # threshold 0 (and 0.3): Visual-RFT's 0.5; COCO thresholds 0.50, 0.55, 0.60 of ten match (IoU >=
+    # t)
     for t in (None, 0.0, 0.3):
         gt = GT1 if t is None else {**GT1, "iou_threshold": t}
         assert scores(box, gt) == pytest.approx([0.6, 1.0, 0.6, 0.3])
     assert scores(box, {**GT1, "iou_threshold": 0.7}) == [0.0, 0.0, 0.0, 0.0]
-    # at exactly 0.6: Visual-RFT needs IoU > 0.6 (no match); det_map's COCO thresholds become 0.6, 0.6,
-    # 0.6, 0.65, ..., 0.95, and COCO needs IoU >= t: 3 of 10 match
+    # at exactly 0.6: Visual-RFT needs IoU > 0.6 (no match); det_map's COCO thresholds become 0.6,
+    # 0.6, 0.6, 0.65, ..., 0.95, and COCO needs IoU >= t: 3 of 10 match
     assert scores(box, {**GT1, "iou_threshold": 0.6}) == pytest.approx([0.0, 0.0, 0.0, 0.3])
     # REC: IoU below the threshold scores 0, at or above it the IoU itself
     rec = {**SIZES, "solution": TRUE}
@@ -307,15 +310,15 @@ def test_ap_iou_thresholds_and_no_truth():
     assert R.average_precision([([], [TRUE])], 0.5) == 0.0
 
 
-# Two cases where a reading of "COCO AP" that is right on paper differs from pycocotools:
-# 10 disjoint true boxes; 7 hits, a false positive, a hit. Recall reaches 0.70 at the 7th (precision 1),
-# but pycocotools' grid point "0.70" is 70 * 0.01 = 0.7000000000000001, so it reads the 9th point
-# (recall 0.8, precision 8/9): AP = (70 + 11 * 8/9) / 101, not (71 + 10 * 8/9) / 101.
+# Two cases where a reading of "COCO AP" that is right on paper differs from pycocotools: 10
+# disjoint true boxes; 7 hits, a false positive, a hit. Recall reaches 0.70 at the 7th (precision
+# 1), but pycocotools' grid point "0.70" is 70 * 0.01 = 0.7000000000000001, so it reads the 9th
+# point (recall 0.8, precision 8/9): AP = (70 + 11 * 8/9) / 101, not (71 + 10 * 8/9) / 101.
 TEN = [[20 * i, 0, 20 * i + 10, 10] for i in range(10)]
 GRID_CASE = [([(b, 0.9) for b in TEN[:7]] + [([0, 50, 10, 60], 0.8), (TEN[7], 0.7)], TEN)]
 # A (conf 0.9) has IoU 90/110 with both true boxes, B (0.8) IoU 1 with g0 and 80/120 with g1. COCO's
-# loop gives A the LAST of equal-IoU boxes (g1), so B gets g0 at t = 0.7: 2 hits. Ties to the first (g0)
-# would leave B unmatched at 0.7 (its IoU with g1 is 0.67).
+# loop gives A the LAST of equal-IoU boxes (g1), so B gets g0 at t = 0.7: 2 hits. Ties to the first
+# (g0) would leave B unmatched at 0.7 (its IoU with g1 is 0.67).
 TIE_CASE = [([([1, 0, 11, 10], 0.9), ([0, 0, 10, 10], 0.8)], [[0, 0, 10, 10], [2, 0, 12, 10]])]
 
 
@@ -329,8 +332,8 @@ def test_ap_float_and_tie_details_follow_pycocotools():
 
 # --- cross-check with pycocotools ----------------------------------------------------------------
 def random_images(rng):
-    """1-3 images on a coarse grid (IoU ties and exact-threshold IoUs are common), 0-4 true boxes and
-    0-6 predictions each, some near a true box, confidences from a few values (score ties)."""
+    """1-3 images on a coarse grid (IoU ties and exact-threshold IoUs are common), 0-4 true boxes
+    and 0-6 predictions each, some near a true box, confidences from a few values (score ties)."""
 
     def box():
         x, y = rng.randrange(0, 40, 2), rng.randrange(0, 40, 2)

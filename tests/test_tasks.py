@@ -1,4 +1,5 @@
-"""The cls, count and det tasks end to end, and Vision-R1's cold start, staged length and rule refinement."""
+"""The cls, count and det tasks end to end, and Vision-R1's cold start, staged length and rule
+refinement."""
 
 import json
 import os
@@ -21,8 +22,8 @@ TASKS = ("cls", "count", "det")
 
 @pytest.mark.parametrize("task", ("rec",) + TASKS)
 def test_sft_target_is_a_perfect_answer_under_the_task_rewards(task):
-    """Every synthetic row's SFT target scores the maximum of each of the task's rewards, and tokenizes with no
-    unknown word in the task's tokenizer."""
+    """Every synthetic row's SFT target scores the maximum of each of the task's rewards, and
+    tokenizes with no unknown word in the task's tokenizer."""
     rows = data.load_rows(g.parse_args(["--task", task, "--train-size", "24"]))[0]
     gts = data.ground_truths(rows, [(112, 112, 128, 128)] * len(rows), "abs_resized")
     tok = mtm.build_tokenizer(task)
@@ -74,7 +75,8 @@ def test_class_balanced_subset_is_k_shot(tmp_path):
 
 
 def test_real_format_rows_of_every_task_load(tmp_path):
-    """det: a list of {bbox_2d, label} (or bare boxes); cls: a label; count: a number or numeric string."""
+    """det: a list of {bbox_2d, label} (or bare boxes); cls: a label; count: a number or numeric
+    string."""
     from PIL import Image
 
     Image.new("RGB", (64, 48)).save(tmp_path / "a.png")
@@ -142,8 +144,8 @@ def run(tmp_path, *flags):
 
 
 def test_length_schedule_caps_completions_by_stage(tmp_path):
-    """Vision-R1's PTST: with EOS blocked for 64 tokens every completion runs to the stage's cap, so the logged
-    lengths are the schedule itself."""
+    """Vision-R1's PTST: with EOS blocked for 64 tokens every completion runs to the stage's cap, so
+    the logged lengths are the schedule itself."""
     rows = run(
         tmp_path,
         "--steps",
@@ -160,8 +162,8 @@ def test_length_schedule_caps_completions_by_stage(tmp_path):
 
 
 def test_iou_threshold_schedule_makes_the_reward_stricter(tmp_path):
-    """Progressive rule refinement on the shipped REC base: IoU counts from step 1, then only at or above 1.01,
-    which no box reaches, so the IoU reward falls to exactly 0 at step 3."""
+    """Progressive rule refinement on the shipped REC base: IoU counts from step 1, then only at or
+    above 1.01, which no box reaches, so the IoU reward falls to exactly 0 at step 3."""
     rows = run(
         tmp_path,
         "--steps",
@@ -179,8 +181,9 @@ def test_iou_threshold_schedule_makes_the_reward_stricter(tmp_path):
 
 
 def test_cold_start_trains_then_grpo_starts_from_it(tmp_path):
-    """--sft-steps: the supervised loss falls during the cold start, the cold-started model is saved, and it is
-    the KL reference: at GRPO's first step the policy equals the reference, so the KL is 0."""
+    """--sft-steps: the supervised loss falls during the cold start, the cold-started model is
+    saved, and it is the KL reference: at GRPO's first step the policy equals the reference, so the
+    KL is 0."""
     tok = mtm.build_tokenizer("cls")
     base = str(tmp_path / "random")
     mtm.save(mtm.build_model(tok), tok, mtm.build_image_processor(), base)
@@ -242,7 +245,8 @@ def test_each_task_trains_and_evaluates_from_its_shipped_base(task, tmp_path):
 
 
 def test_det_eval_scores_forced_answers():
-    """grpo_vlm.evaluate on det with forced greedy outputs: all boxes right, then every box doubled (#pred/#gt 2)."""
+    """grpo_vlm.evaluate on det with forced greedy outputs: all boxes right, then every box doubled
+    (#pred/#gt 2)."""
     model, family = vlm.load(g.tiny_model("det"))
     tok = family.tokenizer
     rows = data.synthetic_split("test", 4, "det")
@@ -277,5 +281,6 @@ def test_det_eval_scores_forced_answers():
     assert (
         got[1]["ap50"] == 1.0 and got[1]["map"] > 0.6
     )  # integer pixels of the 112-px input: IoU < 1 at 0.95
-    # at equal confidence each duplicate ranks right after its original: a false positive between true ones
+    # at equal confidence each duplicate ranks right after its original: a false positive between
+    # true ones
     assert got[2]["ap50"] < 0.8 and got[2]["map"] < got[1]["map"]

@@ -1,4 +1,5 @@
-"""The GRPO variants (issue 20): GSPO's sequence ratio, DAPO's dynamic sampling and overlong handling, entropy."""
+"""The GRPO variants (issue 20): GSPO's sequence ratio, DAPO's dynamic sampling and overlong
+handling, entropy."""
 
 import json
 import os
@@ -54,8 +55,9 @@ def test_gspo_at_mu_1_is_sequence_reinforce_with_length_normalised_logps():
 
 
 def test_gspo_clips_whole_sequences():
-    """Second pass (mu=2): sequence 0's ratio is 1.5 (outside 1 + 0.2 with A > 0): no gradient at any of its tokens;
-    sequence 1's is 1.1: every token gets -A * s / (|o| * N), the derivative of s = exp(mean_t(logp - logp_old))."""
+    """Second pass (mu=2): sequence 0's ratio is 1.5 (outside 1 + 0.2 with A > 0): no gradient at
+    any of its tokens; sequence 1's is 1.1: every token gets -A * s / (|o| * N), the derivative of s
+    = exp(mean_t(logp - logp_old))."""
     logp = torch.zeros(2, 3, requires_grad=True)
     logp_old = torch.log(torch.tensor([[1 / 1.5] * 3, [1 / 1.1] * 3]))
     tw = g.token_weights(torch.ones(2, 3), "grpo")
@@ -66,7 +68,8 @@ def test_gspo_clips_whole_sequences():
     assert torch.equal(grad[0], torch.zeros(3))
     assert torch.allclose(grad[1], torch.full((3,), -1.1 / (3 * 2)), atol=1e-7)
     assert st["clip_sum"] == 3  # the three tokens of the clipped sequence
-    # the token ratio would clip each token on its own, and differently: here identical ratios, so the same set
+    # the token ratio would clip each token on its own, and differently: here identical ratios, so
+    # the same set
     _, st_token = g.grpo_loss(logp, logp_old, None, torch.tensor([1.0, 1.0]), tw, 0.2, 0.2, 0.0)
     assert st_token["clip_sum"] == 3
 
@@ -112,7 +115,8 @@ def test_gspo_trains_with_mu_2(tmp_path):
 
 
 def test_soft_overlong_punishment_at_its_boundaries():
-    """DAPO: 0 up to L_max - L_cache tokens, then (L_max - L_cache - |o|) / L_cache, -1 at the cap and beyond."""
+    """DAPO: 0 up to L_max - L_cache tokens, then (L_max - L_cache - |o|) / L_cache, -1 at the cap
+    and beyond."""
     lengths = torch.tensor([10.0, 12.0, 13.0, 15.0, 16.0, 20.0])
     r, comp = g.compute_rewards(["x"] * 6, [{}] * 6, {}, lengths, L_max=16, L_cache=4)
     assert comp["overlong"].tolist() == [0.0, 0.0, -0.25, -0.75, -1.0, -1.0]
@@ -121,8 +125,9 @@ def test_soft_overlong_punishment_at_its_boundaries():
 
 
 def test_overlong_filtering_gives_truncated_completions_no_gradient(tmp_path, monkeypatch):
-    """With EOS blocked, every completion is cut off at the cap: under filtering nothing moves (zero gradient, and
-    AdamW's first step of a zero gradient is zero); without it the same run moves the weights."""
+    """With EOS blocked, every completion is cut off at the cap: under filtering nothing moves (zero
+    gradient, and AdamW's first step of a zero gradient is zero); without it the same run moves the
+    weights."""
     monkeypatch.setitem(
         g.rewards.REWARDS, "chars", lambda t, gt: (sum(map(ord, t)) % 97) / 97
     )  # varies: A != 0
@@ -147,7 +152,8 @@ def test_overlong_filtering_gives_truncated_completions_no_gradient(tmp_path, mo
 
 
 def test_entropy_equals_a_direct_computation_at_temperature():
-    """sample_group's H_t on a 5-token vocabulary: the entropy of softmax(logits / T) it drew from, per step."""
+    """sample_group's H_t on a 5-token vocabulary: the entropy of softmax(logits / T) it drew from,
+    per step."""
     steps = [
         torch.tensor([[2.0, 0.5, -1.0, 0.0, 1.0]]),
         torch.tensor([[0.1, 0.2, 3.0, -2.0, 0.0]]),
@@ -177,8 +183,9 @@ def test_entropy_equals_a_direct_computation_at_temperature():
 
 
 def test_dynamic_sampling_keeps_b_informative_groups_then_logs_the_shortfall(tmp_path, monkeypatch):
-    """With the format reward alone, the shipped model's groups are mostly all-equal (every completion well formed).
-    Dynamic sampling trains on informative groups only, B of them while the cap allows, and logs what it spent."""
+    """With the format reward alone, the shipped model's groups are mostly all-equal (every
+    completion well formed). Dynamic sampling trains on informative groups only, B of them while the
+    cap allows, and logs what it spent."""
     seen = []
     real = g.policy_update
     monkeypatch.setattr(
@@ -202,7 +209,8 @@ def test_dynamic_sampling_keeps_b_informative_groups_then_logs_the_shortfall(tmp
         r["shortfall"] == 0 for r in dyn
     )
     assert any(r["rollouts"] > 8 for r in dyn)  # refills happened
-    # at the cap (no refill allowed here): the groups found are trained on, the shortfall logged, the run goes on
+    # at the cap (no refill allowed here): the groups found are trained on, the shortfall logged,
+    # the run goes on
     seen.clear()
     g.train(
         g.parse_args(

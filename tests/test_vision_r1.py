@@ -1,6 +1,6 @@
-"""Vision-R1 (arXiv 2503.18013): the criterion-driven reward (dual format, recall, precision after box-prioritized
-matching; Eqs. 3-7) and the progressive rule refinement (differentiation, Eq. 8; staged progression through
---iou-threshold-schedule)."""
+"""Vision-R1 (arXiv 2503.18013): the criterion-driven reward (dual format, recall, precision after
+box-prioritized matching; Eqs. 3-7) and the progressive rule refinement (differentiation, Eq. 8;
+staged progression through --iou-threshold-schedule)."""
 
 import itertools
 import json
@@ -51,9 +51,11 @@ def vr1(text, gt=GT2, **rule):
     return [R.REWARDS[k](text, {**gt, **rule}) for k in VR1]
 
 
-# --- Eqs. 4-6 on hand-made answers --------------------------------------------------------------------------------
+# --- Eqs. 4-6 on hand-made answers
+# --------------------------------------------------------------------------------
 def test_recall_and_precision_by_hand():
-    """[format, recall, precision] without Eq. 8 (LINEAR), then with the paper's first stage (the default)."""
+    """[format, recall, precision] without Eq. 8 (LINEAR), then with the paper's first stage (the
+    default)."""
     cases = {
         "perfect": (det(A, B), [1, 1, 1], [1, 1, 1]),
         # one of two true boxes found: recall 1/2; the one answered box is exact
@@ -62,7 +64,8 @@ def test_recall_and_precision_by_hand():
         "extra box": (det(A, B, [0, 60, 30, 90]), [1, 1, 2 / 3], [1, 1, 2 / 3]),
         # A twice: one-to-one matching pairs A with A once, the copy is unmatched
         "duplicate box": (det(A, A), [1, 0.5, 0.5], [1, 0.5, 0.5]),
-        # matched at IoU 0.6 (valid at xi0 = 0.5) and 0.8: precision (0.6 + 0.8) / 2; Eq. 8: 0.8 >= 0.75 -> 1
+        # matched at IoU 0.6 (valid at xi0 = 0.5) and 0.8: precision (0.6 + 0.8) / 2; Eq. 8: 0.8 >=
+        # 0.75 -> 1
         "imprecise boxes": (det(IOU06, [60, 60, 84, 90]), [1, 1, 0.7], [1, 1, 0.8]),
         # IoU 0.4 < xi0: not a valid prediction
         "poor box": (det([10, 10, 26, 50], B), [1, 0.5, 0.5], [1, 0.5, 0.5]),
@@ -80,7 +83,8 @@ def test_recall_and_precision_by_hand():
     "answer",
     [
         '[{"box": [10, 10, 50]}]',  # three numbers
-        '[{"box": [10, 10, 50, 50]}, {"box": [90, 90, 60, 60]}]',  # one inverted box spoils the answer
+        # one inverted box spoils the answer
+        '[{"box": [10, 10, 50, 50]}, {"box": [90, 90, 60, 60]}]',
         '[{"box": [10, 10, 50, "50"]}]',
         '[{"box": [10, 10, 50, 50], "confidence": 1.5}]',
         '[{"label": "x"}]',
@@ -95,8 +99,8 @@ def test_malformed_box_scores_zero_everywhere(answer):
 
 
 def test_dual_format_checks_template_and_content():
-    """Eq. 4: f_tem (the JSON template) and f_cont (well-formed boxes inside the image); a box outside the image
-    fails f_cont but is still matched by recall and precision."""
+    """Eq. 4: f_tem (the JSON template) and f_cont (well-formed boxes inside the image); a box
+    outside the image fails f_cont but is still matched by recall and precision."""
     outside = det(A, [60, 60, 90, 130])  # y2 = 130 in a 100 px image
     assert vr1(outside) == [0.0, 0.5, 0.5]
     assert vr1(det(A, [60, 60, 90, 101])) == pytest.approx(
@@ -140,11 +144,13 @@ def test_nothing_to_find():
     assert vr1(det(A), gt0) == [1.0, 0.0, 0.0]
 
 
-# --- Eq. 3: box-prioritized matching ------------------------------------------------------------------------------
+# --- Eq. 3: box-prioritized matching
+# ------------------------------------------------------------------------------
 def test_matching_is_one_to_one_on_boxes_not_confidence():
-    """A wide box overlaps both true boxes at IoU 0.6; a tight one only the first (0.9). Greedy matching by
-    confidence (Visual-RFT) gives the confident wide box the first truth and leaves the tight one unmatched (IoU
-    0.27 with the second): recall 1/2. The Hungarian matching on box cost pairs each with a truth: recall 1."""
+    """A wide box overlaps both true boxes at IoU 0.6; a tight one only the first (0.9). Greedy
+    matching by confidence (Visual-RFT) gives the confident wide box the first truth and leaves the
+    tight one unmatched (IoU 0.27 with the second): recall 1/2. The Hungarian matching on box cost
+    pairs each with a truth: recall 1."""
     t1, t2 = [0, 0, 40, 40], [20, 0, 60, 40]
     wide, tight = [10, 0, 50, 40], [0, 0, 36, 40]
     gt = {**SIZES, "solution": [t1, t2]}
@@ -174,7 +180,8 @@ def test_assignment_is_optimal():
         assert sum(cost[i][col[i]] for i in range(n)) == pytest.approx(best)
 
 
-# --- Eq. 8 and the staged progression -----------------------------------------------------------------------------
+# --- Eq. 8 and the staged progression
+# -----------------------------------------------------------------------------
 @pytest.mark.parametrize("low,high", [(0.5, 0.75), (0.75, 0.9)])
 def test_differentiation_at_its_thresholds(low, high):
     f = R.differentiation
@@ -190,7 +197,8 @@ def test_differentiation_at_its_thresholds(low, high):
 
 def test_differentiation_applies_per_instance_for_precision_and_once_for_recall():
     three = {**SIZES, "solution": [A, B, [60, 0, 90, 30]]}
-    # two of three found, one at IoU 0.6, one at 0.95: recall 2/3 (< 0.75: kept), precision (0.6 + 1) / 2
+    # two of three found, one at IoU 0.6, one at 0.95: recall 2/3 (< 0.75: kept), precision (0.6 +
+    # 1) / 2
     text = det(IOU06, [60, 60, 88, 90])
     assert R.box_iou([60, 60, 88, 90], B) == pytest.approx(28 / 30)
     assert vr1(text, three) == pytest.approx([1.0, 2 / 3, 0.8])
@@ -217,8 +225,8 @@ def test_refinement_stage_values():
 
 
 def test_stage_changes_at_the_configured_step():
-    """The schedule's rule at steps 149 and 150, through the trainer's gts: the same answer (IoU 0.6 and 0.8)
-    earns less from step 150 on."""
+    """The schedule's rule at steps 149 and 150, through the trainer's gts: the same answer (IoU 0.6
+    and 0.8) earns less from step 150 on."""
     spec = "0:0.5/0.5/0.75,150:0.75/0.75/0.9"
     rules = {
         s: g.stage_value(spec, s, {"iou_threshold": 0.0}, R.refinement_stage)
@@ -232,9 +240,11 @@ def test_stage_changes_at_the_configured_step():
         for s in (149, 150)
         for gt in data.ground_truths(rows, sizes, "abs_original", rules[s])
     )
-    # after: IoU 0.6 < xi0 = 0.75 is not valid, recall 1/2 < xi1 = 0.75 is penalized, 0.8 is kept (< xi2 = 0.9)
+    # after: IoU 0.6 < xi0 = 0.75 is not valid, recall 1/2 < xi1 = 0.75 is penalized, 0.8 is kept (<
+    # xi2 = 0.9)
     assert before == pytest.approx([1.0, 1.0, 0.8]) and after == pytest.approx([1.0, 0.0, 0.4])
-    # the single-number form keeps its meaning (xi0 only), and no schedule is the paper's first stage
+    # the single-number form keeps its meaning (xi0 only), and no schedule is the paper's first
+    # stage
     assert g.stage_value("0:0,300:0.5", 300, {"iou_threshold": 0.0}, R.refinement_stage) == {
         "iou_threshold": 0.5
     }
@@ -276,7 +286,8 @@ def test_schedule_reaches_the_rewards_in_training(tmp_path):
     assert all(f"reward_{k}" in r for r in rows for k in VR1)
 
 
-# --- reward hacking -----------------------------------------------------------------------------------------------
+# --- reward hacking
+# -----------------------------------------------------------------------------------------------
 def total(text, gt=GT2, **rule):
     return sum(vr1(text, gt, **rule))
 
@@ -315,8 +326,8 @@ def test_box_spraying_does_not_outscore_an_exact_answer(rule):
     stage=st.sampled_from([{}, STAGE2, LINEAR]),
 )
 def test_adding_boxes_to_an_exact_answer_never_pays(truths, extra, stage):
-    """Any extra boxes after the exact ones: recall cannot rise above 1 and every extra box is one more M in
-    Eq. 6, so the sum of the three rewards falls strictly."""
+    """Any extra boxes after the exact ones: recall cannot rise above 1 and every extra box is one
+    more M in Eq. 6, so the sum of the three rewards falls strictly."""
     boxes = [[x, y, x + w, y + h] for x, y, w, h in truths]
     gt = {**SIZES, "solution": boxes}
     exact = total(det(*boxes), gt, **stage)
