@@ -7,8 +7,8 @@
 conversations and chat messages JSONL; parquet, Arrow, a save_to_disk folder, a hub id; several
 joined by ':'), with the same key flags.
 
-The decoding is grpo_vlm.evaluate (the trainer's held-out eval); the metrics by task are
-rewards.score/summarize:
+The decoding is evaluation.evaluate with grpo_vlm.greedy (the trainer's held-out eval); the metrics
+by task are rewards.score/summarize:
   rec:   acc50 (IoU >= 0.5), miou, center_error, area_ratio, right_object, format_rate
   cls:   accuracy (normalized exact match), format_rate
   count: accuracy (exact numeric match), mae, parsed_rate, format_rate
@@ -30,6 +30,7 @@ import sys
 import torch
 
 import data
+import evaluation
 import grpo_vlm as g
 import infra
 import viz
@@ -174,8 +175,15 @@ def run(a):
         model.eval()
         for split in splits:
             rows = rows_of[split]
-            summary, preds = g.evaluate(
-                model, family, rows, family.coord_space, a.task, a.batch_size, a.max_new_tokens
+            summary, preds = evaluation.evaluate(
+                g.greedy,
+                model,
+                family,
+                rows,
+                family.coord_space,
+                a.task,
+                a.batch_size,
+                a.max_new_tokens,
             )
             summaries.append({"model": path, "split": split, **summary, "bad_rows": len(bad)})
             all_preds += [{"model": path, "split": split, **q} for q in preds]
