@@ -30,6 +30,8 @@ import json
 import math
 import os
 import re
+import sys
+from typing import NamedTuple
 
 FORMAT_RE = re.compile(r"\s*<think>.*?</think>\s*<answer>.*?</answer>\s*", re.DOTALL)
 ANSWER_RE = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
@@ -571,6 +573,384 @@ TASK_REWARDS = {
 
 
 # ---------------------------------------------------------------------------------------------
+# Each paper's reward as its official code computes it. A paper preset (recipes.PRESETS) names a
+# recipe here: the rewards it sums, their weights, and the parsers that read the answer (RECIPES).
+# Where the official parser drops a malformed element and scores the rest (Vision-R1 of Zhan et
+# al., VLM-R1's odLength), so does its recipe: a departure from REFERENCE.md ("any reward on
+# malformed output returns 0"), which the default rewards above keep. Each function cites the
+# official file and line it follows (snapshots of om-ai-lab/VLM-R1, Liuziyu77/Visual-RFT,
+# Deep-Agent/R1-V, jefferyZhan/Griffon); the code is ours.
+# ---------------------------------------------------------------------------------------------
+R1_FORMAT_RE = re.compile(r"<think>.*?</think>\s*<answer>.*?</answer>", re.DOTALL)
+INT_BOX = r"\[(\d+),\s*(\d+),\s*(\d+),\s*(\d+)\]"  # four whole numbers, as VLM-R1 reads a box
+# VLM-R1's REC format: a think block, then an answer holding {...[x1, y1, x2, y2]...}, anywhere
+VLMR1_REC_FORMAT_RE = re.compile(
+    r"<think>.*?</think>\s*<answer>.*?\{.*" + INT_BOX + r".*\}.*?</answer>", re.DOTALL
+)
+JSON_FENCES_RE = re.compile(r"```json(.*?)```", re.DOTALL)
+UNTIL_1000 = r"(\d{1,3}|1000)"
+ZHAN_ITEM_RE = re.compile(
+    r'\{"bbox_2d": \[' + ", ".join([UNTIL_1000] * 4) + r'\], "label": "([^"]+)"\}'
+)
+MAX_DETS = 100  # COCOeval's largest maxDets, which VLM-R1's mAP (stats[0]) reads
+
+
+def r1_format_reward(completion, gt=None):
+    """1 if the whole output is <think>...</think> <answer>...</answer>, nothing before or after
+    (re.fullmatch, DOTALL): R1-V src/r1-v/src/open_r1/grpo.py:96-100, Visual-RFT
+    src/virft/src/open_r1/grpo.py:352-358, VLM-R1 src/open-r1-multimodal/src/open_r1/
+    grpo_jsonl.py:882-886. Ours (`format`) also allows white space around it."""
+    return 1.0 if isinstance(completion, str) and R1_FORMAT_RE.fullmatch(completion) else 0.0
+
+
+def vlmr1_rec_format_reward(completion, gt=None):
+    """VLM-R1's REC format (src/open-r1-multimodal/src/open_r1/vlm_modules/qwen_module.py:88-105):
+    re.search for a think block, then an <answer> holding a {...} around [x1, y1, x2, y2] of
+    whole numbers. Text may come before <think>; an answer with no box scores 0."""
+    ok = isinstance(completion, str) and VLMR1_REC_FORMAT_RE.search(completion)
+    return 1.0 if ok else 0.0
+
+
+def vlmr1_iou_reward(completion, gt):
+    """VLM-R1's REC IoU (qwen_module.py:108-176): the first [x1, y1, x2, y2] of whole numbers in
+    the first <answer>, rescaled to original pixels, against the true box; the intersection counts
+    only where it is more than 1 px wide and high (its min(x2) - 1 > max(x1), line 116-121)."""
+    answer = extract_answer(completion)
+    m = re.search(INT_BOX, answer.strip()) if answer is not None else None
+    if not m:
+        return 0.0
+    p, t = to_original_pixels([int(v) for v in m.groups()], gt), [float(v) for v in gt["solution"]]
+    w, h = min(p[2], t[2]) - max(p[0], t[0]), min(p[3], t[3]) - max(p[1], t[1])
+    inter = w * h if w > 1 and h > 1 else 0.0
+    union = (p[2] - p[0]) * (p[3] - p[1]) + (t[2] - t[0]) * (t[3] - t[1]) - inter
+    return inter / union if union and math.isfinite(union) else 0.0
+
+
+def _labelled_truths(gt):
+    """[(box, label)] of a gt: its boxes (_truths) with gt["labels"] ("" where there is none)."""
+    boxes = _truths(gt)
+    labels = list(gt.get("labels") or [])
+    return [(b, str(labels[i]) if i < len(labels) else "") for i, b in enumerate(boxes)]
+
+
+def od_length_reward(completion, gt):
+    """VLM-R1's odLength reward (src/open-r1-multimodal/src/open_r1/grpo_jsonl.py:237-416): the
+    LAST <answer>, the last ```json fence in it, a JSON list of {"bbox_2d", "label"}; COCO mAP
+    (0.50:0.95) per label of the truth, averaged over those labels, with every box's score 1.0 (so
+    the answer's order ranks the boxes: line 280), at most 100 boxes per label (COCOeval's maxDets);
+    times min(1, #truth / #answered). An element that is not such a dict, or names a label the
+    truth lacks, is dropped (line 283-284) but still counts in #answered. Truth without labels:
+    one class, every box's label ignored."""
+    answers = ANSWER_RE.findall(completion) if isinstance(completion, str) else []
+    if not answers:
+        return 0.0
+    fences = JSON_FENCES_RE.findall(answers[-1].strip())
+    try:
+        items = json.loads(fences[-1].strip()) if fences else []
+    except (ValueError, RecursionError):
+        items = []
+    items = items if isinstance(items, list) else []
+    truths = _labelled_truths(gt)
+    if not items or not truths:
+        return 1.0 if not items and not truths else 0.0
+    unlabelled = not any(label for _, label in truths)
+    by_label = {label: [] for _, label in truths}
+    for item in items:
+        box = item.get("bbox_2d") if isinstance(item, dict) else None
+        label = "" if unlabelled else item.get("label") if isinstance(item, dict) else None
+        box = [_finite(v) for v in box] if isinstance(box, list) and len(box) == 4 else [None]
+        if None not in box and isinstance(label, str) and label in by_label:
+            by_label[label].append((to_original_pixels(box, gt), 1.0))
+    if not any(by_label.values()):
+        return 0.0  # no detection left: VLM-R1 returns 0 (line 286-287)
+    floor = gt.get("iou_threshold", 0.0)
+    aps = [
+        sum(
+            average_precision(
+                [(preds[:MAX_DETS], [b for b, lb in truths if lb == label])], max(t, floor)
+            )
+            for t in COCO_IOUS
+        )
+        / len(COCO_IOUS)
+        for label, preds in by_label.items()
+    ]
+    return sum(aps) / len(aps) * min(1.0, len(truths) / len(items))
+
+
+def _vrft_detections(completion):
+    """Visual-RFT's answer, [(box, confidence)] (src/virft/src/open_r1/grpo.py:54-85, 239-262): the
+    first <answer> on one line (no DOTALL), else the whole output; "[[" and "]]" made single, line
+    breaks removed, a cut-off list closed after its last whole element, single quotes read as
+    double; a JSON list of {"Position": [x1, y1, x2, y2], "Confidence": c}, duplicates removed.
+    None where the official code raises or finds no list (its reward is then 0)."""
+    if not isinstance(completion, str):
+        return None
+    m = re.search(r"<answer>(.*?)</answer>", completion)
+    text = (m.group(1) if m else completion).strip()
+    text = text.replace("[[", "[").replace("]]", "]").replace("\n", "")
+    text = text if text.endswith("]") else text.rsplit("},", 1)[0] + "}]"
+    try:
+        items = json.loads(text.replace("'", '"'))
+    except (ValueError, RecursionError):
+        return None
+    if not isinstance(items, list) or not items or not isinstance(items[0], dict):
+        return None
+    out, seen = [], set()
+    for item in items:
+        box, conf = item.get("Position") if isinstance(item, dict) else None, None
+        if isinstance(item, dict) and "Confidence" in item:
+            conf = _finite(item["Confidence"])
+        if not isinstance(box, list) or len(box) != 4 or conf is None:
+            return None  # a KeyError or a bad unpacking in the official code: reward 0
+        box = [_finite(v) for v in box]
+        if None in box:
+            return None
+        if tuple(box) not in seen:  # remove_duplicates, line 136-149
+            seen.add(tuple(box))
+            out.append((box, conf))
+    return out
+
+
+def vrft_iou_reward(completion, gt):
+    """Visual-RFT's IoU reward (grpo.py:109-134, 172-192, 214-280): predictions by confidence,
+    each matched to the free true box of highest IoU if above 0.5; sum of matched IoUs / max(#truth,
+    #pred), at most 1."""
+    preds = _vrft_detections(completion)
+    if preds is None:
+        return 0.0
+    preds, truths = [(to_original_pixels(b, gt), c) for b, c in preds], _truths(gt)
+    thr = max(0.5, gt.get("iou_threshold", 0.0))
+    total = sum(iou for *_, iou in match_detections(preds, truths, thr))
+    return min(1.0, total / max(len(truths), len(preds)))
+
+
+def vrft_conf_reward(completion, gt):
+    """Visual-RFT's confidence reward (grpo.py:194-212, 282-350): the mean over predictions of c if
+    matched, else 1 - c."""
+    preds = _vrft_detections(completion)
+    if preds is None:
+        return 0.0
+    preds, truths = [(to_original_pixels(b, gt), c) for b, c in preds], _truths(gt)
+    hit = {i for i, *_ in match_detections(preds, truths, max(0.5, gt.get("iou_threshold", 0.0)))}
+    return sum(c if i in hit else 1.0 - c for i, (_, c) in enumerate(preds)) / len(preds)
+
+
+def _zhan_json(text):
+    """Vision-R1's parse_json (Griffon Vision-R1/vision_r1/visionr1_qwen.py:30-46): a first line
+    "```json..." dropped, the text cut at the next ```, then JSON; None if that fails."""
+    lines = text.strip().splitlines()
+    if not lines:
+        return None
+    if lines[0].startswith("```json"):
+        text = "\n".join(lines[1:])
+    try:
+        return json.loads(text.split("```")[0] if "```" in text else text)
+    except (ValueError, RecursionError):
+        return None
+
+
+def zhan_detections(completion):
+    """Vision-R1's (Zhan et al.) answer, [(box, label)] (visionr1_qwen.py:48-98): the model's own
+    format, a JSON list of {"bbox_2d": [...], "label": ...} (in a ```json fence or bare), each
+    coordinate cut to a whole number (int()); an element that is not a dict, or whose box is not 4
+    numbers with x1 < x2 and y1 < y2, is DROPPED and the rest kept. Nothing kept: every
+    {"bbox_2d": [a, b, c, d], "label": "..."} written exactly so (numbers 0-1000) anywhere in the
+    text."""
+    if not isinstance(completion, str):
+        return []
+    items, out = _zhan_json(completion.strip()), []
+    for item in items if isinstance(items, list) else []:
+        box = item.get("bbox_2d") if isinstance(item, dict) else None
+        if not isinstance(box, list) or len(box) != 4:
+            continue
+        try:
+            box = [int(v) for v in box]
+        except (TypeError, ValueError, OverflowError):
+            continue
+        if box[0] < box[2] and box[1] < box[3]:
+            out.append((box, item.get("label")))
+    if not out:
+        for *box, label in ZHAN_ITEM_RE.findall(completion):
+            box = [int(v) for v in box]
+            if box[0] < box[2] and box[1] < box[3]:
+                out.append((box, label))
+    return out
+
+
+def _giou(p, t):
+    """Generalized IoU of two boxes with positive area: IoU - (hull - union) / hull."""
+    area = lambda b: max(0.0, b[2] - b[0]) * max(0.0, b[3] - b[1])  # noqa: E731
+    inter = area([max(p[0], t[0]), max(p[1], t[1]), min(p[2], t[2]), min(p[3], t[3])])
+    union = area(p) + area(t) - inter
+    hull = area([min(p[0], t[0]), min(p[1], t[1]), max(p[2], t[2]), max(p[3], t[3])])
+    return inter / union - (hull - union) / hull if union > 0 and hull > 0 else 0.0
+
+
+def _official_map(x, low, high):
+    """Vision-R1's modify_list / modify_tensor (visionr1_qwen.py:191-195, 232-239): 0 below low, 1
+    ABOVE high (strictly), else x itself."""
+    return 0.0 if x < low else 1.0 if x > high else x
+
+
+def _zhan_matches(completion, gt):
+    """(#predictions, the GIoUs of Vision-R1's BoxPriorMatcher pairs) (visionr1_qwen.py:131-189):
+    a one-to-one assignment on cost L1 (pixels) - [same label] - GIoU, min(#pred, #truth) pairs;
+    the pairs' GIoU (not IoU) is what the rewards read. None if nothing was parsed."""
+    preds = zhan_detections(completion)
+    if not preds:
+        return None
+    preds, truths = [(to_original_pixels(b, gt), lb) for b, lb in preds], _labelled_truths(gt)
+    if not truths:
+        return len(preds), []
+    same = lambda a, b: bool(b) and isinstance(a, str) and a.strip().lower() == b.lower()  # noqa: E731
+    cost = [
+        [sum(abs(a - b) for a, b in zip(p, t)) - same(lp, lt) - _giou(p, t) for t, lt in truths]
+        for p, lp in preds
+    ]
+    if len(preds) <= len(truths):
+        pairs = enumerate(_assignment(cost))
+    else:
+        pairs = ((i, j) for j, i in enumerate(_assignment([list(c) for c in zip(*cost)])))
+    return len(preds), [_giou(preds[i][0], truths[j][0]) for i, j in pairs]
+
+
+def zhan_format_reward(completion, gt):
+    """Vision-R1's dual format reward as its code computes it (visionr1_qwen.py:198-230): the text,
+    "```json<newline>" and "<newline>```" removed, is JSON, and each dict element with "bbox_2d"
+    and "label" has a 4-element list as its box; an inverted box still passes. With no true box:
+    1 - that."""
+    if not isinstance(completion, str):
+        return 0.0
+    try:
+        items = json.loads(re.sub(r"```json\n|\n```", "", completion).strip())
+        ok = not any(
+            isinstance(x, dict)
+            and "bbox_2d" in x
+            and "label" in x
+            and not (isinstance(x["bbox_2d"], list) and len(x["bbox_2d"]) == 4)
+            for x in (items if isinstance(items, list) else [])
+        )
+    except (ValueError, RecursionError):
+        ok = False
+    return float(ok) if _truths(gt) else 1.0 - ok
+
+
+def zhan_recall_reward(completion, gt):
+    """Vision-R1's recall reward as its code computes it (visionr1_qwen.py:241-314): a pair counts
+    1 if its GIoU is above xi0, 0 below, xi0 itself at xi0; their sum / #truth, mapped by 0 below
+    0.5, 1 above 0.75 (these two fixed at every stage). Nothing parsed: 1 if there is nothing to
+    find, else 0."""
+    found, truths = _zhan_matches(completion, gt), _truths(gt)
+    if found is None or not truths:
+        return 1.0 if found is None and not truths else 0.0
+    xi0 = max(0.5, gt.get("iou_threshold", 0.0))
+    tp = sum(_official_map(g, xi0, xi0) for g in found[1])
+    return _official_map(tp / len(truths), *VISION_R1_STAGES[0][1:])
+
+
+def zhan_precision_reward(completion, gt):
+    """Vision-R1's precision reward as its code computes it (visionr1_qwen.py:316-404): each pair's
+    GIoU mapped by 0 below xi1, 1 above xi2, else itself; their mean over the PAIRS (min(#pred,
+    #truth)). Nothing parsed: 1 if there is nothing to find, else 0."""
+    found = _zhan_matches(completion, gt)
+    if found is None or not found[1]:
+        return 1.0 if found is None and not _truths(gt) else 0.0
+    _, xi1, xi2 = _vr1_rule(gt)
+    return sum(_official_map(g, xi1, xi2) for g in found[1]) / len(found[1])
+
+
+def hard_format_result(result):
+    """Vision-R1's (Huang et al.) hard formatting result reward (HFRRF): 1 only if the format is
+    right AND the result is, from `result`, the task's result reward."""
+
+    def reward(completion, gt):
+        return 1.0 if format_reward(completion) and result(completion, gt) >= 1.0 else 0.0
+
+    reward.__name__ = f"hfrrf({result.__name__})"
+    return reward
+
+
+class Recipe(NamedTuple):
+    """A paper's reward: for each task it covers, {component: (weight, function)}; its prompts,
+    {task: the user turn, {problem} the row's question} (a task not there: ours, the question then
+    data.THINK_SUFFIX); any --iou-threshold-schedule its code applies; `source`: where from."""
+
+    source: str
+    rewards: dict
+    prompts: dict = {}
+    schedule: str = ""
+
+
+R1V_PROMPT = (  # R1-V src/r1-v/src/open_r1/grpo.py:148
+    "{problem}  Output the thinking process in <think> </think> and final answer (number) in "
+    "<answer> </answer> tags."
+)
+R1_SYSTEM = (  # Visual-RFT src/virft/src/open_r1/grpo.py:368-373 (a system turn there)
+    "A conversation between User and Assistant. The user asks a question, and the Assistant "
+    "solves it. The assistant first thinks about the reasoning process in the mind and then "
+    "provides the user with the answer. The reasoning process and answer are enclosed within "
+    "<think> </think> and <answer> </answer> tags, respectively, i.e., <think> reasoning process "
+    "here </think><answer> answer here </answer>"
+)
+OD_PROMPT = (  # VLM-R1 qwen_module.py:76-83 (odLength)
+    "First thinks about the reasoning process in the mind and then provides the user with the "
+    "answer. The reasoning process and answer are enclosed within <think> </think> and <answer> "
+    "</answer> tags, respectively, i.e., <think> reasoning process here </think><answer> answer "
+    "here </answer>\n{problem}"
+)
+RECIPES = {
+    "vlm-r1": Recipe(
+        "VLM-R1 (arXiv 2504.07615): REC qwen_module.py:73, 88-176; OVD grpo_jsonl.py:385-416, 882",
+        {
+            "rec": {"iou": (1.0, vlmr1_iou_reward), "format": (1.0, vlmr1_rec_format_reward)},
+            "det": {"od_length": (1.0, od_length_reward), "format": (1.0, r1_format_reward)},
+        },
+        prompts={"det": OD_PROMPT},  # REC: ours is VLM-R1's (qwen_module.py:73)
+    ),
+    "visual-rft": Recipe(
+        "Visual-RFT (arXiv 2503.01785): grpo.py:214-358 (det), grpo_classification.py:55-107 (cls)",
+        {
+            "cls": {"accuracy": (1.0, accuracy_reward), "format": (1.0, r1_format_reward)},
+            "det": {
+                "det_iou": (1.0, vrft_iou_reward),
+                "det_conf": (1.0, vrft_conf_reward),
+                "format": (1.0, r1_format_reward),
+            },
+        },
+        prompts={task: R1_SYSTEM + "\n{problem}" for task in ("cls", "det")},
+    ),
+    "r1-v": Recipe(
+        "R1-V (Deep-Agent/R1-V): src/r1-v/src/open_r1/grpo.py:53-100, 148",
+        {"count": {"count": (1.0, count_reward), "format": (1.0, r1_format_reward)}},
+        prompts={"count": R1V_PROMPT},
+    ),
+    "vision-r1-zhan": Recipe(
+        "Vision-R1 (Zhan et al., arXiv 2503.18013) Eq. 7: Griffon Vision-R1/vision_r1/"
+        "visionr1_qwen.py:112, 198-404; stage switch at step 1500 (lines 251, 322, 330)",
+        {
+            task: {
+                "vr1_format": (1.0, zhan_format_reward),
+                "vr1_recall": (1.0, zhan_recall_reward),
+                "vr1_precision": (1.0, zhan_precision_reward),
+            }
+            for task in ("det", "rec")
+        },
+        prompts={"det": "{problem}", "rec": "{problem}"},  # no think/answer frame (423-448)
+        schedule="0:0.5/0.5/0.75,1500:0.75/0.75/0.9",
+    ),
+    "vision-r1-huang": Recipe(
+        "Vision-R1 (Huang et al., arXiv 2503.06749): HFRRF, Osilly/Vision-R1 README.md:102",
+        {
+            "cls": {"hfrrf": (1.0, hard_format_result(accuracy_reward))},
+            "count": {"hfrrf": (1.0, hard_format_result(count_reward))},
+        },
+    ),
+}
+REWARDS["od_length"] = od_length_reward  # also a built-in: --reward-weights od_length=1
+PER_LABEL = {"od_length"}  # rewards that read the truth's labels
+
+
+# ---------------------------------------------------------------------------------------------
 # Reward plug-ins: --reward-weights path/to/file.py:function=w adds `function` from that file as a
 # component named after the function (logged as reward_<function>, like a built-in). It takes
 # (completion, gt) -> float, the `gt` above. Policy: a plug-in that raises, or returns anything but
@@ -657,11 +1037,47 @@ def load_plugin(spec):
     return name
 
 
-def parse_weights(task, spec=""):
-    """{reward name: w_k}: the task's weights, with `spec` ("name=w,...", a name being a built-in
-    reward or path/to/file.py:function) overriding them. ValueError says in one line what is
-    wrong."""
-    weights = dict(TASK_REWARDS[task])
+class Weights(dict):
+    """{reward name: w_k}, and in `functions` each name's R_k: its recipe's own, else REWARDS'."""
+
+    def __init__(self, weights, functions):
+        super().__init__(weights)
+        self.functions = functions
+
+
+def function(weights, name):
+    """R_k of reward `name` under `weights` (a Weights, or a plain {name: w} of built-ins)."""
+    return getattr(weights, "functions", {}).get(name) or REWARDS[name]
+
+
+EXACT = "only:"  # --reward-weights only:a=1,b=1: the whole reward, the defaults dropped
+
+
+def recipe_rewards(task, recipe=""):
+    """{name: (w_k, R_k)} of a task: its recipe's (a paper preset), else the task's defaults.
+    ValueError if the recipe does not cover the task."""
+    if not recipe:
+        return {k: (w, REWARDS[k]) for k, w in TASK_REWARDS[task].items()}
+    if recipe not in RECIPES:
+        raise ValueError(f"no reward recipe {recipe!r}; known: {sorted(RECIPES)}")
+    covered = RECIPES[recipe].rewards
+    if task not in covered:
+        raise ValueError(
+            f"preset {recipe} has no reward for --task {task}; it covers {sorted(covered)}"
+        )
+    return covered[task]
+
+
+def parse_weights(task, spec="", recipe=""):
+    """Weights {reward name: w_k}: the task's (or its paper recipe's) weights, with `spec`
+    ("name=w,...", a name being a built-in reward or path/to/file.py:function) overriding them, or,
+    after "only:", replacing them whole. A name of the recipe keeps the recipe's function.
+    ValueError says in one line what is wrong."""
+    base = recipe_rewards(task, recipe)
+    exact = spec.strip().startswith(EXACT)
+    spec = spec.strip().removeprefix(EXACT) if exact else spec
+    weights = {} if exact else {k: w for k, (w, _) in base.items()}
+    functions = {k: fn for k, (_, fn) in base.items()}
     for item in filter(None, (x.strip() for x in spec.split(","))):
         name, eq, w = item.rpartition("=")
         try:
@@ -672,12 +1088,19 @@ def parse_weights(task, spec=""):
             raise ValueError(f"{item!r}: expected name=weight with a finite number as the weight")
         if ".py:" in name:
             name = load_plugin(name)
-        elif name not in REWARDS:
+        elif name not in REWARDS and name not in functions:
             raise ValueError(
                 f"unknown reward {name!r}; known: {sorted(REWARDS)}, or path/to/file.py:function"
             )
         weights[name] = w
-    return weights
+    if exact and not weights:
+        raise ValueError(f"{EXACT} gives the whole reward: name at least one reward after it")
+    return Weights(weights, {k: functions.get(k, REWARDS.get(k)) for k in weights})
+
+
+def prompt_template(task, recipe=""):
+    """The user turn of a recipe's prompt, "{problem}" the question; "" for ours."""
+    return RECIPES[recipe].prompts.get(task, "") if recipe in RECIPES else ""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -784,3 +1207,135 @@ def rollout_stats(task, texts, gts):
         return {}
     n_pred = sum(len(parse_detections(t) or []) for t in texts)
     return {"pred_per_gt": n_pred / max(1, sum(len(gt["solution"]) for gt in gts))}
+
+
+# ---------------------------------------------------------------------------------------------
+# Score one answer from the command line: what does this answer get, under this recipe?
+#     python rewards.py --task det --preset vision-r1-zhan --image-size 640x480 \
+#         --truth '[{"bbox_2d": [10, 10, 50, 50], "label": "dog"}]' \
+#         --answer '[{"bbox_2d": [7, 7, 47, 47], "label": "dog"}]'
+# ---------------------------------------------------------------------------------------------
+def stage_value(spec, step, default, parse=None):
+    """A stage schedule "step:value,..." at `step`: the value of the last stage begun by then (read
+    by `parse`)."""
+    value, parse = default, parse or type(default)
+    stages = (
+        (int(a), parse(b)) for a, _, b in (item.partition(":") for item in spec.split(",") if item)
+    )
+    for start, v in sorted(stages, key=lambda stage: stage[0]):
+        if step >= start:
+            value = v
+    return value
+
+
+def read_truth(text, task):
+    """(solution, labels) from --truth in any form a row's `solution` takes: JSON or text, maybe in
+    <answer> tags or a ```json fence; det: boxes or {"bbox_2d" (or bbox, box), "label"} dicts.
+    ValueError in one line if it is not a solution of the task."""
+    tagged = ANSWER_RE.findall(text)
+    body = tagged[-1].strip() if tagged else text.strip()
+    fenced = FENCE_RE.fullmatch(body)
+    body = fenced.group(1).strip() if fenced else body
+    try:
+        sol = json.loads(body)
+    except ValueError:
+        sol = body
+    box = lambda b: isinstance(b, list) and len(b) == 4 and None not in map(_finite, b)  # noqa: E731
+    if task == "rec" and box(sol):
+        return [float(v) for v in sol], []
+    if task == "det" and isinstance(sol, list):
+        key = lambda d: next((d[k] for k in ("bbox_2d", "bbox", "box") if k in d), None)  # noqa: E731
+        boxes = [key(d) if isinstance(d, dict) else d for d in sol]
+        if all(box(b) for b in boxes):
+            labels = [str(d.get("label", "")) if isinstance(d, dict) else "" for d in sol]
+            return [[float(v) for v in b] for b in boxes], labels
+    if task == "cls" and str(sol).strip():
+        return str(sol), []
+    if (
+        task == "count"
+        and _finite(sol) is not None
+        or task == "count"
+        and NUMBER_RE.fullmatch(str(sol).strip())
+    ):
+        return float(sol), []
+    forms = {
+        "rec": "[x1, y1, x2, y2]",
+        "det": 'a list of [x1, y1, x2, y2] or {"bbox_2d": [...], "label": ...}',
+        "cls": "a label",
+        "count": "a number",
+    }
+    raise ValueError(f"--truth {text[:80]!r} is not a {task} solution: expected {forms[task]}")
+
+
+def _size(text, flag):
+    w, x, h = text.lower().partition("x")
+    if not (x and w.isdigit() and h.isdigit() and int(w) > 0 and int(h) > 0):
+        raise ValueError(f"{flag} {text!r}: expected WxH, e.g. 640x480")
+    return int(w), int(h)
+
+
+def score_answer(argv=None):
+    """Parse the command line, score --answer against --truth; {name: (w, value)} and the total.
+    ValueError in one line on a bad flag value."""
+    import argparse
+
+    p = argparse.ArgumentParser(
+        prog="rewards.py", description="Score one answer: each reward component, then the total."
+    )
+    p.add_argument("--task", default="rec", choices=sorted(TASK_REWARDS))
+    p.add_argument("--preset", default="", help=f"a paper's reward recipe: {sorted(RECIPES)}")
+    p.add_argument("--reward-weights", default="", help="as grpo_vlm.py's ('only:' replaces)")
+    p.add_argument("--truth", required=True, help="the row's solution, in any form a row takes")
+    p.add_argument("--answer", required=True, help="the completion text")
+    p.add_argument("--image-size", default="640x480", help="the original image, WxH")
+    p.add_argument(
+        "--input-size", default="", help="the model's resized input, WxH (default: same)"
+    )
+    p.add_argument(
+        "--coord-space", default="abs_original", choices=("abs_resized", "norm1000", "abs_original")
+    )
+    p.add_argument("--step", type=int, default=0, help="apply the schedules at this step")
+    p.add_argument("--iou-threshold-schedule", default="", help="as grpo_vlm.py's")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    a = p.parse_args(argv)
+    recipes_given = [x for x in a.preset.split(",") if x in RECIPES]
+    unknown = [x for x in a.preset.split(",") if x and x not in RECIPES]
+    if unknown or len(recipes_given) > 1:
+        raise ValueError(f"--preset {a.preset!r}: give one of {sorted(RECIPES)}")
+    recipe = recipes_given[0] if recipes_given else ""
+    weights = parse_weights(a.task, a.reward_weights, recipe)
+    solution, labels = read_truth(a.truth, a.task)
+    per_label = sorted(PER_LABEL & set(weights))
+    if per_label and not any(labels):
+        raise ValueError(f"{per_label[0]} scores per label: give each true box a label in --truth")
+    W, H = _size(a.image_size, "--image-size")
+    w, h = _size(a.input_size, "--input-size") if a.input_size else (W, H)
+    schedule = a.iou_threshold_schedule or (RECIPES[recipe].schedule if recipe else "")
+    rule = stage_value(schedule, a.step, {"iou_threshold": 0.0}, refinement_stage)
+    gt = {"solution": solution, "labels": labels, "width": W, "height": H, "input_width": w}
+    gt.update(input_height=h, coord_space=a.coord_space, **rule)
+    gt.update(image="--truth", problem="")
+    values = {k: (wk, function(weights, k)(a.answer, gt)) for k, wk in weights.items()}
+    return values, sum(wk * v for wk, v in values.values()), a.json
+
+
+def main(argv=None):
+    """python rewards.py ...: one line per component, `NAME weight W value V`, then `total T`."""
+    try:
+        values, total, as_json = score_answer(argv)
+    except (ValueError, RewardPluginError) as e:
+        msg = str(e) if str(e).startswith("error:") else f"error: {e}"
+        print(msg, file=sys.stderr)
+        return 2
+    if as_json:
+        comps = {k: {"weight": w, "value": v} for k, (w, v) in values.items()}
+        print(json.dumps({"components": comps, "total": total}))
+    else:
+        for k, (w, v) in values.items():
+            print(f"{k} weight {w:g} value {v:.6g}")
+        print(f"total {total:.6g}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
