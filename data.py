@@ -51,14 +51,23 @@ DET_QUESTION = (
 TASKS = ("rec", "cls", "count", "det")
 
 
-def build_messages(problem):
-    """One user turn holding the image and the problem text plus the think/answer instruction."""
-    return [
-        {
-            "role": "user",
-            "content": [{"type": "image"}, {"type": "text", "text": problem + THINK_SUFFIX}],
-        }
-    ]
+def build_messages(text):
+    """One user turn holding the image and the prompt's text (user_text)."""
+    return [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": text}]}]
+
+
+def user_text(row):
+    """A row's prompt text: its paper recipe's (row["prompt"], with_prompt), else the problem then
+    the think/answer instruction (VLM-R1's REC template)."""
+    return row.get("prompt") or row["problem"] + THINK_SUFFIX
+
+
+def with_prompt(rows, template):
+    """The rows, each with the prompt of a paper recipe's `template` ("{problem}": the question);
+    unchanged when there is none."""
+    if not template:
+        return rows
+    return [dict(r, prompt=template.replace("{problem}", r["problem"])) for r in rows]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -941,6 +950,7 @@ def ground_truths(rows, sizes, coord_space, rule=None):
             **(rule or {}),
             "image": r["image"],
             "problem": r["problem"],
+            **({"labels": r["labels"]} if "labels" in r else {}),  # det: what od_length reads
         }
         for r, (w, h, W, H) in zip(rows, sizes)
     ]

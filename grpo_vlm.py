@@ -13,7 +13,8 @@ Equations (../shared/REFERENCE.md), and where each is:
   (3) rho_t = exp(logp_t - logp_old_t)                         clipped_surrogate
   (4) L_t = -min(rho_t A_i, clip(rho_t, 1-eps_low, 1+eps_high) A_i)   clipped_surrogate
   (5) KL_t = exp(logp_ref - logp) - (logp_ref - logp) - 1 (k3) k3_kl
-  (6) token weights tw: per sequence, token mean or Dr. GRPO   token_weights
+  (6) token weights tw: per sequence, token mean or Dr. GRPO   token_weights (Dr. GRPO: / the
+      fixed --max-completion-length, as TRL, also under --length-schedule)
   the objective J = sum_t tw_t (L_t + beta KL_t)               grpo_loss
   log pi(o_t | q, o_<t) / T on completion tokens only          vlm.packed_logps
   Algorithm 1 (DeepSeekMath): mu passes over each batch        policy_update, train
@@ -112,8 +113,9 @@ class Args(
     """rec (referring expression -> box), cls (image -> label), count (image -> number), det
     (image -> boxes)"""
     preset: str = ""
-    """vlm-r1: VLM-R1's recipe for real models (set first; explicit flags override); empty:
-    tiny-model defaults"""
+    """a paper's recipe (prompt, rewards, loss), then an algorithm's: vlm-r1, visual-rft, r1-v,
+    vision-r1-zhan, vision-r1-huang; gspo, dapo, dr-grpo; e.g. vlm-r1,gspo (README: "Reproducing
+    the papers"); flags win; empty: tiny-model defaults"""
     steps: int = 1000
     """optimizer steps (each on one rollout batch when mu=1)"""
     prompts_per_step: int = 4
@@ -125,9 +127,9 @@ class Args(
     temperature: float = 1.0
     """T: sampling temperature, also applied to every log-prob"""
     reward_weights: str = ""
-    """comma list name=w overriding the task's reward weights, e.g. iou=1,format=0.5; a name may be
-    a plug-in, path/to/file.py:function, taking (completion, gt) -> float (README: "Reward
-    plug-ins")"""
+    """comma list name=w overriding the task's reward weights, e.g. iou=1,format=0.5, or after
+    only: the whole reward, e.g. Vision-R1's Eq. 7: only:vr1_format=1,vr1_recall=1,vr1_precision=1;
+    a name may be a plug-in, path/to/file.py:function (README: "Reward plug-ins")"""
     coord_space: str = "auto"
     """box coordinates the model emits: auto, abs_resized (Qwen2.5-VL), norm1000 (Qwen2-VL),
     abs_original"""
@@ -156,7 +158,7 @@ class Args(
 
 def parse_args(argv=None):
     """Args: defaults < the task's defaults < the preset < the flags given (recipes.py)."""
-    presets, choices = recipes.PRESETS, recipes.CHOICES
+    presets, choices = recipes.preset_values, recipes.CHOICES
     args = infra.parse_args(Args, argv, recipes.TASK_DEFAULTS, presets, choices, "grpo_vlm.py")
     return recipes.check(args)
 
@@ -265,13 +267,13 @@ def greedy(model, family, prompt, max_new_tokens):
 # ---------------------------------------------------------------------------------------------
 # (1) Rewards: r_i = sum_k w_k R_k(o_i, gt); each component is also returned for logging.
 def reward_weights(args):
-    """w_k: the task's reward weights, with --reward-weights name=w,... (a built-in or
-    file.py:function) overriding."""
+    """w_k: the task's reward weights (a paper preset's: rewards.RECIPES), with --reward-weights
+    name=w,... (a built-in or file.py:function) overriding."""
     if args.task not in rewards.TASK_REWARDS:
         known = sorted(rewards.TASK_REWARDS)
         sys.exit(f"error: --task {args.task!r} is not supported; choose from {known}")
     try:
-        return rewards.parse_weights(args.task, args.reward_weights)
+        return rewards.parse_weights(args.task, args.reward_weights, recipes.paper(args))
     except ValueError as e:
         sys.exit(f"error: --reward-weights: {e}")
 
@@ -279,7 +281,7 @@ def reward_weights(args):
 def compute_rewards(texts, truths, weights, lengths=None, L_max=0, L_cache=0):
     """(r [N], {name: R_k [N]}) of the completions `texts` against their ground truths."""
     components = {
-        k: torch.tensor([rewards.REWARDS[k](t, gt) for t, gt in zip(texts, truths)])
+        k: torch.tensor([rewards.function(weights, k)(t, gt) for t, gt in zip(texts, truths)])
         for k in weights
     }
     total = sum(w * components[k] for k, w in weights.items())
@@ -433,7 +435,7 @@ def grpo_loss(logp, logp_old, logp_ref, A, tw, args):
     N_all completions, 0 on padding:
         grpo    tw = 1 / (N_all * |o_i|)   mean over each completion's tokens, then completions
         token   tw = 1 / sum_i |o_i|       mean over all the batch's tokens (DAPO)
-        drgrpo  tw = 1 / (N_all * L)       Dr. GRPO, L the completion-length cap
+        drgrpo  tw = 1 / (N_all * L)       Dr. GRPO, L the fixed --max-completion-length
     so the micro-batches' and the processes' J add up to the whole batch's.
     At mu = 1 (the default) logp_old is logp itself, detached: rho = 1 exactly, the clip never
     fires, and the gradient is REINFORCE's with group-normalised advantages, plus beta * the KL's.
@@ -452,9 +454,10 @@ def grpo_loss(logp, logp_old, logp_ref, A, tw, args):
 # ---------------------------------------------------------------------------------------------
 # (6) Aggregation as per-token weights over the *whole* batch, so that k micro-batches of
 # sum(L_t * tw_t) add up to exactly the whole batch's loss (gradient accumulation is exact).
-def token_weights(mask, mode):
-    """tw [N, L] from the completion masks [N, L] of the whole batch (grpo_loss writes each)."""
-    N, L = mask.shape
+def token_weights(mask, mode, L=None):
+    """tw [N, L] from the completion masks of the whole batch (grpo_loss writes each); L: Dr.
+    GRPO's fixed normaliser, --max-completion-length as TRL's (None: the masks' width)."""
+    N, L = len(mask), L or mask.shape[1]
     if mode == "grpo":  # mean over each completion's tokens, then mean over completions
         return mask / mask.sum(1, keepdim=True).clamp(min=1) / N
     if mode == "token":  # sum over all tokens / tokens in the batch
@@ -563,6 +566,7 @@ def train(args):
     model.train()
     policy, opt = infra.engine(args, model, family, state, procs)  # infra: DDP or FSDP2, optimizer
     run = Run(model, family, policy, ref, opt, procs, weights, coord_space)
+    recipes.show(args, weights, functools.partial(infra.say, procs.main))  # the resolved recipe
     infra.start_banner(args, run, log, rows, bad_rows, base)
     eval_every = args.eval_every if held else 0  # synthetic splits (no --train-data), --eval-data
     if eval_every and not state:  # the curves' starting point
@@ -578,8 +582,8 @@ def train(args):
         # (2) advantages and (6) token weights over every process's rows; then this process's
         every = Everyone(*(procs.gather(x) for x in (batch.r, batch.mask, batch.cut)))
         A = procs.mine(group_advantages(every.r, G, args.scale_rewards))
-        kept = every.mask * (1 - every.cut[:, None]) if args.overlong_filter else every.mask
-        tw = procs.mine(token_weights(kept, args.loss_agg))  # DAPO's overlong filter: kept
+        kept = every.mask * (1 - every.cut[:, None]) if args.overlong_filter else every.mask  # DAPO
+        tw = procs.mine(token_weights(kept, args.loss_agg, args.max_completion_length))
         # (3)-(5) mu passes of the clipped objective with the KL to pi_ref
         stats = policy_update(run, batch, A, tw, args)
         bad_steps = bad_steps + 1 if stats.skipped else 0

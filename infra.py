@@ -75,8 +75,9 @@ class OneLineParser(argparse.ArgumentParser):
 
 
 def parse_args(cls, argv, task_defaults, presets, choices, prog):
-    """An instance of `cls`: its defaults, then the task's defaults, then the preset's values, then
-    the flags given."""
+    """An instance of `cls`: its defaults, then the task's defaults, then the preset's values
+    (`presets(spec)` -> {flag: (value, preset name)}), then the flags given; `args.sources` says
+    where each value that is not a default comes from."""
     docs, default = field_docs(cls), cls()
     p = OneLineParser(
         prog=prog,
@@ -105,14 +106,22 @@ def parse_args(cls, argv, task_defaults, presets, choices, prog):
             help=docs[f.name].replace("%", "%%") + f" [default {getattr(default, f.name)!r}]",
         )
     given = vars(p.parse_args(sys.argv[1:] if argv is None else argv))
-    args = cls()
-    for k, v in task_defaults.get(given.get("task", args.task), {}).items():
+    args, sources = cls(), {}  # sources: where each value not a default comes from
+    task = task_defaults.get(given.get("task", args.task), {})
+    try:  # presets(spec) -> {flag: (value, preset name)}
+        preset = presets(given.get("preset", args.preset))
+    except ValueError as e:
+        p.error(str(e))
+    for k, v in task.items():
         setattr(args, k, v)
-    preset = given.get("preset", args.preset)
-    if preset and preset not in presets:
-        p.error(f"unknown --preset {preset!r}; known: {sorted(presets)}")
-    for k, v in {**presets.get(preset, {}), **given}.items():
+        sources[k] = "task"
+    for k, (v, name) in preset.items():
         setattr(args, k, v)
+        sources[k] = f"preset {name}"
+    for k, v in given.items():
+        setattr(args, k, v)
+        sources[k] = "flag"
+    args.sources = sources
     return check_engine_flags(args) if isinstance(args, EngineFlags) else args
 
 
@@ -237,12 +246,17 @@ def load_data(args, model_path, splits):
     processor of `model_path` (vlm.adapter: no weight is loaded): a longer row stops the run with
     one line, or is skipped and listed with --skip-bad-rows."""
     rows, bad = data.load_rows(args)
-    held, evaluating = {}, args.eval_every > 0
+    template = rewards.prompt_template(args.task, args.preset)  # a paper preset's prompt
+    rows, held, evaluating = data.with_prompt(rows, template), {}, args.eval_every > 0
     try:
         if evaluating and not args.train_data:
-            held = {s: data.synthetic_split(s, args.eval_n, args.task) for s in splits}
+            held = {
+                s: data.with_prompt(data.synthetic_split(s, args.eval_n, args.task), template)
+                for s in splits
+            }
         if evaluating and args.eval_data:
             held["eval"], bad_eval = data.load_eval_rows(args)
+            held["eval"] = data.with_prompt(held["eval"], template)
             bad += bad_eval
         if args.max_prompt_length > 0:
             family = vlm.adapter(model_path)

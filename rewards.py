@@ -1098,9 +1098,11 @@ def parse_weights(task, spec="", recipe=""):
     return Weights(weights, {k: functions.get(k, REWARDS.get(k)) for k in weights})
 
 
-def prompt_template(task, recipe=""):
-    """The user turn of a recipe's prompt, "{problem}" the question; "" for ours."""
-    return RECIPES[recipe].prompts.get(task, "") if recipe in RECIPES else ""
+def prompt_template(task, preset=""):
+    """The user turn of the prompt of the paper recipe in `preset` ("a" or "a,b"), "{problem}" the
+    question; "" for ours."""
+    recipe = next((n for n in preset.split(",") if n.strip() in RECIPES), "").strip()
+    return RECIPES[recipe].prompts.get(task, "") if recipe else ""
 
 
 # ---------------------------------------------------------------------------------------------

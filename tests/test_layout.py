@@ -214,5 +214,5 @@ def test_flag_forms_and_precedence():
     ) == (128, 256, 64)
     assert preset.steps == 300  # a task default the preset does not set stays
     assert (
-        g.parse_args(["--preset", "vlm-r1", "--task", "cls"]).lr == 1e-6
+        g.parse_args(["--preset", "visual-rft", "--task", "cls"]).lr == 1e-6
     )  # the preset wins over cls's lr 5e-5
