@@ -211,16 +211,14 @@ def show(args, weights, say):
     function."""
     sources = getattr(args, "sources", {})
     say(f"recipe: --preset {args.preset or '(none)'}, --task {args.task}")
-    for f in dataclasses.fields(args):
+    mine = vars(type(args)).get("__annotations__", {})  # the algorithm's flags first
+    for f in sorted(dataclasses.fields(args), key=lambda f: f.name not in mine):
         value = getattr(args, f.name)
         say(f"  --{f.name.replace('_', '-')} {value!r}  ({sources.get(f.name, 'default')})")
-    recipe = paper(args)
+    recipe, given = paper(args), args.reward_weights.strip().removeprefix(rewards.EXACT)
+    given = {item.rpartition("=")[0].strip() for item in given.split(",")}
+    own = rewards.recipe_rewards(args.task, recipe) if recipe else {}
     for k, w in weights.items():
         fn = rewards.function(weights, k)
-        where = (
-            f"preset {recipe}"
-            if recipe and k in rewards.recipe_rewards(args.task, recipe)
-            else "task"
-        )
-        where = "flag" if f"{k}=" in args.reward_weights else where
+        where = "flag" if k in given else f"preset {recipe}" if k in own else "task"
         say(f"  reward {k} weight {w:g}: {getattr(fn, '__name__', fn)}  ({where})")
