@@ -96,6 +96,9 @@ class VariantFlags:
     dynamic_sampling: int = 0
     """DAPO (Yu et al. 2025): drop groups whose rewards are all equal, refill from up to N more
     rounds of B (0: off)"""
+    dynamic_sampling_metric: str = "reward"
+    """what must differ in a kept group: reward (the total) or one reward's name, e.g. iou (verl
+    filters on the accuracy reward)"""
     overlong_filter: bool = False
     """DAPO's overlong filtering: a completion cut off at the length cap gets no loss"""
     overlong_buffer: int = 0
@@ -371,7 +374,8 @@ def dynamic_rollout(run, rows, rng, step, stage, args):
         drawn = data.draw(rng, rows, B)  # B prompts, the same on every process
         batch = sample_and_reward(run, drawn, k, step, stage, args)
         spent += B
-        o, logp, H, r = (run.procs.gather(x) for x in (batch.o, batch.logp, batch.H, batch.r))
+        metric = batch.components.get(args.dynamic_sampling_metric, batch.r)  # what must differ
+        o, logp, H, r = (run.procs.gather(x) for x in (batch.o, batch.logp, batch.H, metric))
         for j, g in enumerate(slice(j * G, (j + 1) * G) for j in range(B)):
             if r[g].max() > r[g].min():  # an informative group: its rewards differ
                 pool.append((drawn[j], Samples(o[g], logp[g], H[g])))

@@ -162,6 +162,13 @@ def check(args):
         sys.exit(f"error: {e}")
     if paper(args) == "vision-r1-huang" and not args.sft_steps:
         sys.exit("error: --preset vision-r1-huang starts from its cold start: give --sft-steps N")
+    metric, weights = args.dynamic_sampling_metric, rewards.recipe_rewards(args.task, paper(args))
+    names = {i.rpartition("=")[0].rpartition(":")[2] for i in args.reward_weights.split(",")}
+    if metric != "reward" and metric not in set(weights) | names:
+        sys.exit(
+            f"error: --dynamic-sampling-metric {metric!r} is not a reward of this run; give "
+            f"reward or one of {sorted(weights)}"
+        )
     gspo_defaults(args)
     if args.rollout_batch_size % G:
         sys.exit(
@@ -216,7 +223,7 @@ def show(args, weights, say):
         value = getattr(args, f.name)
         say(f"  --{f.name.replace('_', '-')} {value!r}  ({sources.get(f.name, 'default')})")
     recipe, given = paper(args), args.reward_weights.strip().removeprefix(rewards.EXACT)
-    given = {item.rpartition("=")[0].strip() for item in given.split(",")}
+    given = {item.rpartition("=")[0].rpartition(":")[2].strip() for item in given.split(",")}
     own = rewards.recipe_rewards(args.task, recipe) if recipe else {}
     for k, w in weights.items():
         fn = rewards.function(weights, k)

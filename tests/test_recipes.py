@@ -10,6 +10,7 @@ import math
 import os
 import subprocess
 import sys
+import types
 
 import pytest
 import torch
@@ -460,9 +461,8 @@ TINY += ["--gradient-checkpointing", "false", "--max-prompt-length", "0"]
     [
         ("vision-r1-zhan", "det", []),
         ("vlm-r1,gspo", "det", []),
-        ("vlm-r1,dr-grpo", "rec", []),
         ("visual-rft,dapo", "cls", ["--dynamic-sampling", "1"]),
-        ("r1-v", "count", []),
+        ("r1-v,dr-grpo", "count", []),
         ("vision-r1-huang", "count", ["--sft-steps", "1"]),
     ],
 )
@@ -482,3 +482,28 @@ def test_each_preset_trains_three_steps(preset, task, more, tmp_path):
             "vr1_recall": 1.0,
             "vr1_precision": 1.0,
         }
+
+
+def test_dynamic_sampling_can_filter_on_one_reward(monkeypatch):
+    """verl's DAPO keeps a group whose ACCURACY reward differs; --dynamic-sampling-metric NAME does
+    that here (the total stays the default). Two groups: the first differs in its total (format)
+    but not in IoU, the second in IoU: filtering on iou keeps only the second."""
+    r = torch.tensor([1.5, 0.5, 1.5, 0.5, 0.2, 0.9, 0.2, 0.9])  # group 0: format varies
+    iou = torch.tensor([0.5, 0.5, 0.5, 0.5, 0.2, 0.9, 0.2, 0.9])
+    z = torch.zeros(8, 1)
+    batch = g.Batch([], {}, z, z, z, z, None, [], [], r, {"iou": iou}, {})
+    monkeypatch.setattr(g, "sample_and_reward", lambda *a: batch)
+    monkeypatch.setattr(g.infra, "encode", lambda *a: None)
+    monkeypatch.setattr(g, "score", lambda run, rows, *a: g.Batch(rows, *[None] * 11))
+    procs = types.SimpleNamespace(gather=lambda x: x, round_down=int, mine=list, device="cpu")
+    run = types.SimpleNamespace(procs=procs, family=None)
+    args = g.parse_args(["--prompts-per-step", "2", "--num-generations", "4"])
+    rows = [{"id": 0}, {"id": 1}]
+    monkeypatch.setattr(g.data, "draw", lambda rng, rows, k: rows[:k])
+    kept = g.dynamic_rollout(run, rows, None, 1, None, args)
+    assert [x["id"] for x in kept.rows] == [0, 1]  # the total differs in both groups
+    args.dynamic_sampling_metric = "iou"
+    kept = g.dynamic_rollout(run, rows, None, 1, None, args)
+    assert [x["id"] for x in kept.rows] == [1] and kept.dynamic["shortfall"] == 1
+    with pytest.raises(SystemExit, match="is not a reward of this run"):
+        g.parse_args(["--dynamic-sampling-metric", "accuracy"])
