@@ -352,8 +352,9 @@ def det_map_reward(completion, gt):
 
 # ---------------------------------------------------------------------------------------------
 # Vision-R1 (Zhan et al., arXiv 2503.18013): the criterion-driven reward (Sec. 3.2, Eqs. 3-7) and
-# the progressive rule refinement (Sec. 3.3, Eq. 8). Eq. 7 sums the three parts, alone: --reward-weights
-# only:vr1_format=1,vr1_recall=1,vr1_precision=1 (the official code's: --preset vision-r1-zhan). Detection and REC alike: REC is the one-box case. xi0:
+# the progressive rule refinement (Sec. 3.3, Eq. 8). Eq. 7 sums the three parts, alone:
+# --reward-weights only:vr1_format=1,vr1_recall=1,vr1_precision=1 (the official code's numbers:
+# --preset vision-r1-zhan). Detection and REC alike: REC is the one-box case. xi0:
 # a matched prediction is valid (a true positive) at IoU >= xi0   gt["iou_threshold"], never below
 # 0.5 xi1, xi2: Eq. 8 maps x < xi1 to 0 and x >= xi2 to 1                  gt["penalty_threshold"],
 # gt["full_threshold"] Staged progression (Sec. 3.3): (xi0, xi1, xi2) = (0.5, 0.5, 0.75) in the
