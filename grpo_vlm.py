@@ -586,8 +586,9 @@ def train(args):
         # (2) advantages and (6) token weights over every process's rows; then this process's
         every = Everyone(*(procs.gather(x) for x in (batch.r, batch.mask, batch.cut)))
         A = procs.mine(group_advantages(every.r, G, args.scale_rewards))
-        kept = every.mask * (1 - every.cut[:, None]) if args.overlong_filter else every.mask  # DAPO
-        tw = procs.mine(token_weights(kept, args.loss_agg, args.max_completion_length))
+        kept = every.mask * (1 - every.cut[:, None]) if args.overlong_filter else every.mask
+        L = args.max_completion_length  # Dr. GRPO's fixed normaliser, also under PTST's stages
+        tw = procs.mine(token_weights(kept, args.loss_agg, L))  # DAPO's overlong filter: kept
         # (3)-(5) mu passes of the clipped objective with the KL to pi_ref
         stats = policy_update(run, batch, A, tw, args)
         bad_steps = bad_steps + 1 if stats.skipped else 0
