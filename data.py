@@ -51,13 +51,14 @@ DET_QUESTION = (
 TASKS = ("rec", "cls", "count", "det")
 
 
-def build_messages(problem):
-    """One user turn holding the image and the problem text plus the think/answer instruction."""
-    return [
-        {
-            "role": "user",
-            "content": [{"type": "image"}, {"type": "text", "text": problem + THINK_SUFFIX}],
-        }
+def build_messages(problem, chat=None):
+    """One user turn holding the image and the problem text plus the think/answer instruction. A
+    benchmark's prompt (registry.chat) gives `chat` = {"text": the whole user text, "system": a
+    system prompt or None (the chat template's default)} instead."""
+    text = chat["text"] if chat else problem + THINK_SUFFIX
+    system = [{"role": "system", "content": [{"type": "text", "text": chat["system"]}]}]
+    return (system if chat and chat.get("system") else []) + [
+        {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": text}]}
     ]
 
 
