@@ -24,8 +24,8 @@ on stderr and recorded as `bad_rows` in the summaries.
 The papers' published benchmarks (registry.py; README "Reproducing the papers"):
 
     python eval.py --benchmark NAME [NAME ...] --data FILE_OR_FOLDER --image-root DIR
-        --model M [M ...] [--prompt paper|baseline|native] [--subset official|full] [--rescale-boxes true|false]
-        [--n N] [--json OUT]
+        --model M [M ...] [--prompt paper|baseline|native] [--subset official|full]
+        [--rescale-boxes true|false] [--n N] [--json OUT]
     python eval.py --benchmark NAME --data FILE --predictions PREDS.jsonl [--model M]
 
 read each published file as it is, prompt, decode and score as the paper's evaluator did, and print

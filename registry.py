@@ -50,7 +50,8 @@ class Query:
 class Prompt:
     """A prompt: the user text (`template.format(**query.fields)`) after the image, the system
     prompt (None: the chat template's own default turn, as the official scripts), and the parser
-    that goes with it (None: our own lenient parser, rewards.py, "not official"). `source` cites it."""
+    that goes with it (None: our own lenient parser, rewards.py, "not official"); `source` cites
+    it."""
 
     template: str
     parse: Callable | None
