@@ -293,6 +293,8 @@ def benchmarks(a):
             results += decode_model(a, plan, path, rank, world, device)
     if rank == 0:
         write_results(a, results)
+    if world > 1:
+        torch.distributed.destroy_process_group()
 
 
 def _rescale(a, bench):
