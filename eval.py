@@ -303,8 +303,8 @@ def _rescale(a, bench):
 
 
 def benchmark_plan(a):
-    """[(entry, prompt, queries, bad rows)] for the named benchmarks, every check done: ValueError
-    or data.BadInput with one line."""
+    """[(entry, prompt, queries scored, bad rows, every row's id)] for the named benchmarks, every
+    check done: ValueError or data.BadInput with one line."""
     unknown = [n for n in a.benchmark if n not in registry.BENCHMARKS]
     if unknown:
         raise ValueError(
@@ -347,7 +347,7 @@ def benchmark_plan(a):
             )
         if bad:
             print(f"{name}: {len(bad)} bad rows:", *bad[:10], sep="\n  ", file=sys.stderr)
-        plan.append((bench, prompt, chosen, bad))
+        plan.append((bench, prompt, chosen, bad, {q.id for q in queries}))
     return plan
 
 
@@ -362,7 +362,8 @@ def _record(bench, prompt, q, model, output, size, rescale, coord_space):
     else:
         line.update(bench.judge(prompt, q, output, size, rescale, coord_space))
     line["truth"] = q.truth
-    if bench.task == "rec" and (rescale or coord_space == "abs_resized") and size:
+    resized = rescale if prompt.official else coord_space == "abs_resized"
+    if bench.task == "rec" and resized and size:
         line["input_size"] = list(size)
     return line
 
@@ -385,7 +386,10 @@ def _summary(a, bench, prompt, model, records, bad, extra=None):
         "official": prompt.official,
         "metric": bench.metric,
         "subset": a.subset,
-        "rescale_boxes": _rescale(a, bench) if bench.rescale is not None else None,
+        # None: no boxes, or the native prompt (boxes in the family's coordinate space)
+        "rescale_boxes": _rescale(a, bench)
+        if bench.rescale is not None and prompt.official
+        else None,
         **bench.summarize(records),
         "bad_rows": len(bad),
         "bad_in_subset": sum("bad" in r for r in records),
@@ -402,7 +406,7 @@ def decode_model(a, plan, path, rank, world, device):
     model, family = vlm.load(path, device)
     model.eval()
     out = []
-    for bench, prompt, queries, bad in plan:
+    for bench, prompt, queries, bad, _ in plan:
         d = bench.decoding
         if hasattr(family.image_processor, "merge_size"):  # the official pixel limits
             family.image_processor = type(family.image_processor).from_pretrained(
@@ -503,56 +507,56 @@ def read_predictions(path, plan):
     return out
 
 
+def image_processor_only(path):
+    """(coord_space, image processor) of a checkpoint, from its config and preprocessor_config.json
+    alone (no weight, no tokenizer): what rescaling --predictions needs."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(vlm.lora_base(path))
+    family = vlm.ADAPTERS.get(config.model_type)
+    if family is None:
+        sys.exit(f"error: {path}: model type {config.model_type!r} is not supported")
+    return family.coord_space, vlm.image_processor(path, family).from_pretrained(path)
+
+
 def from_predictions(a, plan):
     """Score --predictions: one summary per benchmark and model; a query with no line counts wrong.
     Rescaling needs each line's input_size, or --model, whose image processor alone is loaded."""
     try:
-        known = [(b, {q.id for q in b.read(_path(a, b), a.image_root)}) for b, _, _, _ in plan]
-        preds = read_predictions(a.predictions, known)
+        preds = read_predictions(a.predictions, [(p[0], p[4]) for p in plan])
     except data.BadInput as e:
         sys.exit(f"error: {e}")
-    family = None
-    if a.model:
-        family = vlm.adapter(a.model[0])  # tokenizer, config and image processor: no weights
+    coord_space, processor = image_processor_only(a.model[0]) if a.model else (None, None)
     out = []
-    for bench, prompt, queries, bad in plan:
+    for bench, prompt, queries, bad, _ in plan:
         rescale = _rescale(a, bench) if prompt.official else None
-        coord_space = family.coord_space if family else None
-        needs_size = bench.task == "rec" and (rescale or (not prompt.official))
-        if needs_size and not prompt.official and family is None:
+        if bench.task == "rec" and not prompt.official and coord_space is None:
             sys.exit(f"error: --prompt native on {bench.name} needs --model (its coordinates)")
+        # the boxes need the resized input's size: rescaled official boxes, or native Qwen2.5-VL
+        sized = bench.task == "rec" and (rescale or coord_space == "abs_resized")
         models = [m for (name, m) in preds if name == bench.name] or [a.predictions]
         for model in models:
             got, records = preds.get((bench.name, model), {}), []
             for q in queries:
                 output, size = got.get(q.id, (None, None))
-                if needs_size and not q.bad and output is not None:
+                if sized and not q.bad and output is not None:
                     if q.size is None:
                         sys.exit(
                             f"error: {q.where}: no width/height to rescale to; give --image-root"
                         )
-                    if size is None and coord_space in (None, "abs_resized"):
-                        if family is None:
-                            sys.exit(
-                                f"error: {a.predictions}: id {q.id} of {bench.name} has no "
-                                "input_size; rescaling needs it on every line, or --model"
-                            )
-                        d = bench.decoding
-                        size = registry.input_size(
-                            family.image_processor, *q.size, d.min_pixels, d.max_pixels
+                    if size is None and not hasattr(processor, "merge_size"):
+                        sys.exit(
+                            f"error: {a.predictions}: id {q.id} of {bench.name} has no "
+                            "input_size; rescaling needs it on every line, or --model (a Qwen "
+                            "checkpoint, whose image processor gives it)"
                         )
-                records.append(
-                    _record(
-                        bench, prompt, q, model, output, size, rescale, coord_space or "abs_resized"
-                    )
-                )
+                    if size is None:
+                        d = bench.decoding
+                        size = registry.input_size(processor, *q.size, d.min_pixels, d.max_pixels)
+                records.append(_record(bench, prompt, q, model, output, size, rescale, coord_space))
             missing = sum(q.id not in got for q in queries if not q.bad)
-            out.append(
-                (
-                    _summary(a, bench, prompt, model, records, bad, {"no_prediction": missing}),
-                    records,
-                )
-            )
+            extra = {"no_prediction": missing}
+            out.append((_summary(a, bench, prompt, model, records, bad, extra), records))
     return out
 
 
