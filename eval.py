@@ -345,8 +345,9 @@ def benchmark_plan(a):
             raise data.BadInput(
                 f"{path}: no usable rows" + (f" (the first bad: {bad[0]})" * bool(bad))
             )
-        if bad:
-            print(f"{name}: {len(bad)} bad rows:", *bad[:10], sep="\n  ", file=sys.stderr)
+        if bad and os.environ.get("RANK", "0") == "0":  # one process says it
+            more = [f"... and {len(bad) - 10} more"] if len(bad) > 10 else []
+            print(f"{name}: {len(bad)} bad rows:", *bad[:10], *more, sep="\n  ", file=sys.stderr)
         plan.append((bench, prompt, chosen, bad, {q.id for q in queries}))
     return plan
 
@@ -407,11 +408,13 @@ def decode_model(a, plan, path, rank, world, device):
     model.eval()
     out = []
     for bench, prompt, queries, bad, _ in plan:
-        d = bench.decoding
+        d, extra = bench.decoding, {}
         if hasattr(family.image_processor, "merge_size"):  # the official pixel limits
             family.image_processor = type(family.image_processor).from_pretrained(
                 path, min_pixels=d.min_pixels, max_pixels=d.max_pixels
             )
+        else:  # Gemma 3 resizes every image to its own square
+            extra["pixel_limits"] = "not applied: this family's processor has its own fixed size"
         good = [q for q in queries if not q.bad]
         size = a.batch_size or d.batch_size
         batches = [good[i : i + size] for i in range(0, len(good), size)]
@@ -449,7 +452,7 @@ def decode_model(a, plan, path, rank, world, device):
             )
             for q in queries
         ]
-        out.append((_summary(a, bench, prompt, path, records, bad), records))
+        out.append((_summary(a, bench, prompt, path, records, bad, extra), records))
     return out
 
 

@@ -189,6 +189,10 @@ def test_tiny_model_evaluates_each_published_file_and_predictions_rescore_it(
     for line in lines:
         assert FIELDS <= set(line) and isinstance(line["id"], str) and line["output"] is not None
         assert ("input_size" in line) == (task == "rec")  # VLM-R1 rescales by default
+    if task == "rec":  # the official pixel limits reached the processor (the tiny model's own
+        # max_pixels, 12544, would give 84 x 112 for the literal row's 427 x 640 image)
+        sizes = {tuple(x["input_size"]) for x in lines if x["truth"] == REC_ROW["solution"]}
+        assert sizes == {(420, 644)}
     again = str(tmp_path / "again.json")
     code, stdout, err = run_eval(
         ["--benchmark", *names, "--data", files, "--predictions", out[:-5] + ".jsonl"]
