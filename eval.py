@@ -557,7 +557,7 @@ def from_predictions(a, plan):
                         d = bench.decoding
                         size = registry.input_size(processor, *q.size, d.min_pixels, d.max_pixels)
                 records.append(_record(bench, prompt, q, model, output, size, rescale, coord_space))
-            missing = sum(q.id not in got for q in queries if not q.bad)
+            missing = sum(got.get(q.id, (None,))[0] is None for q in queries if not q.bad)
             extra = {"no_prediction": missing}
             out.append((_summary(a, bench, prompt, model, records, bad, extra), records))
     return out
