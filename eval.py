@@ -372,8 +372,6 @@ def _record(bench, prompt, q, model, output, size, rescale, coord_space):
 def _summary(a, bench, prompt, model, records, bad, extra=None):
     official_tokens = bench.decoding.max_new_tokens
     departures = [bench.decoding.ours] if bench.decoding.ours else []
-    if not bench.decoding.greedy:
-        departures.append("greedy decoding where the official evaluator samples")
     if a.max_new_tokens and a.max_new_tokens != official_tokens:
         departures.append(f"max_new_tokens {a.max_new_tokens} (official {official_tokens})")
     if a.n:
@@ -590,10 +588,9 @@ def benchmark_table(summaries):
             + " |"
         )
     models = sorted({registry.BENCHMARKS[s["benchmark"]].paper_model for s in summaries})
-    lines.append(
-        f"\nPaper numbers are for {', '.join(models)}; 2nd-hand: not checked against the "
-        "paper's PDF (../shared/BENCHMARKS.md)."
-    )
+    lines.append(f"\nThe papers' numbers are for {', '.join(models)} (percent).")
+    if any("2nd-hand" in line for line in lines):
+        lines[-1] += " 2nd-hand: from a digest of the paper, not checked against its PDF."
     return "\n".join(lines)
 
 

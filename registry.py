@@ -66,9 +66,9 @@ class Prompt:
 @dataclass(frozen=True)
 class Decoding:
     """The official decoding: new-token limit, greedy or not, the image processor's pixel limits
-    (min_pixels, max_pixels: the resize keeps the pixel count inside them); `ours` says where our
-    decoding departs from it (always greedy, left padding, fp32 on the CPU / bf16 autocast on a
-    GPU, SDPA attention)."""
+    (min_pixels, max_pixels: the resize keeps the pixel count inside them), the official batch size;
+    `ours` says where our decoding departs from it (we always decode greedily: an entry whose
+    evaluator samples says so here; precision, attention)."""
 
     max_new_tokens: int
     greedy: bool
@@ -459,6 +459,7 @@ def accuracy(extra=()):
 # question, then our think/answer suffix, in the family's chat template), parsed by rewards.py.
 NATIVE = "{question}" + data.THINK_SUFFIX
 QWEN_PIXELS = (3136, 12845056)  # qwen_vl_utils / the Qwen2(.5)-VL processor defaults
+OURS = "bf16 + flash-attn-2 there; fp32 on the CPU, bf16 autocast + SDPA on a GPU here"
 VLMR1 = "om-ai-lab/VLM-R1 90052f4"
 REC_R1 = Prompt(
     "{problem} First output the thinking process in <think> </think> tags and then output the final"
@@ -478,7 +479,7 @@ REC_DECODING = Decoding(
     *QWEN_PIXELS,
     2,
     f"{VLMR1} src/eval/test_rec_r1.py:162 (greedy, max_new_tokens=256), :46 (batch 2; baseline 4)",
-    "bf16 + flash-attn-2 there; here fp32 on the CPU, bf16 autocast + SDPA on a GPU",
+    OURS,
 )
 
 
@@ -564,7 +565,7 @@ BENCHMARKS = {
                 *QWEN_PIXELS,
                 64,
                 "Deep-Agent/R1-V bbbbe3d src/eval/test_qwen2vl_counting_superclevr.py:75, :11",
-                "bf16 + flash-attn-2 there",
+                OURS,
             ),
             rescale=None,
             numbers={
@@ -623,7 +624,7 @@ for _name, (_stem, _what, _ask, _column) in VRFT_KIND.items():
             1,
             f"{VRFT}:155 (max_new_tokens=1024, sampling per the checkpoint's generation_config, "
             "torch.manual_seed(1234) :17), one image a call",
-            "we decode greedily",
+            OURS + "; greedy where the official evaluator samples",
         ),
         rescale=None,
         numbers={
