@@ -55,9 +55,9 @@ def build_messages(problem, chat=None):
     """One user turn holding the image and the problem text plus the think/answer instruction. A
     benchmark's prompt (registry.chat) gives `chat` = {"text": the whole user text, "system": a
     system prompt or None (the chat template's default)} instead."""
-    text = chat["text"] if chat else problem + THINK_SUFFIX
-    system = [{"role": "system", "content": [{"type": "text", "text": chat["system"]}]}]
-    return (system if chat and chat.get("system") else []) + [
+    text, system = (chat["text"], chat.get("system")) if chat else (problem + THINK_SUFFIX, None)
+    turns = [{"role": "system", "content": [{"type": "text", "text": system}]}] if system else []
+    return turns + [
         {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": text}]}
     ]
 

@@ -452,3 +452,25 @@ def test_two_processes_give_the_summary_of_one(published, tmp_path, capsys):
     assert code == 0, err
     assert summaries_of(two) == summaries_of(one) and lines_of(two) == lines_of(one)
     assert len(lines_of(one)) == 3 + 2
+
+
+def test_prompt_reaches_the_family_and_training_prompts_are_unchanged():
+    """A benchmark's user text and system prompt reach the chat template as given (no suffix of
+    ours); a training row (no `chat`) still gets the problem and our think/answer suffix."""
+    import data
+    import vlm
+
+    family = vlm.adapter(TINY["rec"])
+    plain = family.prompt_text("the problem.", 2)
+    assert "the problem." + data.THINK_SUFFIX in plain and "SYSTEM" not in plain
+    assert plain.count("<|image_pad|>") == 2
+    bench = registry.BENCHMARKS["superclevr_count"]
+    q = registry.Query("0", "f: row 0", fields={"question": CLEVR_ROW["question"]})
+    chat = registry.chat(bench, bench.prompts["paper"], q)
+    text = family.prompt_text("ignored", 2, {**chat, "system": "SYSTEM PROMPT"})
+    assert chat["text"] in text and data.THINK_SUFFIX not in text and "ignored" not in text
+    assert text.index("SYSTEM PROMPT") < text.index(CLEVR_ROW["question"])
+    assert chat["text"] == CLEVR_ROW["question"] + (
+        " First output the thinking process in <think> </think> and final answer (number) in"
+        " <answer> </answer> tags."
+    )
