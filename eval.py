@@ -319,6 +319,8 @@ def benchmark_plan(a):
         )
     if not a.predictions and not a.model:
         raise ValueError("--benchmark needs --model (one or more) or --predictions PREDS.jsonl")
+    if a.visualize:
+        raise ValueError("--visualize draws --data rows or the synthetic splits, not --benchmark")
     plan = []
     for name in dict.fromkeys(a.benchmark):
         bench = registry.BENCHMARKS[name]
