@@ -407,6 +407,7 @@ def test_bad_input_is_one_line_before_any_model_loads(published, tmp_path, capsy
     c = ["--benchmark", "superclevr_count", "--data", clevr, "--image-root", root]
     one_line(c + ["--prompt", "baseline"] + nomodel, "superclevr_count has no baseline prompt")
     one_line(c + ["--rescale-boxes", "true"] + nomodel, "--rescale-boxes does not apply")
+    one_line(c + ["--visualize", "2"] + nomodel, "--visualize draws")
     one_line(["--benchmark", "superclevr_count", "lisa_test", "--data", clevr] + nomodel, "folder")
     dup = write_preds(tmp_path / "d.jsonl", [{"id": "1", "output": ""}, {"id": "1", "output": ""}])
     one_line(c + ["--predictions", dup], f"{dup}:2: duplicate id '1'")
