@@ -74,8 +74,20 @@ class BadInput(ValueError):
 
 @dataclass
 class DataFlags:
-    """The readers' flags; grpo_vlm.Args inherits them (one docstring per flag, as there)."""
+    """Data: the training and held-out rows, their formats and keys"""
 
+    train_data: str = ""
+    """rows: JSONL (problem/solution, conversations, messages), parquet, Arrow, hub id; a:b joins;
+    empty: synthetic"""
+    image_root: str = ""
+    """folder that the image paths of the rows are relative to (one per --train-data source, joined
+    by ':')"""
+    train_size: int = 0
+    """training rows: synthetic images to make (0: 2000) or the first N of --train-data (0: all);
+    cls balances classes"""
+    skip_bad_rows: bool = False
+    """skip and count rows whose JSON, text, box or image is unusable, instead of stopping with an
+    error"""
     eval_data: str = ""
     """held-out rows in any --train-data format, evaluated every --eval-every steps (its first
     --eval-n rows)"""

@@ -7,8 +7,8 @@
 conversations and chat messages JSONL; parquet, Arrow, a save_to_disk folder, a hub id; several
 joined by ':'), with the same key flags.
 
-The decoding is grpo_vlm.evaluate (the trainer's held-out eval); the metrics by task are
-rewards.score/summarize:
+The decoding is evaluation.evaluate with grpo_vlm.greedy (the trainer's held-out eval); the metrics
+by task are rewards.score/summarize:
   rec:   acc50 (IoU >= 0.5), miou, center_error, area_ratio, right_object, format_rate
   cls:   accuracy (normalized exact match), format_rate
   count: accuracy (exact numeric match), mae, parsed_rate, format_rate
@@ -41,6 +41,7 @@ import time
 import torch
 
 import data
+import evaluation
 import grpo_vlm as g
 import infra
 import registry
@@ -238,8 +239,15 @@ def run(a):
         model.eval()
         for split in splits:
             rows = rows_of[split]
-            summary, preds = g.evaluate(
-                model, family, rows, family.coord_space, a.task, a.batch_size, a.max_new_tokens
+            summary, preds = evaluation.evaluate(
+                g.greedy,
+                model,
+                family,
+                rows,
+                family.coord_space,
+                a.task,
+                a.batch_size,
+                a.max_new_tokens,
             )
             summaries.append({"model": path, "split": split, **summary, "bad_rows": len(bad)})
             all_preds += [{"model": path, "split": split, **q} for q in preds]
@@ -272,8 +280,8 @@ def greedy_texts(model, family, rows, max_new_tokens):
     """THE decoding call of --benchmark (the one place to re-point): greedy completions of a batch
     of rows (each with `image_path` and `_chat`), and their sizes (input w, input h, W, H)."""
     prompt, sizes = family.encode(rows, model.device.type)
-    o = g.sample_group(model, family, prompt, 1, max_new_tokens, 1.0)[0]
-    return g.completion_texts(family.tokenizer, o, g.completion_mask(o, family.eos_id)), sizes
+    o = g.greedy(model, family, prompt, max_new_tokens)
+    return vlm.completion_texts(family.tokenizer, o, vlm.completion_mask(o, family.eos_id)), sizes
 
 
 def benchmarks(a):

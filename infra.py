@@ -36,6 +36,7 @@ import torch
 
 import data
 import plan
+import rewards
 import vlm
 
 
@@ -83,10 +84,11 @@ def parse_args(cls, argv, task_defaults, presets, choices, prog):
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
         description="Flags take --name value or --name=value; a bare boolean flag means true.",
     )
-    own = vars(cls).get("__annotations__", {})
-    for f in sorted(
-        fields(cls), key=lambda f: f.name not in own
-    ):  # the class's own flags first, then inherited ones
+    groups = {}  # one --help group per flag class, in the order the class lists them
+    for c in [c for c in cls.__mro__ if "__dataclass_fields__" in vars(c)]:
+        group = p.add_argument_group(c.__doc__.splitlines()[0] if c.__doc__ else c.__name__)
+        groups.update({name: group for name in vars(c).get("__annotations__", {})})
+    for f in sorted(fields(cls), key=lambda f: list(groups.values()).index(groups[f.name])):
         kw = (
             {"nargs": "?", "const": True, "type": boolean, "metavar": "BOOL"}
             if f.type is bool
@@ -96,7 +98,7 @@ def parse_args(cls, argv, task_defaults, presets, choices, prog):
                 "choices": choices.get(f.name),
             }
         )
-        p.add_argument(
+        groups[f.name].add_argument(
             "--" + f.name.replace("_", "-"),
             default=argparse.SUPPRESS,
             **kw,
@@ -115,7 +117,15 @@ def parse_args(cls, argv, task_defaults, presets, choices, prog):
 
 
 @dataclass
-class EngineFlags:  # how a run uses the hardware; the algorithm's flags are grpo_vlm.Args
+class EngineFlags:
+    """Engine: how a run uses the hardware (the algorithm's flags are grpo_vlm.Args)"""
+
+    micro_batch_size: int = 16
+    """completions per forward/backward; gradients accumulate to the full B * G batch"""
+    gradient_checkpointing: bool = True
+    """recompute activations in backward to save memory"""
+    logp_chunk: int = 1024
+    """tokens per chunk when computing log-probs (the [tokens, vocab] logits never exist at once)"""
     rollout_batch_size: int = 0
     """completions that decode at once in the rollout, a multiple of G: bounds the KV cache (0: all
     of this process's)"""
@@ -147,6 +157,50 @@ class EngineFlags:  # how a run uses the hardware; the algorithm's flags are grp
 
 
 ENGINE_CHOICES = {"optim": ("adamw", "adamw8bit")}
+
+
+@dataclass
+class RunFlags:
+    """Run: the model, the output folder, checkpoints and the alarms"""
+
+    model: str = ""
+    """HF hub id or local path of a Qwen2-VL, Qwen2.5-VL, Qwen3-VL, Qwen3.5 or Gemma 3 model (other
+    families are refused); empty: the task's shipped tiny model"""
+    output_dir: str = ""
+    """where metrics.jsonl, checkpoints and the final model go (empty: runs/TASK)"""
+    seed: int = 0
+    """seed of prompt order, sampling and init"""
+    min_completion_length: int = 0
+    """no EOS before this many new tokens (benchmarks force equal work with it; 0: off)"""
+    freeze_vision: bool = False
+    """freeze the whole vision tower, merger included (VLM-R1's --freeze_vision_modules)"""
+    save_every: int = 250
+    """write an atomic checkpoint (model, optimizer, schedule, RNG, data position) every N steps (0:
+    never)"""
+    resume: str = ""
+    """continue from this checkpoint, or from the latest checkpoint in this output folder"""
+    max_bad_steps: int = 3
+    """stop, with a checkpoint, after this many steps in a row with a non-finite loss or gradient"""
+    max_logp_gap: float = 0.0
+    """stop at step 1 if rollout and training log-probs differ by more than this per token on
+    average, or 50x this at any token (0: 1e-4 in fp32, 0.02 under bf16 autocast; negative:
+    never)"""
+
+
+@dataclass
+class LogFlags:
+    """Logging: progress, sample completions, held-out evaluation, TensorBoard or W&B"""
+
+    sample_every: int = 100
+    """print a few sample completions every N steps"""
+    report_to: str = "none"
+    """also log metrics.jsonl's rows and the sample completions to tensorboard (events in
+    --output-dir) or wandb"""
+    eval_every: int = 250
+    """greedy eval of the synthetic test/ood splits (not with --train-data) and --eval-data every N
+    steps (0: never)"""
+    eval_n: int = 128
+    """held-out images per split for --eval-every"""
 
 
 def check_engine_flags(args):
@@ -247,6 +301,50 @@ def setup_distributed(args=None):
     return torch.distributed.get_rank(), torch.distributed.get_world_size(), device
 
 
+class Processes:
+    """This run's processes, as the algorithm sees them: all of them together (gather), this
+    process's share of a batch (mine), the loss scale that undoes DDP's averaging, and no_sync.
+    grpo_vlm.py never names a rank or the process count."""
+
+    def __init__(self, rank, world, device):
+        self.rank, self.world, self.device = rank, world, device
+        self.main = rank == 0  # the process that writes logs, checkpoints and the final model
+        # DDP and FSDP2 average the processes' gradients; each process's objective is scaled by the
+        # process count, so the gradient is that of the sum of all processes' objectives
+        self.scale = world
+
+    def gather(self, x):
+        """Every process's rows of `x`, in process order."""
+        return gather(x.to(self.device), self.world)
+
+    def mine(self, rows):
+        """This process's share of `rows` (a list, range or tensor of the whole batch)."""
+        n = len(rows) // self.world
+        return rows[self.rank * n : (self.rank + 1) * n]
+
+    def round_down(self, n):
+        """The most rows, up to n, that the processes can share equally."""
+        return n - n % self.world
+
+    def no_sync(self, policy, last):
+        """DDP syncs gradients in the last micro-batch only (FSDP2 in each: Policy.no_sync)."""
+        return policy.no_sync() if self.world > 1 and not last else contextlib.nullcontext()
+
+    def barrier(self):
+        barrier(self.world)
+
+
+def processes(args):
+    """torchrun's processes (or this one alone), with B checked against their number."""
+    procs = Processes(*setup_distributed(args))
+    if args.prompts_per_step % procs.world:
+        sys.exit(
+            f"error: --prompts-per-step {args.prompts_per_step} must be a multiple of the "
+            f"{procs.world} processes"
+        )
+    return procs
+
+
 def gather(x, world):
     """Concatenate a tensor over processes in rank order (each process holds equal-sized pieces)."""
     if world == 1:
@@ -303,11 +401,12 @@ class Policy(torch.nn.Module):
         return contextlib.nullcontext()
 
 
-def engine(args, model, family, state, world, device):
+def engine(args, model, family, state, procs):
     """(policy, optimizer): the training forward wrapped by the multi-process engine (DDP; FSDP2
     with --fsdp) and the optimizer (--optim) over the trainable weights (under FSDP2 their shards),
     its state restored on a resume."""
     module = Policy(model, family, args.temperature, args.logp_chunk)
+    world, device = procs.world, procs.device
     policy = fsdp(module, world, device) if args.fsdp else ddp(module, world, device)
     opt = optimizer(
         args, [p for p in model.parameters() if p.requires_grad]
@@ -425,6 +524,45 @@ def reference(args, ref, path, device):
     if not args.fsdp or plan.reference_whole(args, path, world):
         return ref
     return fsdp(ref, world, device, reshard_root=True)
+
+
+@dataclass
+class Stats:
+    """A step's statistics, summed over this process's tokens (tensors: no host sync in the loop):
+    the objective J (loss), the KL, the clipped tokens, and logp_gap, |log-prob of the rollout - of
+    the training forward| (the sampler and the trainer must agree on pi_old), with its maximum."""
+
+    loss: torch.Tensor
+    kl: torch.Tensor
+    clipped: torch.Tensor
+    logp_gap: torch.Tensor
+    logp_gap_max: torch.Tensor
+    grad_norm: torch.Tensor = None  # of the last update
+    skipped: int = 0  # updates skipped for a non-finite loss or gradient
+
+    @classmethod
+    def zeros(cls, device):
+        return cls(*(torch.zeros((), device=device) for _ in range(5)))
+
+    def add_gap(self, logp, logp_rollout, mask):
+        """logp_gap of a micro-batch: the training forward's log-probs against the rollout's."""
+        gap = (logp.detach() - logp_rollout).abs() * mask
+        self.logp_gap += gap.sum()
+        self.logp_gap_max = torch.maximum(self.logp_gap_max, gap.max())
+
+
+def optimizer_step(model, opt, J, procs, args):
+    """Clip the gradients (synced by DDP or FSDP2) and step, unless some process's objective J or
+    the gradient is not finite: then skip this update rather than poison the weights. Returns (the
+    gradient norm, whether the update was made)."""
+    grad_norm = clip_grad_norm(model, args.max_grad_norm)
+    finite = all_sum(torch.isfinite(J).float(), procs.world).item() == procs.world
+    made = finite and bool(torch.isfinite(grad_norm))
+    if made:
+        opt.step()
+    # freed for the rollout; DDP's gradients are views of its buckets, zeroed, never None
+    opt.zero_grad(set_to_none=procs.world == 1 or args.fsdp)
+    return grad_norm, made
 
 
 def clip_grad_norm(model, max_norm):
@@ -554,11 +692,18 @@ def load_optimizer(args, model, opt, state):
     set_optimizer_state_dict(model, opt, sharded["optimizer"])
 
 
-def save_or_stop(args, step, bad_steps, model, family, opt, rng, rank, world, device):
+def save_or_stop(args, step, bad_steps, run, rng):
     """At the end of a step: a checkpoint every --save-every steps and at the last; after
     --max-bad-steps non-finite steps in a row, or a signal to any process, a checkpoint and a
     stop."""
-    extra = {"bad_steps": bad_steps}
+    model, family, opt, rank, world = (
+        run.model,
+        run.family,
+        run.opt,
+        run.procs.rank,
+        run.procs.world,
+    )
+    device, extra = run.procs.device, {"bad_steps": bad_steps}
     if bad_steps >= args.max_bad_steps:
         path = checkpoint(args, step, model, family, opt, rng, extra, rank, world)
         sys.exit(
@@ -621,6 +766,7 @@ def lr_at(args, step):
     return args.lr * warm
 
 
+CUDA = torch.cuda.is_available()
 M32 = 0xFFFFFFFF
 
 
@@ -659,6 +805,7 @@ class MetricsLog:
 
     def __init__(self, output_dir, main, resumed_at=None, args=None):
         self.path, self.main = os.path.join(output_dir, "metrics.jsonl"), main
+        self.resumed_at = resumed_at
         os.makedirs(output_dir, exist_ok=True)
         kept = []
         if resumed_at is not None and os.path.exists(self.path):
@@ -688,24 +835,22 @@ class MetricsLog:
             if line:
                 print(line, flush=True)
 
-    def step(self, m, args, components, bad_steps, batch, texts, r):
+    def step(self, m, args, batch, bad_steps):
         """A step's row and progress line; every --sample-every steps a few of its completions, also
         to --report-to."""
-        self.write(m, step_line(m, args, components, bad_steps, batch, texts, r))
+        self.write(m, step_line(m, args, batch, bad_steps))
         if self.report and sample_due(args, m["step"]):
-            G = args.num_generations
-            self.report.samples(
-                m["step"],
-                [
-                    {
-                        "problem": batch[i // G]["problem"],
-                        "solution": batch[i // G]["solution"],
-                        "completion": texts[i],
-                        "reward": float(r[i]),
-                    }
-                    for i in range(0, len(texts), G)
-                ][:4],
-            )
+            G, rows = args.num_generations, batch.rows
+            samples = [
+                {
+                    "problem": rows[i // G]["problem"],
+                    "solution": rows[i // G]["solution"],
+                    "completion": batch.texts[i],
+                    "reward": float(batch.r[i]),
+                }
+                for i in range(0, len(batch.texts), G)
+            ]
+            self.report.samples(m["step"], samples[:4])
 
     def close(self):
         if self.main:
@@ -847,43 +992,36 @@ def eval_line(step, ev):
     )
 
 
-def step_row(step, r_all, components, stats, grad_norm, mask_all, mu, world, **extra):
-    """The step's row of metrics.jsonl: named statistics, summed over processes and divided by the
-    token count."""
-    n_tok, sums = mask_all.sum().item(), {k: v for k, v in stats.items() if k != "logp_gap_max"}
+def step_row(args, procs, step, batch, every, stats, **extra):
+    """The step's row of metrics.jsonl: named statistics of every process's rows, the sums divided
+    by the token count. `every`: the rewards, masks and cut-off flags of all processes' rows."""
+    r, mask, world, G = every.r, every.mask, procs.world, args.num_generations
+    n_tok, rg = mask.sum().item(), r.view(-1, G)
+    sums = dict(loss=stats.loss, kl=stats.kl, clipped=stats.clipped, logp_gap=stats.logp_gap)
+    sums["entropy"] = (batch.H * batch.mask).sum()
     s = dict(zip(sums, all_sum(torch.stack(list(sums.values())), world).tolist()))
+    gathered = {k: gather(v.to(r.device), world) for k, v in batch.components.items()}
     return {
         "step": step,
-        "reward": r_all.mean().item(),
-        "reward_std": r_all.std().item(),
-        **{
-            f"reward_{k}": gather(v.to(r_all.device), world).mean().item()
-            for k, v in components.items()
-        },
-        "loss": s["loss"] / mu,
+        "reward": r.mean().item(),
+        "reward_std": r.std().item(),
+        **{f"reward_{k}": v.mean().item() for k, v in gathered.items()},
+        "loss": s["loss"] / args.mu,
         "kl": s["kl"] / n_tok,
         "clip_frac": s["clipped"] / n_tok,
         "logp_gap": s["logp_gap"] / n_tok,
-        "logp_gap_max": all_max(stats["logp_gap_max"], world).item(),
+        "logp_gap_max": all_max(stats.logp_gap_max, world).item(),
         "entropy": s["entropy"] / n_tok,
-        "completion_len": n_tok / len(mask_all),
-        "grad_norm": float(grad_norm),
-        **(
-            {"gpu_peak_gib": torch.cuda.max_memory_allocated() / plan.GiB}
-            if torch.cuda.is_available()
-            else {}
-        ),
-        **extra,
-    }
-
-
-def batch_stats(r_all, G, truncated_all):
-    """The share of the batch's groups whose rewards are all equal (no signal), and of completions
-    cut off at the cap."""
-    rg = r_all.view(-1, G)
-    return {
+        "completion_len": n_tok / len(mask),
+        "grad_norm": float(stats.grad_norm),
+        **({"gpu_peak_gib": torch.cuda.max_memory_allocated() / plan.GiB} if CUDA else {}),
+        # the share of groups whose rewards are all equal (no signal), and of completions cut off
         "frac_reward_zero_std": (rg.amax(1) == rg.amin(1)).float().mean().item(),
-        "truncated_frac": truncated_all.mean().item(),
+        "truncated_frac": every.cut.mean().item(),
+        **batch.dynamic,  # DAPO's dynamic sampling: rollouts spent, shortfall
+        **rewards.rollout_stats(args.task, batch.texts, batch.truths),
+        **extra,
+        **({"skipped_updates": stats.skipped} if stats.skipped else {}),
     }
 
 
@@ -892,59 +1030,45 @@ def sample_due(args, step):
     return bool(args.sample_every) and (step % args.sample_every == 0 or step == 1)
 
 
-def step_line(m, args, components, bad_steps, batch, texts, r):
+def step_line(m, args, batch, bad_steps):
     """The progress line of a step, and every --sample-every steps a few of its completions."""
-    G, comp = args.num_generations, " ".join(f"{k}={m['reward_' + k]:.3f}" for k in components)
+    G, comp = (
+        args.num_generations,
+        " ".join(f"{k}={m['reward_' + k]:.3f}" for k in batch.components),
+    )
     line = (
         f"step {m['step']}/{args.steps} reward={m['reward']:.3f} {comp} kl={m['kl']:.4f} "
         f"clip={m['clip_frac']:.3f} len={m['completion_len']:.1f} {m['seconds']:.2f}s"
-        + (
-            f"  SKIPPED: non-finite loss or gradient ({bad_steps} in a row)"
-            if m.get("skipped_updates")
-            else ""
-        )
     )
+    if m.get("skipped_updates"):
+        line += f"  SKIPPED: non-finite loss or gradient ({bad_steps} in a row)"
     if sample_due(args, m["step"]):
-        line += "".join(
-            f"\n  [{batch[i // G]['problem'][-40:]}] gt={batch[i // G]['solution']} -> "
-            f"{texts[i]!r} "
-            f"r={r[i]:.2f}"
-            for i in range(0, min(2 * G, len(texts)), G)
-        )
+        for i in range(0, min(2 * G, len(batch.texts)), G):
+            row = batch.rows[i // G]
+            line += f"\n  [{row['problem'][-40:]}] gt={row['solution']} -> {batch.texts[i]!r} "
+            line += f"r={batch.r[i]:.2f}"
     return line
 
 
-def start_banner(
-    args, log, rows, bad_rows, weights, coord_space, device, world, resumed_at, model_path
-):
+def start_banner(args, run, log, rows, bad_rows, model_path):
     """What this run is, printed once; the bad rows skipped, listed and counted in metrics.jsonl."""
+    resumed_at, device = log.resumed_at, run.procs.device
     say(
         log.main,
         f"GRPO {args.task}: {len(rows)} prompts, B={args.prompts_per_step} "
-        f"G={args.num_generations} "
-        f"T={args.temperature} beta={args.beta} coords={coord_space} weights={weights} "
-        f"device={device} "
-        f"processes={world}{' (FSDP2)' if args.fsdp else ''} optim={args.optim}"
+        f"G={args.num_generations} T={args.temperature} beta={args.beta} "
+        f"coords={run.coord_space} weights={run.weights} device={device} "
+        f"processes={run.procs.world}{' (FSDP2)' if args.fsdp else ''} optim={args.optim}"
         + (f" LoRA r={args.lora_r}" if args.lora_r else "")
         + (f", resumed at step {resumed_at}" if resumed_at is not None else ""),
     )
-    if device.startswith(
-        "cuda"
-    ):  # the plan, to read beside each step's gpu_peak_gib (max_memory_allocated)
-        p = plan.parts(args, model_path, world)
-        say(
-            log.main,
-            "memory plan per GPU (--plan): "
-            + ", ".join(
-                f"{ph} {sum(p[ph].values()) / plan.GiB:.1f} GiB" for ph in ("rollout", "training")
-            ),
-        )
+    if device.startswith("cuda"):  # the plan, to read beside each step's gpu_peak_gib
+        p = plan.parts(args, model_path, run.procs.world)
+        peaks = [f"{ph} {sum(p[ph].values()) / plan.GiB:.1f} GiB" for ph in ("rollout", "training")]
+        say(log.main, "memory plan per GPU (--plan): " + ", ".join(peaks))
     if bad_rows:
-        say(
-            log.main,
-            f"skipped {len(bad_rows)} bad rows (--skip-bad-rows):"
-            + "".join("\n  " + b for b in bad_rows[:10]),
-        )
+        listed = "".join("\n  " + b for b in bad_rows[:10])
+        say(log.main, f"skipped {len(bad_rows)} bad rows (--skip-bad-rows):" + listed)
         if resumed_at is None:  # a resumed run keeps the row it logged at the start
             log.write({"step": 0, "bad_rows": len(bad_rows)})
 
@@ -963,8 +1087,9 @@ def check_logp_gap(m, limit, model_type):
         )
 
 
-def finish(args, model, family, log, bad_rows, rank, world):
+def finish(args, run, log, bad_rows):
     """The end of a run: the curves and the final model (main process), then the processes part."""
+    model, family, rank, world = run.model, run.family, run.procs.rank, run.procs.world
     log.close()
     final, weights = (
         os.path.join(args.output_dir, "final"),

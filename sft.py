@@ -5,7 +5,7 @@
 
 Same arguments as grpo_vlm.py (those that apply: the data formats, --eval-data, --max-prompt-length
 too). With the same --task, --steps, --prompts-per-step and --seed as a GRPO run, it trains on the
-same images in the same order: the matched-budget SFT baseline. The steps are grpo_vlm.sft_steps,
+same images in the same order: the matched-budget SFT baseline. The steps are coldstart.sft_steps,
 which is also Vision-R1's cold start (grpo_vlm.py --sft-steps N).
 
 Targets (data.sft_target) are a short chain of thought that first lists every object left to right,
@@ -25,6 +25,8 @@ import time
 
 import torch
 
+import coldstart
+import evaluation
 import grpo_vlm as g
 import infra
 import vlm
@@ -43,20 +45,22 @@ def main(argv=None):
     torch.manual_seed(args.seed)
     base = args.model or g.tiny_model(args.task)
     rows, bad, held = infra.load_data(
-        args, base, g.SPLITS.get(args.task, ("test",))
+        args, base, evaluation.splits(args.task)
     )  # before the model loads
     if bad:
         print(f"skipped {len(bad)} bad rows (--skip-bad-rows):", *bad[:10], sep="\n  ", flush=True)
     model, family = vlm.load(base)
     coord_space = family.coord_space if args.coord_space == "auto" else args.coord_space
     t0 = time.time()
-    for step, loss in g.sft_steps(model, family, rows, coord_space, args, args.steps, args.lr):
+    for step, loss in coldstart.sft_steps(
+        model, family, rows, coord_space, args, args.steps, args.lr
+    ):
         if step % 50 == 0 or step == 1:
             print(
                 f"sft step {step}/{args.steps} loss={loss:.4f} {time.time() - t0:.0f}s", flush=True
             )
         if held and args.eval_every and (step % args.eval_every == 0 or step == args.steps):
-            m = g.held_out(model, family, coord_space, held, args.task)
+            m = evaluation.held_out(g.greedy, model, family, coord_space, held, args.task)
             print(infra.eval_line(step, m), flush=True)
     family.save(model, args.output_dir)
     print(f"saved {args.output_dir}", flush=True)

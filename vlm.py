@@ -721,6 +721,24 @@ def _chunk_logps(h, y, lm_head, T):
     return logits.log_softmax(-1).gather(-1, y[:, None]).squeeze(-1)
 
 
+def completion_mask(completion_ids, eos_id):
+    """[N, L] mask from lengths: tokens up to and including the first EOS (pad may equal EOS)."""
+    is_eos = completion_ids == eos_id
+    L = completion_ids.shape[1]
+    no_eos = torch.full_like(is_eos[:, 0], L, dtype=torch.long)
+    first_eos = torch.where(is_eos.any(1), is_eos.int().argmax(1), no_eos)
+    lengths = (first_eos + 1).clamp(max=L)
+    return (torch.arange(L, device=completion_ids.device)[None] < lengths[:, None]).float()
+
+
+def completion_texts(tokenizer, completion_ids, mask):
+    """The text of each completion's tokens under its mask, special tokens dropped."""
+    return [
+        tokenizer.decode(c[: int(m.sum())], skip_special_tokens=True)
+        for c, m in zip(completion_ids, mask)
+    ]
+
+
 def chunked_logps(hidden, lm_head, targets, T, chunk):
     h, y = hidden.reshape(-1, hidden.shape[-1]), targets.reshape(-1)
     out = [

@@ -126,46 +126,20 @@ def measure(shape, device):
     m["reference (bf16)" if gpu else "reference (fp32)"] = now() - before
     vlm.enable_checkpointing(model)
     model.train()
-    policy, opt = infra.engine(args, model, family, None, 1, device)
-    weights, rng = g.reward_weights(args), random.Random(0)
+    procs = infra.Processes(0, 1, device)
+    policy, opt = infra.engine(args, model, family, None, procs)
+    run = g.Run(model, family, policy, ref, opt, procs, g.reward_weights(args), family.coord_space)
+    rng, stage = random.Random(0), g.Stage(args.max_completion_length, {"iou_threshold": 0.0})
     for step in (1, 2):
         reset()
         before = now()
-        ro = g.rollout(
-            model,
-            family,
-            rows,
-            rng,
-            step,
-            args.max_completion_length,
-            {"iou_threshold": 0.0},
-            weights,
-            family.coord_space,
-            args,
-            0,
-            1,
-            device,
-        )
+        batch = g.rollout(run, rows, rng, step, stage, args)
         rollout = (top() - before, before - base)
-        A = g.group_advantages(ro["r"].to(device), args.num_generations)
-        tw = g.token_weights(ro["mask"], args.loss_agg)
+        A = g.group_advantages(batch.r.to(device), args.num_generations)
+        tw = g.token_weights(batch.mask, args.loss_agg)
         reset()
         before = now()
-        g.policy_update(
-            policy,
-            opt,
-            model,
-            ref,
-            family,
-            ro["prompt"],
-            ro["o"],
-            ro["mask"],
-            ro["logp"],
-            A,
-            tw,
-            args,
-            1,
-        )
+        g.policy_update(run, batch, A, tw, args)
         training = (top() - before, before - base)
         if step == 1:
             m["AdamW moments (fp32)"] = (
@@ -173,8 +147,8 @@ def measure(shape, device):
             )  # created by the first optimizer step; the gradients freed
     m["rollout transient"], m["rollout total"] = rollout[0], sum(rollout)
     m["training transient"], m["training total"] = training[0], sum(training)
-    text = ro["prompt"]["input_ids"].shape[1] - int(ro["prompt"]["image_grid_thw"][0].prod()) // 4
-    return {"measured": m, "text_tokens": text, "completion_len": float(ro["mask"].sum(1).mean())}
+    text = batch.prompt["input_ids"].shape[1] - int(batch.prompt["image_grid_thw"][0].prod()) // 4
+    return {"measured": m, "text_tokens": text, "completion_len": float(batch.mask.sum(1).mean())}
 
 
 def planned(shape, device, text_tokens):

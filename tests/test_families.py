@@ -96,13 +96,13 @@ def test_rollout_equals_generate_and_packed_equals_plain(family_dir):
     prompt = two_prompts(family)
     G, L = 3, 20
     keys = infra.sample_keys(0, 3, range(2 * G))
-    ids, logps, _ = g.sample_group(model, family, prompt, G, L, 1.0, keys)
+    ids, logps, _ = g.sample_group(model, family, prompt, G, g.Decoding(L, 1.0), keys)
     assert len({tuple(r.tolist()) for r in ids}) > 2
 
     # the same keyed draws, as a logits processor of HF generate (which then takes the argmax)
     class Keyed:
         def __call__(self, input_ids, scores):
-            token = g.draw(scores, keys, input_ids.shape[1] - prompt["input_ids"].shape[1])
+            token = g.draw_token(scores, keys, input_ids.shape[1] - prompt["input_ids"].shape[1])
             return torch.full_like(scores, -float("inf")).scatter(1, token[:, None], 0.0)
 
     copies = torch.arange(2).repeat_interleave(G)
@@ -116,7 +116,7 @@ def test_rollout_equals_generate_and_packed_equals_plain(family_dir):
             pad_token_id=family.pad_id,
             suppress_tokens=family.suppress,
         )
-    mask = g.completion_mask(ids, family.eos_id)
+    mask = vlm.completion_mask(ids, family.eos_id)
     hf = out[:, prompt["input_ids"].shape[1] :]
     assert torch.equal(
         ids[:, : hf.shape[1]] * mask[:, : hf.shape[1]].long(), hf * mask[:, : hf.shape[1]].long()

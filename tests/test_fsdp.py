@@ -258,7 +258,7 @@ def rollout_worker(out_dir, G=4):
     keys = infra.sample_keys(0, 1, range(2 * rank * G, 2 * (rank + 1) * G))
     lengths = (8, 32)  # every completion decodes exactly n tokens (no EOS before n)
     whole = {
-        n: g.sample_group(model, family, prompt, G, n, 1.0, keys, min_new_tokens=n)[0]
+        n: g.sample_group(model, family, prompt, G, g.Decoding(n, 1.0, min_new_tokens=n), keys)[0]
         for n in lengths
     }
     policy = infra.fsdp(infra.Policy(model, family, 1.0, 1024), world, device)
@@ -273,7 +273,9 @@ def rollout_worker(out_dir, G=4):
     for n in lengths:
         calls[0] = 0
         with infra.gathered(policy):
-            o = g.sample_group(model, family, prompt, G, n, 1.0, keys, min_new_tokens=n)[0]
+            o = g.sample_group(
+                model, family, prompt, G, g.Decoding(n, 1.0, min_new_tokens=n), keys
+            )[0]
         result[str(n)] = {
             "equal": torch.equal(o, whole[n]),
             "tokens": o.shape[1],
@@ -284,7 +286,9 @@ def rollout_worker(out_dir, G=4):
     def left_to_fsdp(
         self, n
     ):  # the same rollout as a registered forward method, without infra.gathered
-        return g.sample_group(self.model, family, prompt, G, n, 1.0, keys, min_new_tokens=n)[0]
+        return g.sample_group(
+            self.model, family, prompt, G, g.Decoding(n, 1.0, min_new_tokens=n), keys
+        )[0]
 
     policy.left_to_fsdp = types.MethodType(left_to_fsdp, policy)
     register_fsdp_forward_method(policy, "left_to_fsdp")

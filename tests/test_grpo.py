@@ -11,10 +11,13 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import data  # noqa: E402
+import evaluation  # noqa: E402
 import grpo_vlm as g  # noqa: E402
 import make_tiny_model as mtm  # noqa: E402
 import rewards  # noqa: E402
 import vlm  # noqa: E402
+
+NO_KL = g.Args(beta=0.0)  # the objective's hyperparameters: eps 0.2 / 0.2, no KL
 
 
 def test_advantages_zero_mean_and_equal_rewards_zero():
@@ -36,7 +39,7 @@ def test_ratio_one_and_reinforce_gradient():
     A = torch.tensor([1.0, -0.5, 0.2])
     mask = torch.ones(3, 5)
     w = g.token_weights(mask, "grpo")
-    loss, st = g.grpo_loss(logps, logps.detach(), None, A, w, 0.2, 0.2, 0.0)
+    loss, st = g.grpo_loss(logps, logps.detach(), None, A, w, NO_KL)
     grad = torch.autograd.grad(loss, logits, retain_graph=True)[0]
     reinforce = -(logps * A[:, None] * w).sum()
     grad_ref = torch.autograd.grad(reinforce, logits)[0]
@@ -51,7 +54,7 @@ def test_clipping_zeroes_gradient_outside_band():
     )  # ratios 1.5, 1.1, 0.5, 0.9
     w = torch.ones(1, 4)
     for A, outside in ((1.0, [0]), (-1.0, [2])):
-        loss, _ = g.grpo_loss(logps, old, None, torch.tensor([A]), w, 0.2, 0.2, 0.0)
+        loss, _ = g.grpo_loss(logps, old, None, torch.tensor([A]), w, NO_KL)
         grad = torch.autograd.grad(loss, logps)[0][0]
         ratio = torch.exp(logps - old)[0].detach()
         for t in range(4):
@@ -64,10 +67,10 @@ def test_k3_kl_nonnegative_zero_at_reference():
     ref = torch.randn(4, 6)
     w = torch.ones(4, 6)
     zeroA = torch.zeros(4)
-    _, st = g.grpo_loss(logps, logps.detach(), ref, zeroA, w, 0.2, 0.2, 1.0)
+    _, st = g.grpo_loss(logps, logps.detach(), ref, zeroA, w, g.Args(beta=1.0))
     assert st["kl_sum"] >= 0
     at_ref = ref.clone().requires_grad_(True)
-    loss, st = g.grpo_loss(at_ref, at_ref.detach(), ref, zeroA, w, 0.2, 0.2, 1.0)
+    loss, st = g.grpo_loss(at_ref, at_ref.detach(), ref, zeroA, w, g.Args(beta=1.0))
     assert abs(st["kl_sum"]) < 1e-7
     assert torch.allclose(torch.autograd.grad(loss, at_ref)[0], torch.zeros(4, 6))
 
@@ -87,7 +90,7 @@ def test_chunked_logps_match_plain_and_use_temperature():
 def test_mask_from_lengths_with_pad_equal_eos():
     eos = 9
     ids = torch.tensor([[1, 2, 9, 9, 9], [1, 9, 3, 9, 9], [1, 2, 3, 4, 5]])
-    m = g.completion_mask(ids, eos)
+    m = vlm.completion_mask(ids, eos)
     assert m.tolist() == [[1, 1, 1, 0, 0], [1, 1, 0, 0, 0], [1, 1, 1, 1, 1]]
 
 
@@ -99,13 +102,11 @@ def test_aggregations_are_exact_under_accumulation():
     A = torch.randn(8)
     for mode in ("grpo", "token", "drgrpo"):
         w = g.token_weights(mask, mode)
-        full = torch.autograd.grad(g.grpo_loss(x * 1, x.detach(), None, A, w, 0.2, 0.2, 0.0)[0], x)[
-            0
-        ]
+        full = torch.autograd.grad(g.grpo_loss(x * 1, x.detach(), None, A, w, NO_KL)[0], x)[0]
         acc = torch.zeros_like(x)
         for s in (slice(0, 2), slice(2, 4), slice(4, 8)):
             acc += torch.autograd.grad(
-                g.grpo_loss(x[s], x[s].detach(), None, A[s], w[s], 0.2, 0.2, 0.0)[0], x
+                g.grpo_loss(x[s], x[s].detach(), None, A[s], w[s], NO_KL)[0], x
             )[0]
         assert torch.allclose(full, acc, atol=1e-7), mode
 
@@ -197,7 +198,7 @@ def test_left_padding_and_shared_image_features(tiny):
     comp = torch.tensor(
         [tok.convert_tokens_to_ids(["<think>", "red", "</think>"]) + [tok.eos_token_id]]
     )
-    mask = g.completion_mask(comp, tok.eos_token_id)
+    mask = vlm.completion_mask(comp, tok.eos_token_id)
     with torch.no_grad():
         lp_pad = vlm.completion_logps(
             model, family, family.select(prompt, 0, 1), torch.tensor([0]), comp, mask, 1.0, 7
@@ -336,17 +337,12 @@ def test_eval_scores_known_boxes_and_right_object(tmp_path):
     ]
     target = [tok(t, add_special_tokens=False)["input_ids"] + [tok.eos_token_id] for t in texts]
 
-    def forced(model, family, prompt, G, max_new, *a, **k):
-        ids = torch.nn.utils.rnn.pad_sequence(
+    def forced(model, family, prompt, max_new):
+        return torch.nn.utils.rnn.pad_sequence(
             [torch.tensor(t) for t in target], True, tok.pad_token_id
         )
-        return ids, None
 
-    orig, g.sample_group = g.sample_group, forced
-    try:
-        summary, preds = g.evaluate(model, family, rows, "abs_resized")
-    finally:
-        g.sample_group = orig
+    summary, preds = evaluation.evaluate(forced, model, family, rows, "abs_resized")
     assert preds[0]["iou"] > 0.8 and preds[1]["iou"] < 0.5
     assert [p["chosen_object"] for p in preds] == [0, 1]
     assert (

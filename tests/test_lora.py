@@ -139,9 +139,15 @@ def test_the_reference_is_the_base_model_exactly():
                 p.normal_(0, 0.1)
     rows = data.load_rows(g.Args(train_size=4))[0][:2]
     prompt = family.encode(rows)[0]
-    o = g.sample_group(model, family, prompt, 2, 12, 1.0, infra.sample_keys(0, 1, range(4)))[0]
+    o = g.sample_group(
+        model, family, prompt, 2, g.Decoding(12, 1.0), infra.sample_keys(0, 1, range(4))
+    )[0]
     packed = family.pack(
-        model, prompt, torch.arange(2).repeat_interleave(2), o, g.completion_mask(o, family.eos_id)
+        model,
+        prompt,
+        torch.arange(2).repeat_interleave(2),
+        o,
+        vlm.completion_mask(o, family.eos_id),
     )
     ref = g.reference_model(args, model, family, None, g.TINY_MODEL, "cpu")
     policy = infra.Policy(model, family, 1.0, 64)
@@ -167,8 +173,10 @@ def test_merge_and_eval_read_what_a_lora_run_saved(lora_run):
     base = vlm.load(g.TINY_MODEL)[0]
     rows = data.load_rows(g.Args(train_size=4))[0][:2]
     prompt = family.encode(rows)[0]
-    o = g.sample_group(adapted, family, prompt, 2, 12, 1.0, infra.sample_keys(0, 1, range(4)))[0]
-    copies, mask = torch.arange(2).repeat_interleave(2), g.completion_mask(o, family.eos_id)
+    o = g.sample_group(
+        adapted, family, prompt, 2, g.Decoding(12, 1.0), infra.sample_keys(0, 1, range(4))
+    )[0]
+    copies, mask = torch.arange(2).repeat_interleave(2), vlm.completion_mask(o, family.eos_id)
     with torch.no_grad():
         want = vlm.completion_logps(adapted, family, prompt, copies, o, mask, 1.0, 64)
         got = vlm.completion_logps(plain, family, prompt, copies, o, mask, 1.0, 64)

@@ -76,9 +76,9 @@ def test_bf16_kv_cache_under_autocast(monkeypatch):
     _, state = family.prefill(model, prompt, 4, 8)
     assert {r.dtype for layer in state["cache"].layers for r in layer.room} == {torch.bfloat16}
     o, logp, _ = g.sample_group(
-        model, family, prompt, 4, 24, 1.0, infra.sample_keys(0, 1, range(8))
+        model, family, prompt, 4, g.Decoding(24, 1.0), infra.sample_keys(0, 1, range(8))
     )
-    mask = g.completion_mask(o, family.eos_id)
+    mask = vlm.completion_mask(o, family.eos_id)
     with torch.no_grad():
         train = vlm.completion_logps(model, family, prompt, torch.arange(8) // 4, o, mask, 1.0, 64)
     gap = ((logp - train).abs() * mask).sum() / mask.sum()
@@ -92,9 +92,11 @@ def test_a_bounded_rollout_draws_the_same_tokens():
     rows = data.load_rows(g.Args(train_size=6))[0][:3]
     prompt, _ = family.encode(rows)
     keys = infra.sample_keys(0, 7, range(12))
-    whole = g.sample_group(model, family, prompt, 4, 32, 1.0, keys)
+    whole = g.sample_group(model, family, prompt, 4, g.Decoding(32, 1.0), keys)
     for rows_at_once in (4, 8):
-        chunked = g.sample_group(model, family, prompt, 4, 32, 1.0, keys, rows=rows_at_once)
+        chunked = g.sample_group(
+            model, family, prompt, 4, g.Decoding(32, 1.0, chunk=rows_at_once), keys
+        )
         assert torch.equal(whole[0], chunked[0])
         assert torch.allclose(whole[1], chunked[1], atol=1e-5)
     assert len({tuple(c.tolist()) for c in whole[0]}) > 3
@@ -106,27 +108,30 @@ DDP_SCRIPT = r"""
 import os, sys, torch
 sys.path.insert(0, {root!r})
 import data, grpo_vlm as g, infra, vlm
-rank, world, device = infra.setup_distributed()
-args = g.parse_args(["--prompts-per-step", "2", "--num-generations", "4", "--max-completion-length", "16",
-                     "--micro-batch-size", "2", "--train-size", "8", "--beta", "0"])
+procs = infra.Processes(*infra.setup_distributed())
+rank = procs.rank
+args = g.parse_args(["--prompts-per-step", "2", "--num-generations", "4",
+                     "--max-completion-length", "16", "--micro-batch-size", "2",
+                     "--train-size", "8", "--beta", "0"])
 model, family = vlm.load(g.TINY_MODEL)
-policy, opt = infra.engine(args, model, family, None, world, device)
+policy, opt = infra.engine(args, model, family, None, procs)
 rows = data.load_rows(args)[0]
-weights, rng = g.reward_weights(args), infra.prompt_sampler(0)
+run = g.Run(model, family, policy, None, opt, procs, g.reward_weights(args), family.coord_space)
+rng = infra.prompt_sampler(0)
 ptrs = []
 for step in (1, 2, 3):
-    ro = g.rollout(model, family, rows, rng, step, 16, {{"iou_threshold": 0.0}}, weights, family.coord_space, args,
-                   rank, world, device)
-    A = torch.linspace(-1, 1, len(ro["o"]))
-    tw = g.token_weights(ro["mask"], "grpo") * world
-    g.policy_update(policy, opt, model, None, family, ro["prompt"], ro["o"], ro["mask"], ro["logp"], A, tw, args, world)
+    batch = g.rollout(run, rows, rng, step, g.Stage(16, {{"iou_threshold": 0.0}}), args)
+    A = torch.linspace(-1, 1, len(batch.o))
+    tw = g.token_weights(batch.mask, "grpo")  # policy_update scales by the process count
+    g.policy_update(run, batch, A, tw, args)
     grads = [p.grad for p in model.parameters() if p.requires_grad]
     assert all(x is not None for x in grads)
     ptrs.append([x.data_ptr() for x in grads])
     storages = {{x.untyped_storage().data_ptr() for x in grads}}
     if rank == 0:  # one writer: two processes' lines can interleave on a shared stdout
         print(f"STEP {{step}} params {{len(grads)}} storages {{len(storages)}}", flush=True)
-assert ptrs[1] == ptrs[2], "the gradients moved"  # DDP rebuilds its buckets once, after the first step
+# DDP rebuilds its buckets once, after the first step
+assert ptrs[1] == ptrs[2], "the gradients moved"
 torch.distributed.destroy_process_group()
 """
 

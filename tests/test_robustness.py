@@ -54,16 +54,16 @@ def test_keyed_sampler_draws_from_softmax_at_temperature():
     n = 40_000
     for T in (1.0, 2.0):
         scores = p.log().expand(n, 5).clone()
-        draws = g.draw(scores / T, infra.sample_keys(0, 1, range(n)), 2)
+        draws = g.draw_token(scores / T, infra.sample_keys(0, 1, range(n)), 2)
         freq = torch.bincount(draws, minlength=5).float() / n
         expect = torch.softmax(p.log() / T, -1)
         assert (freq - expect).abs().max() < 0.01, (T, freq, expect)  # 4 sigma at n=40k is ~0.01
         assert freq[2] == 0
     # a new position or a new step draws anew
     keys, s = infra.sample_keys(0, 1, range(2000)), torch.zeros(2000, 9)
-    assert (g.draw(s, keys, 2) != g.draw(s, keys, 3)).float().mean() > 0.8
+    assert (g.draw_token(s, keys, 2) != g.draw_token(s, keys, 3)).float().mean() > 0.8
     assert (
-        g.draw(s, keys, 2) != g.draw(s, infra.sample_keys(0, 2, range(2000)), 2)
+        g.draw_token(s, keys, 2) != g.draw_token(s, infra.sample_keys(0, 2, range(2000)), 2)
     ).float().mean() > 0.8
 
 
@@ -269,8 +269,8 @@ def test_shared_prefill_rollout_matches_the_plain_one():
     prompt, _ = family.encode(rows)
     G, L, eos, pad = 4, 40, tok.eos_token_id, tok.pad_token_id
     keys = infra.sample_keys(0, 3, range(2 * G))
-    ids, logps, _ = g.sample_group(model, family, prompt, G, L, 1.0, keys)
-    mask = g.completion_mask(ids, eos)
+    ids, logps, _ = g.sample_group(model, family, prompt, G, g.Decoding(L, 1.0), keys)
+    mask = vlm.completion_mask(ids, eos)
     assert mask.sum(1).min() > 10 and len({tuple(r.tolist()) for r in ids}) > 2
 
     n = prompt["image_grid_thw"].prod(-1).tolist()
@@ -285,7 +285,7 @@ def test_shared_prefill_rollout_matches_the_plain_one():
     # the same draws, as a logits processor of HF generate (which then takes the argmax)
     class Keyed:
         def __call__(self, input_ids, scores):
-            token = g.draw(scores, keys, input_ids.shape[1] - rep["input_ids"].shape[1])
+            token = g.draw_token(scores, keys, input_ids.shape[1] - rep["input_ids"].shape[1])
             return torch.full_like(scores, -float("inf")).scatter(1, token[:, None], 0.0)
 
     with torch.no_grad():

@@ -12,8 +12,10 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import data  # noqa: E402
+import evaluation  # noqa: E402
 import grpo_vlm as g  # noqa: E402
 import make_tiny_model as mtm  # noqa: E402
+import recipes  # noqa: E402
 import rewards  # noqa: E402
 import vlm  # noqa: E402
 
@@ -108,7 +110,7 @@ def test_real_format_rows_of_every_task_load(tmp_path):
 
 
 def test_stage_schedules():
-    assert [g.stage_value("0:16,3:32,6:48", s, 99) for s in (1, 2, 3, 5, 6, 100)] == [
+    assert [recipes.stage_value("0:16,3:32,6:48", s, 99) for s in (1, 2, 3, 5, 6, 100)] == [
         16,
         16,
         32,
@@ -116,7 +118,7 @@ def test_stage_schedules():
         48,
         48,
     ]
-    assert g.stage_value("", 7, 48) == 48 and g.stage_value("5:0.5,0:0", 4, 0.0) == 0.0
+    assert recipes.stage_value("", 7, 48) == 48 and recipes.stage_value("5:0.5,0:0", 4, 0.0) == 0.0
     with pytest.raises(SystemExit):
         g.parse_args(["--length-schedule", "0-16"])
 
@@ -245,8 +247,8 @@ def test_each_task_trains_and_evaluates_from_its_shipped_base(task, tmp_path):
 
 
 def test_det_eval_scores_forced_answers():
-    """grpo_vlm.evaluate on det with forced greedy outputs: all boxes right, then every box doubled
-    (#pred/#gt 2)."""
+    """evaluation.evaluate on det with forced greedy outputs: all boxes right, then every box
+    doubled (#pred/#gt 2)."""
     model, family = vlm.load(g.tiny_model("det"))
     tok = family.tokenizer
     rows = data.synthetic_split("test", 4, "det")
@@ -266,16 +268,12 @@ def test_det_eval_scores_forced_answers():
             for r in rows
         ]
 
-        def forced(model, family, prompt, G, max_new, *a, **k):
+        def forced(model, family, prompt, max_new):
             return torch.nn.utils.rnn.pad_sequence(
                 [torch.tensor(t) for t in target], True, tok.pad_token_id
-            ), None
+            )
 
-        orig, g.sample_group = g.sample_group, forced
-        try:
-            got[copies] = g.evaluate(model, family, rows, "abs_resized", "det")[0]
-        finally:
-            g.sample_group = orig
+        got[copies] = evaluation.evaluate(forced, model, family, rows, "abs_resized", "det")[0]
     assert got[1]["parsed_rate"] == got[2]["parsed_rate"] == 1.0
     assert got[1]["pred_per_gt"] == 1.0 and got[2]["pred_per_gt"] == 2.0
     assert (

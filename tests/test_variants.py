@@ -15,6 +15,8 @@ import runs  # noqa: E402
 
 import grpo_vlm as g  # noqa: E402
 
+GSPO = g.Args(beta=0.0, importance_sampling="sequence")  # eps 0.2 / 0.2, no KL
+
 SMALL = [
     "--prompts-per-step",
     "2",
@@ -45,7 +47,7 @@ def test_gspo_at_mu_1_is_sequence_reinforce_with_length_normalised_logps():
     mask = torch.tensor([[1.0] * 5, [1.0] * 3 + [0.0] * 2, [1.0] + [0.0] * 4])
     A = torch.tensor([1.0, -0.5, 0.2])
     tw = g.token_weights(mask, "grpo")
-    loss, st = g.grpo_loss(logp, logp.detach(), None, A, tw, 0.2, 0.2, 0.0, sequence=True)
+    loss, st = g.grpo_loss(logp, logp.detach(), None, A, tw, GSPO)
     grad = torch.autograd.grad(loss, logits, retain_graph=True)[0]
     reinforce = (
         -(A * (logp * mask).sum(1) / mask.sum(1)).sum() / 3
@@ -70,7 +72,7 @@ def test_gspo_clips_whole_sequences():
     assert st["clip_sum"] == 3  # the three tokens of the clipped sequence
     # the token ratio would clip each token on its own, and differently: here identical ratios, so
     # the same set
-    _, st_token = g.grpo_loss(logp, logp_old, None, torch.tensor([1.0, 1.0]), tw, 0.2, 0.2, 0.0)
+    _, st_token = g.grpo_loss(logp, logp_old, None, torch.tensor([1.0, 1.0]), tw, g.Args(beta=0.0))
     assert st_token["clip_sum"] == 3
 
 
@@ -81,12 +83,10 @@ def test_gspo_is_exact_under_accumulation_and_needs_per_sequence_aggregation():
     mask[:, 0] = 1
     A, old = torch.randn(8), torch.randn(8, 6) * 0.1
     tw = g.token_weights(mask, "grpo")
-    full = torch.autograd.grad(g.grpo_loss(x * 1, old, None, A, tw, 0.2, 0.2, 0.0, True)[0], x)[0]
+    full = torch.autograd.grad(g.grpo_loss(x * 1, old, None, A, tw, GSPO)[0], x)[0]
     acc = torch.zeros_like(x)
     for s in (slice(0, 2), slice(2, 4), slice(4, 8)):
-        acc += torch.autograd.grad(
-            g.grpo_loss(x[s], old[s], None, A[s], tw[s], 0.2, 0.2, 0.0, True)[0], x
-        )[0]
+        acc += torch.autograd.grad(g.grpo_loss(x[s], old[s], None, A[s], tw[s], GSPO)[0], x)[0]
     assert torch.allclose(full, acc, atol=1e-7)
     with pytest.raises(SystemExit, match="--loss-agg grpo"):
         g.parse_args(["--importance-sampling", "sequence", "--loss-agg", "token"])
@@ -171,7 +171,7 @@ def test_entropy_equals_a_direct_computation_at_temperature():
 
     for T in (1.0, 0.7):
         o, logp, H = g.sample_group(
-            torch.nn.Linear(1, 1), Family(), None, 2, 3, T, torch.tensor([1, 2])
+            torch.nn.Linear(1, 1), Family(), None, 2, g.Decoding(3, T), torch.tensor([1, 2])
         )
         direct = torch.stack(
             [-(torch.softmax(s / T, -1) * torch.log_softmax(s / T, -1)).sum() for s in steps]
@@ -189,7 +189,7 @@ def test_dynamic_sampling_keeps_b_informative_groups_then_logs_the_shortfall(tmp
     seen = []
     real = g.policy_update
     monkeypatch.setattr(
-        g, "policy_update", lambda *a, **k: (seen.append(len(a[6])), real(*a, **k))[1]
+        g, "policy_update", lambda *a, **k: (seen.append(len(a[1].o)), real(*a, **k))[1]
     )
     flags = SMALL + ["--steps", "4", "--reward-weights", "iou=0,format=1"]
     g.train(g.parse_args(flags + ["--output-dir", str(tmp_path / "plain")]))

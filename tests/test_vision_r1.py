@@ -16,6 +16,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import data  # noqa: E402
 import grpo_vlm as g  # noqa: E402
+import recipes  # noqa: E402
 import rewards as R  # noqa: E402
 
 VR1 = ("vr1_format", "vr1_recall", "vr1_precision")
@@ -229,7 +230,7 @@ def test_stage_changes_at_the_configured_step():
     and 0.8) earns less from step 150 on."""
     spec = "0:0.5/0.5/0.75,150:0.75/0.75/0.9"
     rules = {
-        s: g.stage_value(spec, s, {"iou_threshold": 0.0}, R.refinement_stage)
+        s: recipes.stage_value(spec, s, {"iou_threshold": 0.0}, R.refinement_stage)
         for s in (1, 149, 150, 300)
     }
     assert rules[1] == rules[149] == STAGE1 and rules[150] == rules[300] == STAGE2
@@ -245,7 +246,7 @@ def test_stage_changes_at_the_configured_step():
     assert before == pytest.approx([1.0, 1.0, 0.8]) and after == pytest.approx([1.0, 0.0, 0.4])
     # the single-number form keeps its meaning (xi0 only), and no schedule is the paper's first
     # stage
-    assert g.stage_value("0:0,300:0.5", 300, {"iou_threshold": 0.0}, R.refinement_stage) == {
+    assert recipes.stage_value("0:0,300:0.5", 300, {"iou_threshold": 0.0}, R.refinement_stage) == {
         "iou_threshold": 0.5
     }
     assert data.ground_truths(rows, sizes, "abs_original")[0]["iou_threshold"] == 0.0
