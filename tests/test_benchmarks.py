@@ -314,6 +314,13 @@ def test_superclevr_predictions_hand_scored(tmp_path, capsys):
     assert s["accuracy"] == pytest.approx(2 / 7) and s["parsed_rate"] == pytest.approx(3 / 7)
     assert [x["parsed"] for x in lines_of(out)] == [4, None, None, None, 4, 5, None]
     assert "| superclevr_count | " in stdout and "48 (R1-V README" in stdout
+    # `model` gives one summary per model: B answers 4 everywhere but on row 6 (missing): 6/7
+    lines = [{"id": str(i), "output": o, "model": "A"} for i, o in enumerate(outputs)]
+    lines += [{"id": str(i), "output": ANS.format("4"), "model": "B"} for i in range(6)]
+    flags = ["--benchmark", "superclevr_count", "--data", path, "--json", out, "--predictions"]
+    code, stdout, err = run_eval(flags + [write_preds(tmp_path / "ab.jsonl", lines)], capsys)
+    got = {s["model"]: (s["accuracy"], s["no_prediction"]) for s in summaries_of(out)}
+    assert code == 0 and got == {"A": (2 / 7, 1), "B": (6 / 7, 1)}, err
 
 
 def test_visual_rft_predictions_hand_scored(published, tmp_path, capsys):
