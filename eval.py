@@ -587,7 +587,7 @@ def benchmark_table(summaries):
     ]
     for s in summaries:
         bench = registry.BENCHMARKS[s["benchmark"]]
-        ours = f"{100 * s['accuracy']:.2f}"
+        ours = f"{100 * s[bench.headline]:.2f}"
         if "exact" in s:
             ours += f" (exact {100 * s['exact']:.2f})"
         prompt = s["prompt"] + ("" if s["official"] else " (not official)")

@@ -96,9 +96,11 @@ class Number:
 class Benchmark:
     """One benchmark. `read(path, image_root)` -> [Query] in file order; `file` is the published
     file name (a --data folder holds it); `judge(prompt, query, output, input_size, rescale)` ->
-    {parsed, correct, ...}; `summarize(records)` -> metrics, `metric` the headline one; `subset`:
-    "seed42_2000" (VLM-R1) or "all"; `rescale`: the official --rescale-boxes default, None where
-    the flag does not apply; `numbers`: {"base"|"sft"|"rl": Number}, for `paper_model`."""
+    {parsed, correct, ...}; `summarize(records)` -> metrics, `headline` the key of the one the
+    papers report (a fraction; the table prints percent) and `metric` its name; `subset`:
+    "seed42_2000" (VLM-R1), "all", or a function [Query] -> [Query]; `rescale`: the official
+    --rescale-boxes default, None where the flag does not apply; `numbers`: {"base"|"sft"|"rl":
+    Number}, for `paper_model`."""
 
     name: str
     paper: str
@@ -109,13 +111,14 @@ class Benchmark:
     judge: Callable
     summarize: Callable
     metric: str
-    subset: str
+    subset: str | Callable
     decoding: Decoding
     rescale: bool | None
     numbers: dict
     paper_model: str
     source: str
     notes: str = ""
+    headline: str = "accuracy"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -282,7 +285,9 @@ def select(bench, queries, subset="official", n=0):
     random.shuffle(rows); rows[:2000] over every row in file order; else every row) with a bad row
     kept (it counts as wrong, as the official denominator keeps it); full: every good row in file
     order. `n` caps the result after the subset."""
-    if subset == "official" and bench.subset == "seed42_2000":
+    if subset == "official" and callable(bench.subset):
+        out = bench.subset(list(queries))
+    elif subset == "official" and bench.subset == "seed42_2000":
         order = list(queries)
         random.Random(42).shuffle(order)  # the same permutation as random.seed(42); shuffle()
         out = order[:2000]
