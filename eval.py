@@ -523,11 +523,14 @@ def image_processor_only(path):
     alone (no weight, no tokenizer): what rescaling --predictions needs."""
     from transformers import AutoConfig
 
-    config = AutoConfig.from_pretrained(vlm.lora_base(path))
-    family = vlm.ADAPTERS.get(config.model_type)
-    if family is None:
-        sys.exit(f"error: {path}: model type {config.model_type!r} is not supported")
-    return family.coord_space, vlm.image_processor(path, family).from_pretrained(path)
+    try:
+        config = AutoConfig.from_pretrained(vlm.lora_base(path))
+        family = vlm.ADAPTERS.get(config.model_type)
+        if family is None:
+            sys.exit(f"error: {path}: model type {config.model_type!r} is not supported")
+        return family.coord_space, vlm.image_processor(path, family).from_pretrained(path)
+    except (OSError, ValueError) as e:  # no such folder or hub id, no preprocessor_config.json
+        sys.exit(" ".join(f"error: --model {path}: cannot read its config ({e})".split())[:300])
 
 
 def from_predictions(a, plan):
