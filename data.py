@@ -51,13 +51,14 @@ DET_QUESTION = (
 TASKS = ("rec", "cls", "count", "det")
 
 
-def build_messages(problem):
-    """One user turn holding the image and the problem text plus the think/answer instruction."""
-    return [
-        {
-            "role": "user",
-            "content": [{"type": "image"}, {"type": "text", "text": problem + THINK_SUFFIX}],
-        }
+def build_messages(problem, chat=None):
+    """One user turn holding the image and the problem text plus the think/answer instruction. A
+    benchmark's prompt (registry.chat) gives `chat` = {"text": the whole user text, "system": a
+    system prompt or None (the chat template's default)} instead."""
+    text, system = (chat["text"], chat.get("system")) if chat else (problem + THINK_SUFFIX, None)
+    turns = [{"role": "system", "content": [{"type": "text", "text": system}]}] if system else []
+    return turns + [
+        {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": text}]}
     ]
 
 

@@ -195,7 +195,8 @@ class Qwen2VL:
         vis = self.image_processor(images=images, return_tensors="pt")
         grid, merge = vis["image_grid_thw"], self.image_processor.merge_size
         texts = [
-            self.prompt_text(r["problem"], int(g.prod() // merge**2)) for r, g in zip(rows, grid)
+            self.prompt_text(r["problem"], int(g.prod() // merge**2), r.get("_chat"))
+            for r, g in zip(rows, grid)
         ]
         enc = self.tokenizer(
             texts, return_tensors="pt", padding=True, padding_side="left", add_special_tokens=False
@@ -212,11 +213,11 @@ class Qwen2VL:
             "image_grid_thw": grid.to(device),
         }, sizes
 
-    def prompt_text(self, problem, image_tokens):
-        """The chat-templated prompt of a problem, its image placeholder expanded to `image_tokens`
-        tokens."""
+    def prompt_text(self, problem, image_tokens, chat=None):
+        """The chat-templated prompt of a problem (or of a benchmark's `chat`, data.build_messages),
+        its image placeholder expanded to `image_tokens` tokens."""
         text = self.tokenizer.apply_chat_template(
-            data.build_messages(problem), tokenize=False, add_generation_prompt=True
+            data.build_messages(problem, chat), tokenize=False, add_generation_prompt=True
         )
         return text.replace(self.image_token, self.image_token * image_tokens, 1)
 
@@ -496,7 +497,10 @@ class Gemma3(Qwen2VL):
     def encode(self, rows, device="cpu"):
         images = [data.load_image(r["image_path"]) for r in rows]
         vis = self.image_processor(images=images, return_tensors="pt")
-        texts = [self.prompt_text(r["problem"], self.config.mm_tokens_per_image) for r in rows]
+        texts = [
+            self.prompt_text(r["problem"], self.config.mm_tokens_per_image, r.get("_chat"))
+            for r in rows
+        ]
         enc = self.tokenizer(
             texts, return_tensors="pt", padding=True, padding_side="left", add_special_tokens=False
         )
@@ -507,10 +511,10 @@ class Gemma3(Qwen2VL):
             "pixel_values": vis["pixel_values"].to(device),
         }, [(int(w), int(h), im.width, im.height) for im in images]
 
-    def prompt_text(self, problem, image_tokens):
+    def prompt_text(self, problem, image_tokens, chat=None):
         block = f"\n\n{self.boi}{self.soft * image_tokens}{self.eoi}\n\n"  # as Gemma3Processor
         return self.tokenizer.apply_chat_template(
-            data.build_messages(problem), tokenize=False, add_generation_prompt=True
+            data.build_messages(problem, chat), tokenize=False, add_generation_prompt=True
         ).replace(self.boi, block, 1)
 
     def image_tokens(self, width, height):
