@@ -51,23 +51,25 @@ DET_QUESTION = (
 TASKS = ("rec", "cls", "count", "det")
 
 
-def build_messages(text):
-    """One user turn holding the image and the prompt's text (user_text)."""
-    return [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": text}]}]
+def build_messages(problem, chat=None):
+    """One user turn holding the image and the problem text plus the think/answer instruction. A
+    benchmark's prompt (registry.chat) gives `chat` = {"text": the whole user text, "system": a
+    system prompt or None (the chat template's default)} instead."""
+    text, system = (chat["text"], chat.get("system")) if chat else (problem + THINK_SUFFIX, None)
+    turns = [{"role": "system", "content": [{"type": "text", "text": system}]}] if system else []
+    return turns + [
+        {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": text}]}
+    ]
 
 
-def user_text(row):
-    """A row's prompt text: its paper recipe's (row["prompt"], with_prompt), else the problem then
-    the think/answer instruction (VLM-R1's REC template)."""
-    return row.get("prompt") or row["problem"] + THINK_SUFFIX
-
-
-def with_prompt(rows, template):
-    """The rows, each with the prompt of a paper recipe's `template` ("{problem}": the question);
-    unchanged when there is none."""
-    if not template:
+def with_prompt(rows, prompt):
+    """The rows, each with a paper recipe's prompt (rewards.prompt_template: {"text": its user turn,
+    "{problem}" the question, "system": its system prompt or None}) as its `_chat`, which
+    build_messages takes; unchanged when there is none."""
+    if not prompt:
         return rows
-    return [dict(r, prompt=template.replace("{problem}", r["problem"])) for r in rows]
+    chat = lambda r: {**prompt, "text": prompt["text"].replace("{problem}", r["problem"])}  # noqa: E731
+    return [dict(r, _chat=chat(r)) for r in rows]
 
 
 # ---------------------------------------------------------------------------------------------

@@ -246,17 +246,17 @@ def load_data(args, model_path, splits):
     processor of `model_path` (vlm.adapter: no weight is loaded): a longer row stops the run with
     one line, or is skipped and listed with --skip-bad-rows."""
     rows, bad = data.load_rows(args)
-    template = rewards.prompt_template(args.task, args.preset)  # a paper preset's prompt
-    rows, held, evaluating = data.with_prompt(rows, template), {}, args.eval_every > 0
+    prompt = rewards.prompt_template(args.task, args.preset)  # a paper preset's prompt, or None
+    rows, held, evaluating = data.with_prompt(rows, prompt), {}, args.eval_every > 0
     try:
         if evaluating and not args.train_data:
             held = {
-                s: data.with_prompt(data.synthetic_split(s, args.eval_n, args.task), template)
+                s: data.with_prompt(data.synthetic_split(s, args.eval_n, args.task), prompt)
                 for s in splits
             }
         if evaluating and args.eval_data:
             held["eval"], bad_eval = data.load_eval_rows(args)
-            held["eval"] = data.with_prompt(held["eval"], template)
+            held["eval"] = data.with_prompt(held["eval"], prompt)
             bad += bad_eval
         if args.max_prompt_length > 0:
             family = vlm.adapter(model_path)
@@ -710,25 +710,19 @@ def save_or_stop(args, step, bad_steps, run, rng):
     """At the end of a step: a checkpoint every --save-every steps and at the last; after
     --max-bad-steps non-finite steps in a row, or a signal to any process, a checkpoint and a
     stop."""
-    model, family, opt, rank, world = (
-        run.model,
-        run.family,
-        run.opt,
-        run.procs.rank,
-        run.procs.world,
-    )
-    device, extra = run.procs.device, {"bad_steps": bad_steps}
+    procs, extra = run.procs, {"bad_steps": bad_steps}
+    state = (args, step, run.model, run.family, run.opt, rng, extra, procs.rank, procs.world)
     if bad_steps >= args.max_bad_steps:
-        path = checkpoint(args, step, model, family, opt, rng, extra, rank, world)
+        path = checkpoint(*state)
         sys.exit(
             f"error: {bad_steps} steps in a row had a non-finite loss or gradient (lower --lr?); "
             f"weights before them saved in {path}"
         )
-    stop = interrupted(world, device)
+    stop = interrupted(procs.world, procs.device)
     if stop or (args.save_every and (step % args.save_every == 0 or step == args.steps)):
-        path = checkpoint(args, step, model, family, opt, rng, extra, rank, world)
+        path = checkpoint(*state)
         if stop:
-            say(rank == 0, f"interrupted at step {step}: resume with --resume {path}")
+            say(procs.main, f"interrupted at step {step}: resume with --resume {path}")
             sys.exit(128 + stop)
 
 
@@ -1046,10 +1040,8 @@ def sample_due(args, step):
 
 def step_line(m, args, batch, bad_steps):
     """The progress line of a step, and every --sample-every steps a few of its completions."""
-    G, comp = (
-        args.num_generations,
-        " ".join(f"{k}={m['reward_' + k]:.3f}" for k in batch.components),
-    )
+    G = args.num_generations
+    comp = " ".join(f"{k}={m['reward_' + k]:.3f}" for k in batch.components)
     line = (
         f"step {m['step']}/{args.steps} reward={m['reward']:.3f} {comp} kl={m['kl']:.4f} "
         f"clip={m['clip_frac']:.3f} len={m['completion_len']:.1f} {m['seconds']:.2f}s"

@@ -874,19 +874,21 @@ def hard_format_result(result):
 class Recipe(NamedTuple):
     """A paper's reward: for each task it covers, {component: (weight, function)}; its prompts,
     {task: the user turn, {problem} the row's question} (a task not there: ours, the question then
-    data.THINK_SUFFIX); any --iou-threshold-schedule its code applies; `source`: where from."""
+    data.THINK_SUFFIX), and its system prompt ("": the chat template's); any
+    --iou-threshold-schedule its code applies; `source`: where each comes from."""
 
     source: str
     rewards: dict
     prompts: dict = {}
     schedule: str = ""
+    system: str = ""
 
 
 R1V_PROMPT = (  # R1-V src/r1-v/src/open_r1/grpo.py:148
     "{problem}  Output the thinking process in <think> </think> and final answer (number) in "
     "<answer> </answer> tags."
 )
-R1_SYSTEM = (  # Visual-RFT src/virft/src/open_r1/grpo.py:368-373 (a system turn there)
+R1_SYSTEM = (  # Visual-RFT src/virft/src/open_r1/grpo.py:368-373, 392 (a system turn)
     "A conversation between User and Assistant. The user asks a question, and the Assistant "
     "solves it. The assistant first thinks about the reasoning process in the mind and then "
     "provides the user with the answer. The reasoning process and answer are enclosed within "
@@ -918,7 +920,8 @@ RECIPES = {
                 "format": (1.0, r1_format_reward),
             },
         },
-        prompts={task: R1_SYSTEM + "\n{problem}" for task in ("cls", "det")},
+        prompts={"cls": "{problem}", "det": "{problem}"},
+        system=R1_SYSTEM,
     ),
     "r1-v": Recipe(
         "R1-V (Deep-Agent/R1-V): src/r1-v/src/open_r1/grpo.py:53-100, 148",
@@ -1100,10 +1103,12 @@ def parse_weights(task, spec="", recipe=""):
 
 
 def prompt_template(task, preset=""):
-    """The user turn of the prompt of the paper recipe in `preset` ("a" or "a,b"), "{problem}" the
-    question; "" for ours."""
-    recipe = next((n for n in preset.split(",") if n.strip() in RECIPES), "").strip()
-    return RECIPES[recipe].prompts.get(task, "") if recipe else ""
+    """The prompt of the paper recipe in `preset` ("a" or "a,b"): {"text": its user turn,
+    "{problem}" the question, "system": its system prompt or None}; None for ours."""
+    recipe = RECIPES.get(next((n.strip() for n in preset.split(",") if n.strip() in RECIPES), ""))
+    if recipe is None or task not in recipe.prompts:
+        return None
+    return {"text": recipe.prompts[task], "system": recipe.system or None}
 
 
 # ---------------------------------------------------------------------------------------------

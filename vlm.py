@@ -195,7 +195,7 @@ class Qwen2VL:
         vis = self.image_processor(images=images, return_tensors="pt")
         grid, merge = vis["image_grid_thw"], self.image_processor.merge_size
         texts = [
-            self.prompt_text(data.user_text(r), int(g.prod() // merge**2))
+            self.prompt_text(r["problem"], int(g.prod() // merge**2), r.get("_chat"))
             for r, g in zip(rows, grid)
         ]
         enc = self.tokenizer(
@@ -213,11 +213,11 @@ class Qwen2VL:
             "image_grid_thw": grid.to(device),
         }, sizes
 
-    def prompt_text(self, text, image_tokens):
-        """The chat-templated prompt of a user text (data.user_text), its image placeholder
-        expanded to `image_tokens` tokens."""
+    def prompt_text(self, problem, image_tokens, chat=None):
+        """The chat-templated prompt of a problem (or of a benchmark's `chat`, data.build_messages),
+        its image placeholder expanded to `image_tokens` tokens."""
         text = self.tokenizer.apply_chat_template(
-            data.build_messages(text), tokenize=False, add_generation_prompt=True
+            data.build_messages(problem, chat), tokenize=False, add_generation_prompt=True
         )
         return text.replace(self.image_token, self.image_token * image_tokens, 1)
 
@@ -497,7 +497,10 @@ class Gemma3(Qwen2VL):
     def encode(self, rows, device="cpu"):
         images = [data.load_image(r["image_path"]) for r in rows]
         vis = self.image_processor(images=images, return_tensors="pt")
-        texts = [self.prompt_text(data.user_text(r), self.config.mm_tokens_per_image) for r in rows]
+        texts = [
+            self.prompt_text(r["problem"], self.config.mm_tokens_per_image, r.get("_chat"))
+            for r in rows
+        ]
         enc = self.tokenizer(
             texts, return_tensors="pt", padding=True, padding_side="left", add_special_tokens=False
         )
@@ -508,10 +511,10 @@ class Gemma3(Qwen2VL):
             "pixel_values": vis["pixel_values"].to(device),
         }, [(int(w), int(h), im.width, im.height) for im in images]
 
-    def prompt_text(self, text, image_tokens):
+    def prompt_text(self, problem, image_tokens, chat=None):
         block = f"\n\n{self.boi}{self.soft * image_tokens}{self.eoi}\n\n"  # as Gemma3Processor
         return self.tokenizer.apply_chat_template(
-            data.build_messages(text), tokenize=False, add_generation_prompt=True
+            data.build_messages(problem, chat), tokenize=False, add_generation_prompt=True
         ).replace(self.boi, block, 1)
 
     def image_tokens(self, width, height):
@@ -699,12 +702,13 @@ def prompt_lengths(family, rows):
     distinct prompt)."""
     text, out = {}, []
     for r in rows:
-        t = data.user_text(r)
-        if t not in text:
-            ids = family.tokenizer(family.prompt_text(t, 0), add_special_tokens=False)["input_ids"]
-            text[t] = len(ids)
+        chat = r.get("_chat")  # a benchmark's or a paper recipe's prompt (data.build_messages)
+        key = (r["problem"], *((chat["text"], chat.get("system")) if chat else ()))
+        if key not in text:
+            prompt = family.prompt_text(r["problem"], 0, chat)
+            text[key] = len(family.tokenizer(prompt, add_special_tokens=False)["input_ids"])
         n = family.image_tokens(*r["_size"])
-        out.append((text[t] + n, n))
+        out.append((text[key] + n, n))
     return out
 
 

@@ -212,17 +212,29 @@ def test_r1_v_and_huang_rewards():
 
 def test_each_recipe_prompt_is_the_official_template():
     """R1-V grpo.py:148; VLM-R1 qwen_module.py:73 (REC: ours), 76-83 (odLength); Vision-R1 (Zhan)
-    visionr1_qwen.py:439-445 (the question alone)."""
+    visionr1_qwen.py:439-445 (the question alone); Visual-RFT grpo.py:368-373, 392 (a system
+    turn)."""
     row = {"problem": "How many shapes?"}
-    assert data.user_text(row) == "How many shapes?" + data.THINK_SUFFIX
+    assert data.build_messages(row["problem"])[0]["content"][1]["text"].endswith(data.THINK_SUFFIX)
     r1v = data.with_prompt([row], R.prompt_template("count", "r1-v,dr-grpo"))[0]
-    assert data.user_text(r1v) == (
-        "How many shapes?  Output the thinking process in <think> </think> and final answer "
-        "(number) in <answer> </answer> tags."
-    )
-    assert R.prompt_template("rec", "vlm-r1") == ""  # VLM-R1's REC template is ours
-    assert R.prompt_template("det", "vlm-r1").endswith("</answer>\n{problem}")
-    assert R.prompt_template("det", "vision-r1-zhan") == "{problem}"
+    assert data.build_messages(r1v["problem"], r1v["_chat"]) == [
+        {
+            "role": "user",
+            "content": [
+                {"type": "image"},
+                {
+                    "type": "text",
+                    "text": "How many shapes?  Output the thinking process in <think> </think> and "
+                    "final answer (number) in <answer> </answer> tags.",
+                },
+            ],
+        }
+    ]
+    assert R.prompt_template("rec", "vlm-r1") is None  # VLM-R1's REC template is ours
+    assert R.prompt_template("det", "vlm-r1")["text"].endswith("</answer>\n{problem}")
+    assert R.prompt_template("det", "vision-r1-zhan") == {"text": "{problem}", "system": None}
+    vrft = data.with_prompt([row], R.prompt_template("cls", "visual-rft"))[0]["_chat"]
+    assert vrft["text"] == row["problem"] and vrft["system"].startswith("A conversation between")
 
 
 # ---------------------------------------------------------------------------------------------

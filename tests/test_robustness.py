@@ -72,15 +72,19 @@ def test_a_completion_depends_on_its_key_not_on_the_batch():
     model, family = vlm.load(g.TINY_MODEL)
     rows = data.load_rows(g.Args(train_size=4))[0][:2]
     both = g.sample_group(
-        model, family, family.encode(rows)[0], 3, 16, 1.0, keys=infra.sample_keys(0, 5, range(6))
+        model,
+        family,
+        family.encode(rows)[0],
+        3,
+        g.Decoding(16, 1.0),
+        keys=infra.sample_keys(0, 5, range(6)),
     )[0]
     second = g.sample_group(
         model,
         family,
         family.encode(rows[1:])[0],
         3,
-        16,
-        1.0,
+        g.Decoding(16, 1.0),
         keys=infra.sample_keys(0, 5, range(3, 6)),
     )[0]
     assert torch.equal(both[3:], second)
