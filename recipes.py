@@ -26,8 +26,9 @@ TASK_DEFAULTS = {
 TRL = dict(lr=1e-6, beta=0.04, mu=1, loss_agg="grpo", scale_rewards="group", eps_low=0.2)
 PRESETS = {
     # VLM-R1 run_scripts/run_grpo_rec.sh:39-52: 8 GPUs x 8 x accumulation 2 / G=8 = 16 prompts a
-    # step, G=8, beta 0.04; trainer/grpo_config.py:108-116: lr 1e-6, eps 0.2; temperature 1.0
-    # (grpo_config.py:193). The script's max_completion_length 2048 is cut to 256 (README).
+    # step, G=8, beta 0.04; trainer/grpo_config.py:284-303: lr 1e-6, one pass, eps 0.2;
+    # trainer/grpo_trainer.py:376: temperature 1 (the config's 0.9 is not read). The script's
+    # max_completion_length 2048 is cut to 256 (README).
     "vlm-r1": dict(
         **TRL,
         eps_high=0.2,
