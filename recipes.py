@@ -41,7 +41,8 @@ PRESETS = {
         max_prompt_length=1024,
     ),
     # Visual-RFT src/scripts/2B_aircraft_4_shot.sh:19-32: max_prompt_length 1024, 8 GPUs x 1 x
-    # accumulation 2 = 16 prompts, G=8; the rest TRL 0.14's (max_completion_length 256).
+    # accumulation 2 = 16 prompts, G=8; src/virft/src/open_r1/trainer/grpo_trainer.py:284: T 1;
+    # the rest TRL 0.14's (max_completion_length 256).
     "visual-rft": dict(
         **TRL,
         eps_high=0.2,
