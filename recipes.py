@@ -21,8 +21,9 @@ TASK_DEFAULTS = {
 # Each paper's recipe: the hyperparameters here, the reward (its functions, weights, parsers and
 # prompt) in rewards.RECIPES under the same name. Each value cites the official file and line (or
 # the paper) it follows; a value not given there is ours, and the README ("Reproducing the papers'
-# training") names each departure. Old TRL (0.14, which R1-V, Visual-RFT and Vision-R1 fork)
-# defaults to lr 1e-6, beta 0.04, one pass per batch, per-sequence mean: cited as "TRL 0.14".
+# training") names each departure. Old TRL (0.14, which R1-V pins, src/r1-v/setup.py:65, and
+# Visual-RFT and Vision-R1 fork) defaults to lr 1e-6, beta 0.04, G 8, 256 new tokens, one pass per
+# batch, per-sequence mean: cited as "TRL 0.14" (its GRPOConfig, not re-read here).
 TRL = dict(lr=1e-6, beta=0.04, mu=1, loss_agg="grpo", scale_rewards="group", eps_low=0.2)
 PRESETS = {
     # VLM-R1 run_scripts/run_grpo_rec.sh:39-52: 8 GPUs x 8 x accumulation 2 / G=8 = 16 prompts a
