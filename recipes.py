@@ -198,16 +198,17 @@ stage_value = rewards.stage_value  # a stage schedule "step:value,..." at a step
 
 
 def gspo_defaults(args):
-    """GSPO's clip ranges where --eps-low / --eps-high are not given (a token ratio's 0.2 would
-    never clip a sequence ratio); an explicit eps of 0.01 or more under GSPO warns in one line."""
+    """GSPO's clip ranges where --eps-low / --eps-high are not given as flags (a token ratio's 0.2,
+    also a paper preset's, would never clip a sequence ratio); an explicit eps of 0.01 or more
+    under GSPO warns in one line."""
     if not uses_gspo(args):
         return
     sources = getattr(args, "sources", {})
     for name, eps in zip(("eps_low", "eps_high"), GSPO_EPS):
-        if name not in sources:
+        if sources.get(name) not in ("flag", "preset gspo"):  # a paper's token eps: not GSPO's
             setattr(args, name, eps)
             sources[name] = "GSPO default"
-    if max(args.eps_low, args.eps_high) >= 0.01:
+    if any(sources.get(n) == "flag" and getattr(args, n) >= 0.01 for n in ("eps_low", "eps_high")):
         print(
             f"warning: GSPO with --eps-low {args.eps_low} --eps-high {args.eps_high}: its sequence "
             f"ratio stays near 1, the paper clips at {GSPO_EPS[0]} / {GSPO_EPS[1]}",

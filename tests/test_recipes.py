@@ -315,6 +315,9 @@ def test_gspo_clips_at_the_paper_ranges_by_default(capsys):
     err = capsys.readouterr().err
     assert err.startswith("warning: GSPO") and err.count("\n") == 1
     assert g.parse_args([]).eps_low == 0.2  # the token ratio keeps its default
+    a = g.parse_args(["--preset", "vlm-r1", "--importance-sampling", "sequence"])
+    assert (a.eps_low, a.eps_high, a.sources["eps_low"]) == (3e-4, 4e-4, "GSPO default")
+    assert capsys.readouterr().err == ""  # the paper's token eps is not the user's
 
 
 def test_dr_grpo_divides_by_the_fixed_max_completion_length():
