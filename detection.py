@@ -322,10 +322,11 @@ def to_results(q, items, space, input_size, score):
     order. `space`: "resized" (x W / input w, Vision-R1 :1079-1081 and VLM-R1's REC rescale),
     "norm1000" (x W / 1000, Visual-RFT trans_bbox :128-146), "none" (as given), or a family
     coord_space (the native prompt). A label picks the category by lower-cased name among the
-    query's categories (unknown: dropped); an unlabelled box takes the query's only category.
+    file's categories, as Vision-R1's catname2id (:861, :1083; unknown: dropped); an unlabelled box
+    takes the query's only category.
     `score`: ("constant", c) or ("stated", c): the stated confidence, else c."""
     W, H = q.size
-    names = {q.gt.categories[c].lower(): c for c in q.cat_ids}
+    names = q.gt.names_to_ids()
     out = []
     for box, label, conf in items:
         if not (isinstance(box, (list, tuple)) and len(box) == 4 and all(map(_num, box))):
@@ -404,9 +405,10 @@ def coco_eval(gt, results, img_ids):
     for k, a in enumerate(anns):
         a.setdefault("id", k + 1)
     base = {"images": [gt.images[i] for i in img_ids], "categories": d["categories"]}
+    wanted = set(img_ids)
     dts = [  # COCO.loadRes (:331-343): area w*h, ids from 1, iscrowd 0
         {**r, "area": r["bbox"][2] * r["bbox"][3], "id": k + 1, "iscrowd": 0}
-        for k, r in enumerate(r for r in results if r["image_id"] in set(img_ids))
+        for k, r in enumerate(r for r in results if r["image_id"] in wanted)
     ]
     with contextlib.redirect_stdout(io.StringIO()):
         cg, cd = COCO(), COCO()
@@ -432,27 +434,30 @@ def greedy_f1(results, truths, cats, thr=0.5):
     pair of highest IoU is matched first, one to one (the greedy matching of VLM-R1's
     detection_score reward; Rex-Omni reports F1 for generative detectors)."""
     out = {c: [0, 0, 0] for c in cats}
-    for c in cats:
-        images = {r["image_id"] for r in results + truths if r["category_id"] == c}
-        for i in images:
-            P = [r for r in results if r["category_id"] == c and r["image_id"] == i]
-            T = [t for t in truths if t["category_id"] == c and t["image_id"] == i]
-            pairs = sorted(
-                (
-                    (rewards.box_iou(_xyxy(p["bbox"]), _xyxy(t["bbox"])), a, b)
-                    for a, p in enumerate(P)
-                    for b, t in enumerate(T)
-                ),
-                key=lambda x: -x[0],
-            )
-            used_p, used_t = set(), set()
-            for iou, a, b in pairs:
-                if iou >= thr and a not in used_p and b not in used_t:
-                    used_p.add(a)
-                    used_t.add(b)
-            out[c][0] += len(used_p)
-            out[c][1] += len(P)
-            out[c][2] += len(T)
+    groups = {}
+    for k, rows in ((0, results), (1, truths)):
+        for r in rows:
+            if r["category_id"] in out:
+                groups.setdefault((r["image_id"], r["category_id"]), ([], []))[k].append(r)
+    for (_, c), (P, T) in groups.items():
+        pairs = sorted(
+            (
+                (rewards.box_iou(_xyxy(p["bbox"]), _xyxy(t["bbox"])), a, b)
+                for a, p in enumerate(P)
+                for b, t in enumerate(T)
+            ),
+            key=lambda x: -x[0],
+        )
+        used_p, used_t = set(), set()
+        for iou, a, b in pairs:
+            if iou < thr:
+                break
+            if a not in used_p and b not in used_t:
+                used_p.add(a)
+                used_t.add(b)
+        out[c][0] += len(used_p)
+        out[c][1] += len(P)
+        out[c][2] += len(T)
     return out
 
 
@@ -482,12 +487,11 @@ def summarizer(kind, selected=()):
         for gt, results, seen in sets.values():
             imgs = sorted(gt.images) if every else sorted(seen)
             if kind == "nms":
+                by_image = {}
+                for x in results:
+                    by_image.setdefault(x["image_id"], []).append(x)
                 results = [
-                    r
-                    for i in imgs
-                    for r in nms_by_truth(
-                        [x for x in results if x["image_id"] == i], gt.by_image[i]
-                    )
+                    r for i in imgs for r in nms_by_truth(by_image.get(i, []), gt.by_image[i])
                 ]
             stats, pc = coco_eval(gt, results, imgs)
             per_set[gt.name] = {"map": stats[0], "ap50": stats[1], "ap75": stats[2]}

@@ -25,7 +25,8 @@ The papers' published benchmarks (registry.py; README "Reproducing the papers"):
 
     python eval.py --benchmark NAME [NAME ...] --data FILE_OR_FOLDER --image-root DIR
         --model M [M ...] [--prompt paper|baseline|native] [--subset official|full]
-        [--rescale-boxes true|false] [--n N] [--json OUT]
+        [--rescale-boxes true|false] [--box-score official|constant|stated]
+        [--exist-map FILE] [--n N] [--json OUT]
     python eval.py --benchmark NAME --data FILE --predictions PREDS.jsonl [--model M]
 
 read each published file as it is, prompt, decode and score as the paper's evaluator did, and print
@@ -650,6 +651,9 @@ def benchmark_table(summaries):
             + " | ".join(paper)
             + " |"
         )
+    for s in (s for s in summaries if "per_set" in s):  # ODinW's 13, OVDEval's sub-tasks
+        sets = ", ".join(f"{k} {100 * v['map']:.2f}" for k, v in s["per_set"].items())
+        lines.append(f"\n{s['benchmark']} ({s['model']}), AP per file: {sets}")
     models = sorted({registry.BENCHMARKS[s["benchmark"]].paper_model for s in summaries})
     lines.append(f"\nThe papers' numbers are for {', '.join(models)} (percent).")
     if any("2nd-hand" in line for line in lines):

@@ -13,7 +13,9 @@ as a string; a row that does not match the published format carries `bad` (one l
 raising, so that the official subset is drawn over every row as the official script draws it.
 Scoring is pure: `Benchmark.judge(query, output, input_size, rescale)` -> {parsed, correct, ...} and
 `Benchmark.summarize(records)` -> the metrics. Part 2 (detection: COCO, ODinW-13, Visual-RFT
-few-shot, OVDEval) adds entries with its own readers, judges and a corpus-level `summarize` (mAP).
+few-shot and open-vocabulary COCO, OVDEval), at the end, adds entries whose readers, parsers
+and corpus-level `summarize(records, queries, every)` (COCO AP, per-class AP, NMS-AP) are
+detection.py's; a detection Query carries its annotation file (`gt`), image id and asked categories.
 """
 
 import json

@@ -334,8 +334,14 @@ def test_odinw_one_query_per_present_category_and_the_mean_of_13(tmp_path, capsy
         {"id": f"{n}/5:1", "output": vr1(([8, 8, 28, 24], f"thing{k}"))}
         for k, n in enumerate(list(registry.ODINW13)[:3])
     ]
-    s, _, _ = score(tmp_path, capsys, "odinw13", top, lines, "--rescale-boxes", "false")
+    s, _, stdout = score(tmp_path, capsys, "odinw13", top, lines, "--rescale-boxes", "false")
     assert len(s["per_set"]) == 13 and s["map"] == pytest.approx(3 / 13)
+    assert (
+        "AP per file: AerialMaritimeDrone 100.00, Aquarium 100.00, CottontailRabbits 100.00, "
+        "EgoHands 0.00"
+        in stdout
+        and "| odinw13 | " in stdout
+    )
 
 
 def test_bad_detection_input_is_one_line(tmp_path, capsys):
