@@ -309,7 +309,7 @@ def select(bench, queries, subset="official", n=0):
 
 def check_images(queries, image_root, bad_ok):
     """Open every selected query's image (data.image_size: the whole file decodes) and record its
-    size; an image that will not open, or is too small or too narrow for the processor, is one line
+    size (not for detection: the file's own); an image that will not open, or is too small or too narrow for the processor, is one line
     naming the file and row, or with bad_ok makes the query bad (it then counts as wrong)."""
     sizes = {}
     for q in queries:
@@ -331,8 +331,9 @@ def check_images(queries, image_root, bad_ok):
             q.bad = f"{q.where}: {sizes[path]}"
             if not bad_ok:
                 raise data.BadInput(q.bad)
-        else:
-            q.size, q.fields = sizes[path], {**q.fields, "image_path": path}
+        else:  # detection keeps the annotation file's width and height, as its official code
+            q.size = q.size if q.gt is not None else sizes[path]
+            q.fields = {**q.fields, "image_path": path}
 
 
 # ---------------------------------------------------------------------------------------------
