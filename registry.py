@@ -309,8 +309,9 @@ def select(bench, queries, subset="official", n=0):
 
 def check_images(queries, image_root, bad_ok):
     """Open every selected query's image (data.image_size: the whole file decodes) and record its
-    size (not for detection: the file's own); an image that will not open, or is too small or too narrow for the processor, is one line
-    naming the file and row, or with bad_ok makes the query bad (it then counts as wrong)."""
+    size (detection keeps the file's); an image that will not open, or is too small or too narrow
+    for the processor, is one line naming the file and row, or with bad_ok makes the query bad (it
+    then counts as wrong)."""
     sizes = {}
     for q in queries:
         if q.bad:
