@@ -139,6 +139,10 @@ def exist_map_queries(Query, gt, exist_map_path, selected):
     """Visual-RFT (Qwen2_VL_coco_infere.py:220-243): for each image in file order, each category of
     exist_map[str(image_id)] that is in `selected`, one query; the map must be for this file's
     split (its keys the file's image ids)."""
+    if not os.path.isfile(exist_map_path):
+        raise data.BadInput(
+            f"{exist_map_path}: no such file (Visual-RFT's exist_map; --exist-map FILE names it)"
+        )
     try:
         with open(exist_map_path) as f:
             em = json.load(f)
