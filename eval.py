@@ -427,7 +427,7 @@ def _summary(a, bench, prompt, model, records, bad, extra=None, queries=()):
         **(
             bench.summarize(records, queries, not a.n) if bench.corpus else bench.summarize(records)
         ),
-        **_det_settings(a, bench, prompt),
+        **_det_settings(a, bench),
         "bad_rows": len(bad),
         "bad_in_subset": sum("bad" in r for r in records),
         **(extra or {}),
@@ -437,7 +437,7 @@ def _summary(a, bench, prompt, model, records, bad, extra=None, queries=()):
     }
 
 
-def _det_settings(a, bench, prompt):
+def _det_settings(a, bench):
     """What a detection summary says about how it was made: the box confidences and the map."""
     out = {"box_score": a.box_score} if "box_score" in bench.options else {}
     if "exist_map" in bench.options:
