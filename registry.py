@@ -826,7 +826,8 @@ OVD_PROMPT = Prompt(
     'with "None".',
     detection.vlmr1_ovd_parse,
     "VLM-R1 blog 2025-03-24 (OVD prompt; the list's format inferred: names joined by ', '), "
-    "qwen_module.get_question_template (odLength prefix); parser "
+    f"{VLMR1} src/open-r1-multimodal/src/open_r1/vlm_modules/qwen_module.py:76-83 (odLength "
+    "prefix); parser "
     f"{VLMR1} src/open-r1-multimodal/src/open_r1/grpo_jsonl.py:404-405, :324-331, :274-284",
 )
 
