@@ -1,0 +1,223 @@
+"""Issue 31: one run on several nodes. Two torchrun launchers on this machine stand for two nodes
+(--nnodes 2, one gloo process each, rendezvous on 127.0.0.1): DDP and FSDP2 train as one process
+does; a checkpoint of the two-node run resumes exactly; an --output-dir that one node cannot see
+stops the run with one line; a node that dies stops the other within seconds, with one line."""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+import data  # noqa: E402
+import grpo_vlm as g  # noqa: E402
+
+FLAGS = [
+    "--prompts-per-step",
+    "2",
+    "--num-generations",
+    "4",
+    "--max-completion-length",
+    "16",
+    "--train-size",
+    "16",
+    "--sample-every",
+    "0",
+    "--eval-every",
+    "0",
+    "--lr",
+    "1e-3",
+    "--loss-agg",
+    "token",
+    "--scale-rewards",
+    "batch",
+    "--steps",
+    "2",
+]
+ENV = dict(os.environ, OMP_NUM_THREADS="1")  # the same float rounding in every run
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launcher(node, port, elastic=False):
+    """torchrun for node `node` of 2, one process: the static form (--node_rank, --master_addr) or
+    the elastic one (c10d rendezvous: ranks follow arrival order)."""
+    where = (
+        ["--rdzv_backend", "c10d", "--rdzv_endpoint", f"127.0.0.1:{port}"]
+        if elastic
+        else ["--node_rank", str(node), "--master_addr", "127.0.0.1", "--master_port", str(port)]
+    )
+    run = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc_per_node", "1"]
+    return run + where + [os.path.join(ROOT, "grpo_vlm.py")]
+
+
+def start(flags, dirs, elastic=False):
+    """The two launchers, node k in dirs[k], each in a process group of its own."""
+    port = free_port()
+    return [
+        subprocess.Popen(
+            launcher(k, port, elastic) + flags,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            cwd=d,
+            env=ENV,
+            start_new_session=True,
+        )
+        for k, d in enumerate(dirs)
+    ]
+
+
+def two_nodes(flags, dirs, elastic=False, ok=True):
+    """Run both launchers to the end; (exit status, output) of each."""
+    procs = start(flags, dirs, elastic)
+    outs = [p.communicate(timeout=240)[0] for p in procs]
+    if ok:
+        assert all(p.returncode == 0 for p in procs), "\n".join(o[-3000:] for o in outs)
+    return [(p.returncode, o) for p, o in zip(procs, outs)]
+
+
+def weights(path):
+    return load_file(os.path.join(path, "final", "model.safetensors"))
+
+
+def metrics(run_dir):
+    rows = [json.loads(x) for x in open(os.path.join(run_dir, "metrics.jsonl"))]
+    return [{k: v for k, v in r.items() if k != "seconds"} for r in rows]
+
+
+def errors(out):
+    return [line for line in out.splitlines() if line.startswith("error:")]
+
+
+def our_traceback(out):
+    """A traceback of ours: one printed by a process of the run, not torchrun's own (it raises
+    ChildFailedError whenever a process exits nonzero)."""
+    theirs = out.find('Traceback (most recent call last):\n  File "<frozen runpy>"')
+    return "Traceback" in (out if theirs < 0 else out[:theirs])
+
+
+@pytest.fixture(scope="module")
+def one(tmp_path_factory):
+    """The same two steps on one process, in this one (one thread, as the launched runs)."""
+    data.load_rows(g.Args(train_size=16))  # the synthetic rows, made once before any launch
+    out, threads = tmp_path_factory.mktemp("one"), torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        g.train(g.parse_args(FLAGS + ["--save-every", "0", "--output-dir", str(out)]))
+    finally:
+        torch.set_num_threads(threads)
+    return out
+
+
+def test_ddp_on_two_nodes_equals_one_process_and_a_lost_node_stops_the_other(one, tmp_path):
+    """DDP over two launchers (static form), bit for bit one process's run. Then the same run again,
+    its second node killed after the step-1 checkpoint: the first stops within 60 s with one line
+    naming the lost process; a resume from that checkpoint on two nodes ends as the uninterrupted
+    run did. torchrun starts each process in a session of its own, so a dying node is the
+    launcher's process group and its process's."""
+    flags = FLAGS + ["--save-every", "1", "--output-dir", "out"]
+    two_nodes(flags, [tmp_path, tmp_path])
+    ran = tmp_path / "out"
+    assert sorted(os.listdir(ran)) == [
+        "checkpoint-000001",
+        "checkpoint-000002",
+        "curves.png",
+        "final",
+        "metrics.jsonl",
+    ]  # the marker written before the first step is gone
+    a, b = weights(one), weights(ran)
+    assert sorted(a) == sorted(b) and all(torch.equal(a[k], b[k]) for k in a)
+    m1, m2 = metrics(one), metrics(ran)
+    assert [r["reward"] for r in m1] == [r["reward"] for r in m2]
+    assert [r["loss"] for r in m1] == pytest.approx([r["loss"] for r in m2], rel=1e-3, abs=1e-5)
+
+    # the second node dies after the step-1 checkpoint
+    lost = tmp_path / "lost"
+    lost.mkdir()
+    first, second = start(flags + ["--steps", "3"], [lost, lost])
+    out = ""
+    for line in first.stdout:
+        out += line
+        if "saved checkpoint" in line:
+            killed = time.time()
+            for pid in [second.pid, *children(second.pid)]:
+                os.killpg(pid, signal.SIGKILL)
+            break
+    out += first.communicate(timeout=60)[0]
+    assert time.time() - killed < 60 and first.returncode != 0, out[-3000:]
+    [line] = errors(out)
+    assert "lost rank 1 (node 1," in line and "--resume out/checkpoint-000001" in line, line
+    assert not our_traceback(out), out[-3000:]
+    second.wait()
+
+    # the checkpoint it names resumes exactly, on two nodes
+    two_nodes(flags + ["--resume", "out/checkpoint-000001"], [lost, lost])
+    b = weights(lost / "out")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert metrics(lost / "out") == m2
+
+
+def children(pid):
+    """The processes whose parent is `pid` (a launcher's: its workers)."""
+    found = []
+    for d in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            stat = open(f"/proc/{d}/stat").read()
+        except OSError:
+            continue
+        if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+            found.append(int(d))
+    return found
+
+
+def test_fsdp_on_two_nodes_matches_one_process(one, tmp_path):
+    """--fsdp over two launchers that meet by the elastic c10d rendezvous: the rewards of one
+    process, the loss within 1e-5 + 1e-3 of it."""
+    two_nodes(FLAGS + ["--fsdp", "--save-every", "0", "--output-dir", "out"], [tmp_path] * 2, True)
+    m1, m2 = metrics(one), metrics(tmp_path / "out")
+    assert [r["reward"] for r in m1] == [r["reward"] for r in m2]
+    assert [r["loss"] for r in m1] == pytest.approx([r["loss"] for r in m2], rel=1e-3, abs=1e-5)
+    assert m2[-1]["kl"] > 0  # the second step moved away from the reference
+
+
+def test_an_output_dir_one_node_cannot_see_stops_the_run(one, tmp_path):
+    """Each launcher in its own folder with a relative --output-dir, as if each node had its own
+    disk: a fresh run stops at the marker, and a resume whose checkpoint only node 0 has stops too
+    (it never starts fresh on node 1); one line in each node's log, naming the node and the path."""
+    nodes, host = [tmp_path / "node0", tmp_path / "node1"], socket.gethostname()
+    for d in nodes:
+        d.mkdir()
+    ckpt = nodes[0] / "out" / "checkpoint-000007"  # made before the resume below
+    for resume, says in (
+        (
+            [],
+            f"does not see {nodes[1] / 'out' / '.shared-disk-check'}, the marker rank 0 (node 0, "
+            f"host {host}) wrote",
+        ),
+        (
+            ["--resume", "out"],
+            f"sees no checkpoint in --resume out, where rank 0 (node 0, host {host}) sees {ckpt}",
+        ),
+    ):
+        if resume:
+            os.makedirs(ckpt)
+            open(ckpt / "trainer_state.pt", "w").close()
+        for status, out in two_nodes(FLAGS + ["--output-dir", "out", *resume], nodes, ok=False):
+            assert status != 0 and errors(out) == [
+                f"error: rank 1 (node 1, host {host}) {says}: --output-dir (and --resume) must be "
+                "on a file system that every node shares"
+            ], out[-3000:]
+            assert not our_traceback(out), out[-3000:]
