@@ -4,6 +4,7 @@ does; a checkpoint of the two-node run resumes exactly; an --output-dir that one
 stops the run with one line; a node that dies stops the other within seconds, with one line."""
 
 import json
+import multiprocessing
 import os
 import signal
 import socket
@@ -19,6 +20,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import data  # noqa: E402
 import grpo_vlm as g  # noqa: E402
+import infra  # noqa: E402
 
 FLAGS = [
     "--prompts-per-step",
@@ -195,29 +197,95 @@ def test_fsdp_on_two_nodes_matches_one_process(one, tmp_path):
 
 def test_an_output_dir_one_node_cannot_see_stops_the_run(one, tmp_path):
     """Each launcher in its own folder with a relative --output-dir, as if each node had its own
-    disk: a fresh run stops at the marker, and a resume whose checkpoint only node 0 has stops too
-    (it never starts fresh on node 1); one line in each node's log, naming the node and the path."""
+    disk, and a checkpoint on node 0's only: the resume stops (it never starts fresh on node 1),
+    with one line in each node's log naming the node and the path."""
     nodes, host = [tmp_path / "node0", tmp_path / "node1"], socket.gethostname()
-    for d in nodes:
-        d.mkdir()
-    ckpt = nodes[0] / "out" / "checkpoint-000007"  # made before the resume below
-    for resume, says in (
-        (
-            [],
-            f"does not see {nodes[1] / 'out' / '.shared-disk-check'}, the marker rank 0 (node 0, "
-            f"host {host}) wrote",
-        ),
-        (
-            ["--resume", "out"],
-            f"sees no checkpoint in --resume out, where rank 0 (node 0, host {host}) sees {ckpt}",
-        ),
+    ckpt = nodes[0] / "out" / "checkpoint-000007"
+    os.makedirs(ckpt)
+    open(ckpt / "trainer_state.pt", "w").close()
+    os.makedirs(nodes[1])
+    for status, out in two_nodes(
+        FLAGS + ["--output-dir", "out", "--resume", "out"], nodes, ok=False
     ):
-        if resume:
-            os.makedirs(ckpt)
-            open(ckpt / "trainer_state.pt", "w").close()
-        for status, out in two_nodes(FLAGS + ["--output-dir", "out", *resume], nodes, ok=False):
-            assert status != 0 and errors(out) == [
-                f"error: rank 1 (node 1, host {host}) {says}: --output-dir (and --resume) must be "
-                "on a file system that every node shares"
-            ], out[-3000:]
-            assert not our_traceback(out), out[-3000:]
+        assert status != 0 and errors(out) == [
+            f"error: rank 1 (node 1, host {host}) sees no checkpoint in --resume out, where rank 0 "
+            f"(node 0, host {host}) sees {ckpt}{SHARED}"
+        ], out[-3000:]
+        assert not our_traceback(out), out[-3000:]
+
+
+SHARED = ": --output-dir (and --resume) must be on a file system that every node shares"
+
+
+def check_worker(rank, port, folder, resume, results):
+    """One of two forked processes (no torchrun, no imports to repeat): infra's check of what
+    each sees, the node's folder as its working directory."""
+    os.environ.update(
+        RANK=str(rank),
+        LOCAL_RANK="0",
+        GROUP_RANK=str(rank),
+        WORLD_SIZE="2",
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+    )
+    os.chdir(folder / f"node{rank}")
+    args = g.Args(output_dir="out", resume=resume)
+    infra.setup_distributed(args)
+    try:
+        results.put((rank, "ok", infra.shared_checkpoint(args)))
+    except SystemExit as e:
+        results.put((rank, "stopped", e.code))
+
+
+def checked(folder, resume=""):
+    """{rank: (what happened, what it returned or its exit line)} of the two forked processes."""
+    ctx = multiprocessing.get_context("fork")
+    results, port = ctx.Queue(), free_port()
+    procs = [
+        ctx.Process(target=check_worker, args=(r, port, folder, resume, results)) for r in (0, 1)
+    ]
+    for p in procs:
+        p.start()
+    got = dict((r, (what, x)) for r, what, x in (results.get(timeout=60) for _ in procs))
+    for p in procs:
+        p.join(timeout=60)
+    return got
+
+
+def test_every_process_checks_the_marker_and_the_checkpoint(tmp_path):
+    """infra.shared_checkpoint on two forked gloo processes: a shared --output-dir passes (and the
+    marker is removed), a folder of each node's own stops both at the marker, and a resume agrees
+    on the checkpoint or stops."""
+    host = socket.gethostname()
+    for node in ("node0", "node1"):
+        os.makedirs(tmp_path / "shared" / node)
+    os.symlink(tmp_path / "shared" / "out", tmp_path / "shared" / "node1" / "out")
+    os.makedirs(tmp_path / "shared" / "out")
+    os.symlink(tmp_path / "shared" / "out", tmp_path / "shared" / "node0" / "out")
+    assert checked(tmp_path / "shared") == {0: ("ok", None), 1: ("ok", None)}
+    assert os.listdir(tmp_path / "shared" / "out") == []
+    ckpt = tmp_path / "shared" / "out" / "checkpoint-000003"
+    os.makedirs(ckpt)
+    open(ckpt / "trainer_state.pt", "w").close()
+    found = ("ok", os.path.join("out", "checkpoint-000003"))  # relative to each one's folder
+    assert checked(tmp_path / "shared", resume="out") == {0: found, 1: found}
+
+    for node in ("node0", "node1"):
+        os.makedirs(tmp_path / "own" / node)
+    line = (
+        f"error: rank 1 (node 1, host {host}) does not see "
+        f"{tmp_path / 'own' / 'node1' / 'out' / '.shared-disk-check'}, the marker rank 0 (node 0, "
+        f"host {host}) wrote{SHARED}"
+    )
+    assert checked(tmp_path / "own") == {0: ("stopped", line), 1: ("stopped", line)}
+    older = tmp_path / "own" / "node1" / "out" / "checkpoint-000001"  # node 1's own, older one
+    os.makedirs(older)
+    open(older / "trainer_state.pt", "w").close()
+    newer = tmp_path / "own" / "node0" / "out" / "checkpoint-000002"
+    os.makedirs(newer)
+    open(newer / "trainer_state.pt", "w").close()
+    line = (
+        f"error: rank 1 (node 1, host {host}) sees {older}, where rank 0 (node 0, host {host}) "
+        f"sees {newer}{SHARED}"
+    )
+    assert checked(tmp_path / "own", resume="out") == {0: ("stopped", line), 1: ("stopped", line)}
