@@ -19,6 +19,7 @@ catch_signals     Ctrl-C / SIGTERM: finish the step, save, exit
 
 import argparse
 import ast
+import atexit
 import contextlib
 import datetime
 import glob
@@ -293,15 +294,20 @@ def watch_peers(rank, world, seconds, output_dir):
     PEERS.update(store=store, rank=rank, world=world, seconds=seconds, where=f"{addr}:{port}")
     PEERS["output_dir"] = output_dir
 
+    done = threading.Event()
+
     def beat():
-        while True:
+        while not done.wait(BEAT):
             try:
                 store.add(f"beat/{rank}", 1)
             except Exception:  # the store's host is gone: lost_line says so
                 return
-            time.sleep(BEAT)
 
-    threading.Thread(target=beat, daemon=True, name="grpo-vlm-heartbeat").start()
+    thread = threading.Thread(target=beat, daemon=True, name="grpo-vlm-heartbeat")
+    thread.start()
+    # stopped before the interpreter's teardown: a daemon thread caught there inside the store's C++
+    # call could abort the process
+    atexit.register(lambda: (done.set(), thread.join(timeout=2 * BEAT)))
     previous = sys.excepthook
 
     def hook(kind, error, tb):
