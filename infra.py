@@ -4,11 +4,13 @@ parse_args        argparse built from a dataclass and its field docstrings;
                   task defaults < preset < flags
 load_data         the rows, checked upfront: formats and images (data.py), prompt lengths (the
                   family's tokenizer)
-setup_distributed torchrun processes (gloo on the CPU, NCCL on GPUs); gather, all_sum
+setup_distributed torchrun processes on one node or several (gloo on the CPU, NCCL on GPUs); gather,
+                  all_sum; watch_peers: --dist-timeout, a lost process named in one line
 engine            the policy under DDP, or FSDP2 with --fsdp (fsdp; gathered: the weights once per
                   rollout), the optimizer (--optim); reference: pi_ref whole or sharded
 resume, save_state atomic checkpoints (model, optimizer, step, prompt sampler, RNG) and a checked
-                  resume; under --fsdp the weights gathered for save_pretrained, the optimizer in
+                  resume (shared_checkpoint: --output-dir and the checkpoint seen by every
+                  process); under --fsdp the weights gathered for save_pretrained, the optimizer in
                   shards (DCP)
 MetricsLog        metrics.jsonl, cut back to the checkpoint on a resume; the progress line; the
                   curves (matplotlib)

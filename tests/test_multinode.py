@@ -289,3 +289,37 @@ def test_every_process_checks_the_marker_and_the_checkpoint(tmp_path):
         f"sees {newer}{SHARED}"
     )
     assert checked(tmp_path / "own", resume="out") == {0: ("stopped", line), 1: ("stopped", line)}
+
+
+def barrier_worker(rank, port, results):
+    """Rank 0 stands for the main process at a long held-out eval; rank 1 waits at infra.barrier."""
+    os.environ.update(
+        RANK=str(rank), LOCAL_RANK="0", GROUP_RANK="0", WORLD_SIZE="2", MASTER_ADDR="127.0.0.1"
+    )
+    os.environ["MASTER_PORT"] = str(port)
+    infra.setup_distributed(g.Args(dist_timeout=2.0))
+    if rank == 0:
+        time.sleep(30)  # alive (its heartbeat runs) but longer than --dist-timeout
+        return
+    t0 = time.time()
+    try:
+        infra.barrier(2)
+        results.put(("passed", time.time() - t0, ""))
+    except Exception as e:
+        results.put((infra.collective_failure(e), time.time() - t0, infra.lost_line(e)))
+
+
+def test_the_barrier_of_the_held_out_eval_waits_at_most_the_timeout():
+    """With --dist-timeout 2, a process waiting at the barrier while the main one works for 30 s
+    fails after about 2 s (not 30), and its line says that no process was lost."""
+    ctx = multiprocessing.get_context("fork")
+    results, port = ctx.Queue(), free_port()
+    procs = [ctx.Process(target=barrier_worker, args=(r, port, results)) for r in (0, 1)]
+    for p in procs:
+        p.start()
+    failed, waited, line = results.get(timeout=60)
+    procs[0].kill()  # done with the eval that never ends
+    for p in procs:
+        p.join(timeout=60)
+    assert failed is True and 1.5 < waited < 10, (failed, waited, line)
+    assert line.startswith("no process was lost, but a collective failed"), line
