@@ -323,3 +323,9 @@ def test_the_barrier_of_the_held_out_eval_waits_at_most_the_timeout():
         p.join(timeout=60)
     assert failed is True and 1.5 < waited < 10, (failed, waited, line)
     assert line.startswith("no process was lost, but a collective failed"), line
+
+
+def test_dist_timeout_is_a_positive_number_of_seconds():
+    assert g.parse_args(["--dist-timeout", "90"]).dist_timeout == 90.0
+    with pytest.raises(SystemExit, match="error: --dist-timeout 0: give a positive number"):
+        g.parse_args(["--dist-timeout", "0"])
