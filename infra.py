@@ -276,7 +276,7 @@ PEERS = {}
 def node_name(rank=None):
     """How a line names a process: its rank, node (torchrun's GROUP_RANK) and host."""
     rank = int(os.environ.get("RANK", 0)) if rank is None else rank
-    return f"rank {rank} (node {os.environ.get('GROUP_RANK', '0')}, host {socket.gethostname()})"
+    return f"rank {rank} (node {os.environ.get('GROUP_RANK', '?')}, host {socket.gethostname()})"
 
 
 def watch_peers(rank, world, seconds, output_dir):

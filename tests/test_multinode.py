@@ -195,7 +195,7 @@ def test_fsdp_on_two_nodes_matches_one_process(one, tmp_path):
     assert m2[-1]["kl"] > 0  # the second step moved away from the reference
 
 
-def test_an_output_dir_one_node_cannot_see_stops_the_run(one, tmp_path):
+def test_an_output_dir_one_node_cannot_see_stops_the_run(one, tmp_path):  # one: the rows exist
     """Each launcher in its own folder with a relative --output-dir, as if each node had its own
     disk, and a checkpoint on node 0's only: the resume stops (it never starts fresh on node 1),
     with one line in each node's log naming the node and the path."""
