@@ -25,7 +25,8 @@ The papers' published benchmarks (registry.py; README "Reproducing the papers"):
 
     python eval.py --benchmark NAME [NAME ...] --data FILE_OR_FOLDER --image-root DIR
         --model M [M ...] [--prompt paper|baseline|native] [--subset official|full]
-        [--rescale-boxes true|false] [--n N] [--json OUT]
+        [--rescale-boxes true|false] [--box-score official|constant|stated]
+        [--exist-map FILE] [--n N] [--json OUT]
     python eval.py --benchmark NAME --data FILE --predictions PREDS.jsonl [--model M]
 
 read each published file as it is, prompt, decode and score as the paper's evaluator did, and print
@@ -167,6 +168,20 @@ def main():
         metavar="BOOL",
         help="map boxes from the resized input to original pixels (default: the entry's official "
         "behaviour; VLM-R1: true, false for the April 2025 paper)",
+    )
+    b.add_argument(
+        "--box-score",
+        default="official",
+        choices=["official", "constant", "stated"],
+        help="detection box confidences: the official ones (Vision-R1 0.99, VLM-R1 1.0, "
+        "Visual-RFT the stated Confidence), the entry's constant, or the stated one",
+    )
+    b.add_argument(
+        "--exist-map",
+        default="",
+        metavar="FILE",
+        help="Visual-RFT's exist_map (default: exist_map_coco_Qwen2_vl_2B_baseline.json beside "
+        "--data)",
     )
     b.add_argument(
         "--predictions",
@@ -329,6 +344,11 @@ def benchmark_plan(a):
         raise ValueError("--benchmark needs --model (one or more) or --predictions PREDS.jsonl")
     if a.visualize:
         raise ValueError("--visualize draws --data rows or the synthetic splits, not --benchmark")
+    for flag, default in (("box_score", "official"), ("exist_map", "")):
+        if getattr(a, flag) != default and not any(
+            flag in registry.BENCHMARKS[n].options for n in a.benchmark
+        ):
+            raise ValueError(f"--{flag.replace('_', '-')} applies to detection entries only")
     plan = []
     for name in dict.fromkeys(a.benchmark):
         bench = registry.BENCHMARKS[name]
@@ -340,7 +360,7 @@ def benchmark_plan(a):
                 f"({'it' if bench.rescale is None else 'its native prompt'} {why})"
             )
         path = os.path.join(a.data, bench.file) if os.path.isdir(a.data) else a.data
-        queries = bench.read(path, a.image_root)
+        queries = bench.read(path, a.image_root, **_options(a, bench, "exist_map"))
         if not a.skip_bad_rows:
             first = next((q for q in queries if q.bad), None)
             if first:
@@ -362,7 +382,12 @@ def benchmark_plan(a):
     return plan
 
 
-def _record(bench, prompt, q, model, output, size, rescale, coord_space):
+def _options(a, bench, *names):
+    """The eval.py flags among `names` that this entry's reader or judge takes."""
+    return {k: getattr(a, k) for k in names if k in bench.options}
+
+
+def _record(bench, prompt, q, model, output, size, rescale, coord_space, opts=None):
     """One scored query: the JSONL line (id, model, benchmark, output, parsed, truth, correct, and
     input_size [w, h] where boxes are rescaled)."""
     line = {"id": q.id, "model": model, "benchmark": bench.name, "output": output}
@@ -371,15 +396,15 @@ def _record(bench, prompt, q, model, output, size, rescale, coord_space):
     elif output is None:  # no prediction: wrong, and kept in the denominator
         line.update(parsed=None, correct=0)
     else:
-        line.update(bench.judge(prompt, q, output, size, rescale, coord_space))
+        line.update(bench.judge(prompt, q, output, size, rescale, coord_space, **(opts or {})))
     line["truth"] = q.truth
     resized = rescale if prompt.official else coord_space == "abs_resized"
-    if bench.task == "rec" and resized and size:
+    if bench.task in ("rec", "det") and resized and size:
         line["input_size"] = list(size)
     return line
 
 
-def _summary(a, bench, prompt, model, records, bad, extra=None):
+def _summary(a, bench, prompt, model, records, bad, extra=None, queries=()):
     official_tokens = bench.decoding.max_new_tokens
     departures = [bench.decoding.ours] if bench.decoding.ours else []
     if a.max_new_tokens and a.max_new_tokens != official_tokens:
@@ -399,7 +424,10 @@ def _summary(a, bench, prompt, model, records, bad, extra=None):
         "rescale_boxes": _rescale(a, bench)
         if bench.rescale is not None and prompt.official
         else None,
-        **bench.summarize(records),
+        **(
+            bench.summarize(records, queries, not a.n) if bench.corpus else bench.summarize(records)
+        ),
+        **_det_settings(a, bench),
         "bad_rows": len(bad),
         "bad_in_subset": sum("bad" in r for r in records),
         **(extra or {}),
@@ -407,6 +435,14 @@ def _summary(a, bench, prompt, model, records, bad, extra=None):
         "paper": {k: vars(v) for k, v in bench.numbers.items()},
         "paper_model": bench.paper_model,
     }
+
+
+def _det_settings(a, bench):
+    """What a detection summary says about how it was made: the box confidences and the map."""
+    out = {"box_score": a.box_score} if "box_score" in bench.options else {}
+    if "exist_map" in bench.options:
+        out["exist_map"] = os.path.basename(a.exist_map or registry.EXIST_MAP)
+    return out
 
 
 def decode_model(a, plan, path, rank, world, device):
@@ -456,11 +492,18 @@ def decode_model(a, plan, path, rank, world, device):
         rescale = _rescale(a, bench)
         records = [
             _record(
-                bench, prompt, q, path, *texts.get(q.id, (None, None)), rescale, family.coord_space
+                bench,
+                prompt,
+                q,
+                path,
+                *texts.get(q.id, (None, None)),
+                rescale,
+                family.coord_space,
+                _options(a, bench, "box_score"),
             )
             for q in queries
         ]
-        out.append((_summary(a, bench, prompt, path, records, bad, extra), records))
+        out.append((_summary(a, bench, prompt, path, records, bad, extra, queries), records))
     return out
 
 
@@ -544,10 +587,10 @@ def from_predictions(a, plan):
     out = []
     for bench, prompt, queries, bad, _ in plan:
         rescale = _rescale(a, bench) if prompt.official else None
-        if bench.task == "rec" and not prompt.official and coord_space is None:
+        if bench.task in ("rec", "det") and not prompt.official and coord_space is None:
             sys.exit(f"error: --prompt native on {bench.name} needs --model (its coordinates)")
         # the boxes need the resized input's size: rescaled official boxes, or native Qwen2.5-VL
-        sized = bench.task == "rec" and (rescale or coord_space == "abs_resized")
+        sized = bench.task in ("rec", "det") and (rescale or coord_space == "abs_resized")
         models = [m for (name, m) in preds if name == bench.name] or [a.predictions]
         for model in models:
             got, records = preds.get((bench.name, model), {}), []
@@ -567,10 +610,14 @@ def from_predictions(a, plan):
                     if size is None:
                         d = bench.decoding
                         size = registry.input_size(processor, *q.size, d.min_pixels, d.max_pixels)
-                records.append(_record(bench, prompt, q, model, output, size, rescale, coord_space))
+                opts = _options(a, bench, "box_score")
+                records.append(
+                    _record(bench, prompt, q, model, output, size, rescale, coord_space, opts)
+                )
             missing = sum(got.get(q.id, (None,))[0] is None for q in queries if not q.bad)
             extra = {"no_prediction": missing}
-            out.append((_summary(a, bench, prompt, model, records, bad, extra), records))
+            summary = _summary(a, bench, prompt, model, records, bad, extra, queries)
+            out.append((summary, records))
     return out
 
 
@@ -593,6 +640,10 @@ def benchmark_table(summaries):
         ours = f"{100 * s[bench.headline]:.2f}"
         if "exact" in s:
             ours += f" (exact {100 * s['exact']:.2f})"
+        if "f1_50" in s:
+            ours += f" (F1@0.5 {100 * s['f1_50']:.2f}; scores {s['box_score']})"
+        if "exist_map" in s:
+            ours += f" ({s['exist_map']})"
         prompt = s["prompt"] + ("" if s["official"] else " (not official)")
         paper = [_cell(bench.numbers.get(k)) for k in ("base", "sft", "rl")]
         lines.append(
@@ -600,6 +651,9 @@ def benchmark_table(summaries):
             + " | ".join(paper)
             + " |"
         )
+    for s in (s for s in summaries if "per_set" in s):  # ODinW's 13, OVDEval's sub-tasks
+        sets = ", ".join(f"{k} {100 * v['map']:.2f}" for k, v in s["per_set"].items())
+        lines.append(f"\n{s['benchmark']} ({s['model']}), AP per file: {sets}")
     models = sorted({registry.BENCHMARKS[s["benchmark"]].paper_model for s in summaries})
     lines.append(f"\nThe papers' numbers are for {', '.join(models)} (percent).")
     if any("2nd-hand" in line for line in lines):

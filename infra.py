@@ -4,11 +4,13 @@ parse_args        argparse built from a dataclass and its field docstrings;
                   task defaults < preset < flags
 load_data         the rows, checked upfront: formats and images (data.py), prompt lengths (the
                   family's tokenizer)
-setup_distributed torchrun processes (gloo on the CPU, NCCL on GPUs); gather, all_sum
+setup_distributed torchrun processes on one node or several (gloo on the CPU, NCCL on GPUs); gather,
+                  all_sum; watch_peers: --dist-timeout, a lost process named in one line
 engine            the policy under DDP, or FSDP2 with --fsdp (fsdp; gathered: the weights once per
                   rollout), the optimizer (--optim); reference: pi_ref whole or sharded
 resume, save_state atomic checkpoints (model, optimizer, step, prompt sampler, RNG) and a checked
-                  resume; under --fsdp the weights gathered for save_pretrained, the optimizer in
+                  resume (shared_checkpoint: --output-dir and the checkpoint seen by every
+                  process); under --fsdp the weights gathered for save_pretrained, the optimizer in
                   shards (DCP)
 MetricsLog        metrics.jsonl, cut back to the checkpoint on a resume; the progress line; the
                   curves (matplotlib)
@@ -19,6 +21,7 @@ catch_signals     Ctrl-C / SIGTERM: finish the step, save, exit
 
 import argparse
 import ast
+import atexit
 import contextlib
 import datetime
 import glob
@@ -29,7 +32,10 @@ import random
 import re
 import shutil
 import signal
+import socket
 import sys
+import threading
+import time
 from dataclasses import dataclass, fields
 
 import torch
@@ -163,6 +169,9 @@ class EngineFlags:
     """GiB of one GPU that --plan compares the peak with (79.6: an 80 GB card)"""
     image_size: str = "640x480"
     """WxH of the image that --plan counts each prompt's image tokens at"""
+    dist_timeout: float = 1800.0
+    """seconds a collective waits for the other torchrun processes (a lost or stuck node) before all
+    stop with one line"""
 
 
 ENGINE_CHOICES = {"optim": ("adamw", "adamw8bit")}
@@ -228,6 +237,8 @@ def check_engine_flags(args):
             "error: --fsdp with --lora-r is not built: drop --fsdp (LoRA's weights and optimizer "
             "fit one GPU)"
         )
+    if args.dist_timeout <= 0:
+        sys.exit(f"error: --dist-timeout {args.dist_timeout:g}: give a positive number of seconds")
     try:
         re.compile(args.lora_targets)
     except re.error as e:
@@ -297,7 +308,10 @@ def encode(family, rows, step, args, device):
 def setup_distributed(args=None):
     """(rank, world size, device); a single process when not launched by torchrun. --fsdp needs
     torchrun's processes (it shards over them) and is refused here, before a weight loads, without
-    them (with LoRA: check_engine_flags)."""
+    them (with LoRA: check_engine_flags). On one node or several alike: a process's identity is the
+    environment torchrun sets (RANK, LOCAL_RANK, GROUP_RANK), never a flag; every collective waits
+    at most --dist-timeout seconds, and a lost process stops the others with one line
+    (watch_peers)."""
     if getattr(args, "fsdp", False) and int(os.environ.get("WORLD_SIZE", 1)) < 2:
         sys.exit(
             "error: --fsdp shards the model over torchrun's processes: launch with torchrun "
@@ -310,9 +324,116 @@ def setup_distributed(args=None):
     if backend == "nccl":
         torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
         device = f"cuda:{os.environ['LOCAL_RANK']}"
-    # a rank that dies or hangs makes the others fail after this long instead of waiting forever
-    torch.distributed.init_process_group(backend, timeout=datetime.timedelta(minutes=30))
-    return torch.distributed.get_rank(), torch.distributed.get_world_size(), device
+    seconds = getattr(args, "dist_timeout", EngineFlags.dist_timeout)
+    torch.distributed.init_process_group(backend, timeout=datetime.timedelta(seconds=seconds))
+    rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
+    watch_peers(rank, world, seconds, getattr(args, "output_dir", ""))
+    return rank, world, device
+
+
+# ---------------------------------------------------------------------------------------------
+# A lost process. A collective that fails (a peer's connection reset, or --dist-timeout spent)
+# raises in every process that waits on it; an uncaught one ends the process with one line naming
+# the processes whose heartbeat stopped. The heartbeat: each process counts up a key of torchrun's
+# rendezvous store (MASTER_ADDR:MASTER_PORT) every BEAT seconds from a thread.
+# ---------------------------------------------------------------------------------------------
+BEAT = 1.0
+PEERS = {}
+
+
+def node_name(rank=None):
+    """How a line names a process: its rank, node (torchrun's GROUP_RANK) and host."""
+    rank = int(os.environ.get("RANK", 0)) if rank is None else rank
+    return f"rank {rank} (node {os.environ.get('GROUP_RANK', '?')}, host {socket.gethostname()})"
+
+
+def watch_peers(rank, world, seconds, output_dir):
+    """Start this process's heartbeat, publish its name, and install the hook that turns an uncaught
+    collective failure into one line (lost_line) and exit status 1, without a traceback or a hang
+    in the interpreter's teardown (os._exit)."""
+    if world == 1:
+        return
+    addr, port = os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"])
+    prefix = f"grpo-vlm/{os.environ.get('TORCHELASTIC_RUN_ID', '')}/"
+    prefix += f"{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}/"
+    timeout = datetime.timedelta(seconds=min(seconds, 30))
+    store = torch.distributed.PrefixStore(
+        prefix, torch.distributed.TCPStore(addr, port, is_master=False, timeout=timeout)
+    )
+    store.set(f"who/{rank}", node_name(rank))
+    PEERS.update(store=store, rank=rank, world=world, seconds=seconds, where=f"{addr}:{port}")
+    PEERS["output_dir"] = output_dir
+
+    done = threading.Event()
+
+    def beat():
+        while not done.wait(BEAT):
+            try:
+                store.add(f"beat/{rank}", 1)
+            except Exception:  # the store's host is gone: lost_line says so
+                return
+
+    thread = threading.Thread(target=beat, daemon=True, name="grpo-vlm-heartbeat")
+    thread.start()
+    # stopped before the interpreter's teardown: a daemon thread caught there inside the store's C++
+    # call could abort the process
+    atexit.register(lambda: (done.set(), thread.join(timeout=2 * BEAT)))
+    previous = sys.excepthook
+
+    def hook(kind, error, tb):
+        if not collective_failure(error):
+            return previous(kind, error, tb)
+        sys.stdout.flush()
+        print(f"error: {lost_line(error)}", file=sys.stderr, flush=True)
+        os._exit(1)
+
+    sys.excepthook = hook
+
+
+def collective_failure(error):
+    """Whether an exception (or one it was raised from) is a failed collective or store."""
+    while error is not None:
+        text = str(error)
+        if isinstance(error, torch.distributed.DistError) or (
+            isinstance(error, RuntimeError)
+            and any(s in text for s in ("gloo", "NCCL", "ProcessGroup", "Connection reset"))
+        ):
+            return True
+        error = error.__cause__ or error.__context__
+    return False
+
+
+def lost_line(error):
+    """One line: which processes were lost (their heartbeat stood still for 3 beats), what failed,
+    and where to resume from."""
+    store, rank, world = PEERS["store"], PEERS["rank"], PEERS["world"]
+    reason = " ".join(str(error).split())
+    reason = re.sub(r"^\[[^\]]*\] ", "", reason).split(". This is typically")[0][:200]
+    try:
+        store.set(f"gone/{rank}", "1")  # stopping on its own: not lost
+        others = [r for r in range(world) if r != rank]
+        before = [store.add(f"beat/{r}", 0) for r in others]
+        time.sleep(3 * BEAT)
+        after = [store.add(f"beat/{r}", 0) for r in others]
+        lost = [
+            store.get(f"who/{r}").decode() if store.check([f"who/{r}"]) else f"rank {r}"
+            for r, a, b in zip(others, before, after)
+            if a == b and not store.check([f"gone/{r}"])
+        ]
+        what = (
+            "lost " + ", ".join(lost)
+            if lost
+            else "no process was lost, but a collective failed (a stuck process? a longer "
+            "--dist-timeout?)"
+        )
+    except Exception:
+        what = f"lost the node of torchrun's rendezvous store {PEERS['where']}"
+    last = latest_checkpoint(PEERS["output_dir"]) if PEERS["output_dir"] else None
+    again = f"--resume {last} once every node is back" if last else "no checkpoint yet"
+    return (
+        f"{what}: {reason}; {node_name(rank)} stops (--dist-timeout "
+        f"{PEERS['seconds']:g} s); {again}"
+    )
 
 
 class Processes:
@@ -726,25 +847,85 @@ def save_or_stop(args, step, bad_steps, run, rng):
             sys.exit(128 + stop)
 
 
-def find_checkpoint(path):
-    """`path` itself if it is a checkpoint, else the latest checkpoint-* inside it."""
+def latest_checkpoint(path):
+    """`path` itself if it is a checkpoint, else the latest checkpoint-* inside it, else None."""
     if os.path.exists(os.path.join(path, "trainer_state.pt")):
         return path
     found = sorted(glob.glob(os.path.join(path, "checkpoint-*", "trainer_state.pt")))
+    return os.path.dirname(found[-1]) if found else None
+
+
+def find_checkpoint(path):
+    """latest_checkpoint(path), or a stop with one line where there is none."""
+    found = latest_checkpoint(path)
     if not found:
         sys.exit(
             f"error: --resume {path}: no checkpoint there (expected trainer_state.pt or "
             "checkpoint-*/)"
         )
-    return os.path.dirname(found[-1])
+    return found
+
+
+SHARED = ": --output-dir (and --resume) must be on a file system that every node shares"
+
+
+def shared_checkpoint(args):
+    """The checkpoint --resume names (None without --resume), checked on every process before the
+    first step. With several processes the main one writes a marker with a fresh token in
+    --output-dir; every process reads it back and looks for the checkpoint itself, and all gather
+    what each saw. Where one does not see the marker or the same checkpoint (each node writing to
+    its own disk), every process stops, with one line per node naming the node and the path: a
+    resume never starts fresh, or from another checkpoint, on some nodes."""
+    world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+    if world == 1:
+        return find_checkpoint(args.resume) if args.resume else None
+    rank = torch.distributed.get_rank()
+    marker = os.path.join(args.output_dir, ".shared-disk-check")
+    token = [f"{random.SystemRandom().getrandbits(64):016x} {node_name()}" if rank == 0 else None]
+    if rank == 0:
+        os.makedirs(args.output_dir, exist_ok=True)
+        with open(marker, "w") as f:
+            f.write(token[0])
+    torch.distributed.broadcast_object_list(token, src=0)  # after the marker is written
+    try:
+        with open(marker) as f:
+            seen = f.read() == token[0]
+    except OSError:
+        seen = False
+    found = latest_checkpoint(args.resume) if args.resume else None
+    views = [None] * world
+    torch.distributed.all_gather_object(
+        views, (node_name(), os.path.abspath(marker), seen, found and os.path.abspath(found))
+    )
+    if rank == 0:
+        os.remove(marker)
+    ckpts = [os.path.basename(v[3]) if v[3] else None for v in views]
+    if args.resume and any(ckpts):
+        ref = next(r for r in range(world) if ckpts[r])
+        for who, _, _, path in (v for r, v in enumerate(views) if ckpts[r] != ckpts[ref]):
+            sees = f"sees {path}" if path else "sees no checkpoint in --resume " + args.resume
+            stop(f"{who} {sees}, where {views[ref][0]} sees {views[ref][3]}{SHARED}")
+    elif args.resume:
+        find_checkpoint(args.resume)  # none anywhere: the one-process line, on every process
+    for who, path, seen, _ in views:
+        if not seen:
+            stop(f"{who} does not see {path}, the marker {views[0][0]} wrote{SHARED}")
+    return found
+
+
+def stop(line):
+    """Every process stops (status 1); the first of each node prints the line, so that each node's
+    log shows it once."""
+    sys.exit(f"error: {line}" if os.environ.get("LOCAL_RANK", "0") == "0" else 1)
 
 
 def resume(args, defaults, rng):
     """(checkpoint folder, its state) of --resume, with the prompt sampler and torch's RNG set back
-    to it; refused with one line if a flag that defines the run differs."""
-    if not args.resume:
+    to it; refused with one line if a flag that defines the run differs, or if some process does not
+    see --output-dir or the checkpoint (shared_checkpoint: every process calls this)."""
+    ckpt = shared_checkpoint(args)  # with several processes: seen by all of them
+    if not ckpt:
         return None, None
-    ckpt = find_checkpoint(args.resume)
     state = torch.load(os.path.join(ckpt, "trainer_state.pt"), weights_only=True)
     changed = [
         k for k in RUN_DEFINING if state["args"].get(k, getattr(defaults, k)) != getattr(args, k)

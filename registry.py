@@ -13,7 +13,9 @@ as a string; a row that does not match the published format carries `bad` (one l
 raising, so that the official subset is drawn over every row as the official script draws it.
 Scoring is pure: `Benchmark.judge(query, output, input_size, rescale)` -> {parsed, correct, ...} and
 `Benchmark.summarize(records)` -> the metrics. Part 2 (detection: COCO, ODinW-13, Visual-RFT
-few-shot, OVDEval) adds entries with its own readers, judges and a corpus-level `summarize` (mAP).
+few-shot and open-vocabulary COCO, OVDEval), at the end, adds entries whose readers, parsers
+and corpus-level `summarize(records, queries, every)` (COCO AP, per-class AP, NMS-AP) are
+detection.py's; a detection Query carries its annotation file (`gt`), image id and asked categories.
 """
 
 import json
@@ -25,6 +27,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 import data
+import detection
 import rewards
 
 
@@ -44,6 +47,10 @@ class Query:
     fields: dict = field(default_factory=dict)
     size: tuple | None = None  # (W, H) the row states; the opened image's size replaces it
     bad: str = ""
+    # detection (detection.py): the annotation file, the image id, the categories asked about
+    gt: object = None
+    image_id: object = None
+    cat_ids: list | None = None
 
 
 @dataclass(frozen=True)
@@ -119,6 +126,8 @@ class Benchmark:
     source: str
     notes: str = ""
     headline: str = "accuracy"
+    corpus: bool = False  # summarize(records, queries, every): a corpus-level metric (mAP)
+    options: tuple = ()  # eval.py flags the reader and the judge take (box_score, exist_map)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -300,8 +309,9 @@ def select(bench, queries, subset="official", n=0):
 
 def check_images(queries, image_root, bad_ok):
     """Open every selected query's image (data.image_size: the whole file decodes) and record its
-    size; an image that will not open, or is too small or too narrow for the processor, is one line
-    naming the file and row, or with bad_ok makes the query bad (it then counts as wrong)."""
+    size (detection keeps the file's); an image that will not open, or is too small or too narrow
+    for the processor, is one line naming the file and row, or with bad_ok makes the query bad (it
+    then counts as wrong)."""
     sizes = {}
     for q in queries:
         if q.bad:
@@ -322,8 +332,9 @@ def check_images(queries, image_root, bad_ok):
             q.bad = f"{q.where}: {sizes[path]}"
             if not bad_ok:
                 raise data.BadInput(q.bad)
-        else:
-            q.size, q.fields = sizes[path], {**q.fields, "image_path": path}
+        else:  # detection keeps the annotation file's width and height, as its official code
+            q.size = q.size if q.gt is not None else sizes[path]
+            q.fields = {**q.fields, "image_path": path}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -670,3 +681,307 @@ def input_size(processor, W, H, min_pixels, max_pixels):
     factor = processor.patch_size * processor.merge_size
     h, w = smart_resize(int(H), int(W), factor, min_pixels=min_pixels, max_pixels=max_pixels)
     return w, h
+
+
+# ---------------------------------------------------------------------------------------------
+# Part 2: detection (detection.py). A per-image query's id is the image id; a per-category one's
+# IMAGE_ID:CATEGORY_ID; in a folder of several files (ODinW-13, OVDEval) NAME/ before it.
+# ---------------------------------------------------------------------------------------------
+# GLIP's odinw_35 layout, relative to the folder that holds the 13 data sets (Vision-R1
+# eval_localization.py:70-83, DATASET_MAP); the images sit beside each annotation file
+VALID = "valid/annotations_without_background.json"
+ODINW13 = {
+    "AerialMaritimeDrone": f"AerialMaritimeDrone/large/{VALID}",
+    "Aquarium": f"Aquarium/Aquarium Combined.v2-raw-1024.coco/{VALID}",
+    "CottontailRabbits": f"CottontailRabbits/{VALID}",
+    "EgoHands": f"EgoHands/generic/{VALID}",
+    "NorthAmericaMushrooms": "NorthAmericaMushrooms/North American Mushrooms.v1-416x416.coco/"
+    + VALID,
+    "Packages": f"Packages/Raw/{VALID}",
+    "PascalVOC": f"PascalVOC/{VALID}",
+    "pistols": "pistols/export/val_annotations_without_background.json",
+    "pothole": f"pothole/{VALID}",
+    "Raccoon": f"Raccoon/Raccoon.v2-raw.coco/{VALID}",
+    "ShellfishOpenImages": f"ShellfishOpenImages/raw/{VALID}",
+    "thermalDogsAndPeople": f"thermalDogsAndPeople/{VALID}",
+    "VehiclesOpenImages": f"VehiclesOpenImages/416x416/{VALID}",
+}
+VRFT_FEWSHOT = ["bus", "train", "fire hydrant", "stop sign", "cat", "dog", "bed", "toilet"]
+VRFT_OV = ["mouse", "fork", "hot dog", "cat", "airplane", "suitcase", "parking meter", "sandwich"]
+VRFT_OV += ["train", "hair drier", "toilet", "toaster", "snowboard", "frisbee", "bear"]
+EXIST_MAP = "exist_map_coco_Qwen2_vl_2B_baseline.json"
+
+
+def read_coco(path, image_root="", **_):
+    """instances_val2017.json: one query per image (Vision-R1's EVALDataset)."""
+    return detection.coco_queries(Query, detection.read_gt(path, "coco_val2017"))
+
+
+def read_odinw(path, image_root="", **_):
+    """The folder holding GLIP's 13 ODinW data sets (ODINW13's paths), or one annotation file:
+    one query per image and present category (--single --pos); --image-root is not used."""
+    files = {os.path.basename(path): path} if os.path.isfile(path) else None
+    if files is None:
+        files = {k: os.path.join(path, v) for k, v in ODINW13.items()}
+        missing = [v for v in files.values() if not os.path.isfile(v)]
+        if missing:
+            raise data.BadInput(f"{missing[0]}: no such file (--data: the folder of ODinW's 13)")
+    out = []
+    for name, f in files.items():
+        gt = detection.read_gt(f, name, os.path.abspath(os.path.dirname(f)))
+        out += detection.positive_queries(Query, gt, f"{name}/" if len(files) > 1 else "")
+    return out
+
+
+def _read_vrft_coco(selected):
+    def read(path, image_root="", exist_map="", **_):
+        """instances_val2017.json and Visual-RFT's exist_map (--exist-map; default the 2B COCO map
+        beside the annotation file): one query per image and mapped category in the list."""
+        em = exist_map or os.path.join(os.path.dirname(path), EXIST_MAP)
+        return detection.exist_map_queries(Query, detection.read_gt(path), em, selected)
+
+    return read
+
+
+def read_ovdeval(path, image_root="", **_):
+    """One OVDEval sub-task file (its file_names under --image-root), or the folder of them (every
+    *.json; images under --image-root/images/<sub-task>/): one query per image."""
+    if os.path.isfile(path):
+        return detection.ovdeval_queries(Query, detection.read_gt(path))
+    if not os.path.isdir(path):
+        raise data.BadInput(f"{path}: no such file or folder")
+    files = sorted(f for f in os.listdir(path) if f.endswith(".json"))
+    if not files:
+        raise data.BadInput(f"{path}: no OVDEval .json files in this folder")
+    out = []
+    for f in files:
+        stem = f[:-5]
+        where = os.path.abspath(os.path.join(image_root or "", "images", stem))
+        gt = detection.read_gt(os.path.join(path, f), stem, where)
+        out += detection.ovdeval_queries(Query, gt, f"{stem}/")
+    return out
+
+
+def judge_det(official_space, official_score):
+    """judge(): the answer's boxes as COCO results in original pixels. Official prompts: Vision-R1
+    and VLM-R1 boxes are in the resized input (x W / input w when rescaled, as given when not);
+    Visual-RFT's in 0-1000. --box-score official: `official_score`; constant: the entry's constant
+    for every box; stated: the answer's confidence, else the constant. `correct`: the query's true
+    boxes found at IoU 0.5 (greedy)."""
+
+    def judge(prompt, q, output, input_size, rescale, coord_space="abs_resized", box_score=""):
+        items = prompt.parse(output) if prompt.official else detection.native_parse(output)
+        if items is None:
+            return {"parsed": None, "correct": 0}
+        kind, c = official_score
+        score = {"constant": ("constant", c), "stated": ("stated", c)}.get(box_score, (kind, c))
+        space = official_space if official_space == "norm1000" else "resized" if rescale else "none"
+        res = detection.to_results(
+            q, items, space if prompt.official else coord_space, input_size, score
+        )
+        truth = [{"image_id": q.image_id, **t} for t in q.truth]
+        tp = sum(v[0] for v in detection.greedy_f1(res, truth, q.cat_ids).values())
+        return {"parsed": res, "correct": tp}
+
+    return judge
+
+
+VR1 = "jefferyZhan/Griffon 9866875 Vision-R1/eval/eval_localization"
+VR1_PARSE = f"{VR1}.py:1066-1092 (parse_json :226-234)"
+VR1_DECODING = Decoding(
+    512,
+    True,
+    28 * 28,
+    12800 * 28 * 28,
+    1,
+    f"{VR1}.py:926 (greedy, max_new_tokens=512), :924 (batch 1); pixel limits 28*28, 12800*28*28",
+    OURS,
+)
+# the family's own detection prompt: the trainer's (data.DET_QUESTION), naming the categories
+NATIVE_DET = Prompt(
+    data.DET_QUESTION.replace("{shape}", "{categories}") + data.THINK_SUFFIX,
+    None,
+    "grpo-vlm data.DET_QUESTION + data.build_messages",
+)
+VRFT_DET = "Liuziyu77/Visual-RFT 9486633 coco_evaluation/Qwen2_VL_coco_infere.py"
+VRFT_DET_PROMPT = Prompt(
+    "<image>\nDetect all objects belonging to the category '{category}' in the image, and provide "
+    "the bounding boxes (between 0 and 1000, integer) and confidence (between 0 and 1, with two "
+    "decimal places).\nIf no object belonging to the category '{category}' in the image, return "
+    "'No Objects'.\nOutput the thinking process in <think> </think> and final answer in <answer> "
+    "</answer> tags.The output answer format should be as follows:\n<think> ... </think> "
+    "<answer>[{{'Position': [x1, y1, x2, y2], 'Confidence': number}}, ...]</answer>\nPlease "
+    "strictly follow the format.",
+    detection.vrft_parse,
+    f"{VRFT_DET}:245-255, parser :293-321 and :56-87",
+)
+OVD_PROMPT = Prompt(
+    "First thinks about the reasoning process in the mind and then provides the user with the "
+    "answer. The reasoning process and answer are enclosed within <think> </think> and <answer> "
+    "</answer> tags, respectively, i.e., <think> reasoning process here </think><answer> answer "
+    "here </answer>\nPlease carefully check the image and detect the following objects: "
+    "[{categories}]. Output the bbox coordinates of detected objects in <answer></answer>. The "
+    'bbox coordinates in Markdown format should be:\n```json\n[{{"bbox_2d": [x1, y1, x2, y2], '
+    '"label": "object name"}}]\n```\nIf no targets are detected in the image, simply respond '
+    'with "None".',
+    detection.vlmr1_ovd_parse,
+    "VLM-R1 blog 2025-03-24 (OVD prompt; the list's format inferred: names joined by ', '), "
+    f"{VLMR1} src/open-r1-multimodal/src/open_r1/vlm_modules/qwen_module.py:76-83 (odLength "
+    "prefix); parser "
+    f"{VLMR1} src/open-r1-multimodal/src/open_r1/grpo_jsonl.py:404-405, :324-331, :274-284",
+)
+
+
+def _det(name, paper, file, read, prompts, summarize, metric, **kw):
+    return Benchmark(
+        name=name,
+        paper=paper,
+        task="det",
+        file=file,
+        read=read,
+        prompts={**prompts, "native": NATIVE_DET},
+        summarize=summarize,
+        metric=metric,
+        subset="all",
+        headline="map",
+        corpus=True,
+        **kw,
+    )
+
+
+T1V = "Vision-R1 Table 1"
+for _b in [
+    _det(
+        "coco_val2017",
+        "Vision-R1",
+        "instances_val2017.json",
+        read_coco,
+        {
+            "paper": Prompt(
+                "Locate every item from the category list in the image and output the "
+                "coordinates in JSON format. The category set includes {categories}.",
+                detection.vision_r1_parse,
+                f"{VR1}.sh:3-4 (Qwen2.5-VL, COCO), parser {VR1_PARSE}",
+            )
+        },
+        detection.summarizer("coco"),
+        "COCO AP (pycocotools; AP50, AP75 beside)",
+        judge=judge_det("resized", ("constant", 0.99)),
+        decoding=VR1_DECODING,
+        rescale=True,
+        numbers={"base": Number(17.7, T1V), "sft": Number(23.6, T1V), "rl": Number(26.6, T1V)},
+        paper_model="Qwen2.5-VL-7B-Instruct",
+        source=f"{VR1}.py:440-458 (queries), :1076-1092 (score 0.99), :1263 (COCOeval)",
+        notes="AP50 / AP75: base 27.3 / 18.0, SFT 36.1 / 24.3, RL 40.0 / 27.8",
+        options=("box_score",),
+    ),
+    _det(
+        "odinw13",
+        "Vision-R1",
+        "",
+        read_odinw,
+        {
+            "paper": Prompt(
+                "Locate every {category} in the image and output the coordinates in JSON format.",
+                detection.vision_r1_parse,
+                f"{VR1}.sh:5-6 (ODINW, the Qwen team's prompt, QwenLM/Qwen3-VL#839), "
+                f"parser {VR1_PARSE}",
+            )
+        },
+        detection.summarizer("mean"),
+        "mean of the 13 data sets' COCO AP",
+        judge=judge_det("resized", ("constant", 0.99)),
+        decoding=VR1_DECODING,
+        rescale=True,
+        numbers={"base": Number(37.0, T1V), "sft": Number(35.0, T1V), "rl": Number(46.0, T1V)},
+        paper_model="Qwen2.5-VL-7B-Instruct",
+        source=f"{VR1}.py:553-575 (--single --pos queries), :70-83 (the 13 files)",
+        options=("box_score",),
+    ),
+    _det(
+        "vrft_coco_fewshot",
+        "Visual-RFT",
+        "instances_val2017.json",
+        _read_vrft_coco(VRFT_FEWSHOT),
+        {"paper": VRFT_DET_PROMPT},
+        detection.summarizer("per_class", VRFT_FEWSHOT),
+        "mean per-class AP over the 8 few-shot categories",
+        judge=judge_det("norm1000", ("stated", 1.0)),
+        decoding=Decoding(
+            1024,
+            False,
+            *QWEN_PIXELS,
+            1,
+            f"{VRFT_DET}:283 (max_new_tokens=1024, sampling)",
+            OURS + "; greedy where the official evaluator samples",
+        ),
+        rescale=None,
+        numbers={
+            "base": Number(19.6, "Visual-RFT Table 3"),
+            "sft": Number(25.2, "Visual-RFT Table 3, 4-shot"),
+            "rl": Number(40.6, "Visual-RFT Table 3, 4-shot"),
+        },
+        paper_model="Qwen2-VL-2B-Instruct",
+        source=f"{VRFT_DET}:227-241 (exist_map x list), Liuziyu77/Visual-RFT 9486633 "
+        "coco_evaluation/coco_evaluation.py:119-131 and evaluation.ipynb cell 4 (the mean)",
+        options=("box_score", "exist_map"),
+    ),
+    _det(
+        "vrft_coco_ov",
+        "Visual-RFT",
+        "instances_val2017.json",
+        _read_vrft_coco(VRFT_OV),
+        {"paper": VRFT_DET_PROMPT},
+        detection.summarizer("per_class", VRFT_OV),
+        "mean per-class AP over the 15 novel categories",
+        judge=judge_det("norm1000", ("stated", 1.0)),
+        decoding=Decoding(
+            1024,
+            False,
+            *QWEN_PIXELS,
+            1,
+            f"{VRFT_DET}:283 (max_new_tokens=1024, sampling)",
+            OURS + "; greedy where the official evaluator samples",
+        ),
+        rescale=None,
+        numbers={
+            "base": Number(9.8, "Visual-RFT Table 7, mAP_n"),
+            "sft": Number(13.6, "Visual-RFT Table 7, mAP_n"),
+            "rl": Number(31.3, "Visual-RFT Table 7, mAP_n"),
+        },
+        paper_model="Qwen2-VL-2B-Instruct",
+        source=f"{VRFT_DET}:238-241 (the 15 classes), coco_evaluation.py:119-131",
+        options=("box_score", "exist_map"),
+    ),
+    _det(
+        "ovdeval",
+        "VLM-R1",
+        "",
+        read_ovdeval,
+        {"paper": OVD_PROMPT},
+        detection.summarizer("nms"),
+        "NMS-AP (OVDEval eval.py; mean over the sub-tasks given)",
+        judge=judge_det("resized", ("constant", 1.0)),
+        decoding=Decoding(
+            1024,
+            True,
+            *QWEN_PIXELS,
+            1,
+            "none released (VLM-R1#250): ours, greedy",
+            OURS,
+        ),
+        rescale=True,
+        numbers={
+            "base": Number(25.46, "VLM-R1 blog, OVDEval nms-ap"),
+            "sft": Number(26.50, "VLM-R1 blog, OVDEval nms-ap"),
+            "rl": Number(31.01, "VLM-R1 blog; paper Table 4"),
+        },
+        paper_model="Qwen2.5-VL-3B-Instruct",
+        source="om-ai-lab/OVDEval 2ba0aa9 eval.py:30-64 (NMS), :66-74 (COCOeval); VLM-R1's "
+        "evaluator was never released (VLM-R1#250, #233)",
+        notes="the blog's avg. is not the mean of its 8 columns (21.9 / 31.7): ours is the mean "
+        "of the sub-tasks' NMS-APs",
+        options=("box_score",),
+    ),
+]:
+    BENCHMARKS[_b.name] = _b

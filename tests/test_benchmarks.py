@@ -22,8 +22,8 @@ from runs import TWO  # noqa: E402
 import eval as ev  # noqa: E402
 import registry  # noqa: E402
 
-REC = [n for n, b in registry.BENCHMARKS.items() if b.paper == "VLM-R1"]
-VRFT = [n for n, b in registry.BENCHMARKS.items() if b.paper == "Visual-RFT"]
+REC = [n for n, b in registry.BENCHMARKS.items() if b.paper == "VLM-R1" and b.task == "rec"]
+VRFT = [n for n, b in registry.BENCHMARKS.items() if b.paper == "Visual-RFT" and b.task == "cls"]
 TINY = {
     t: os.path.join(ROOT, "checkpoints", f"tiny-qwen2.5-vl-{t}") for t in ("rec", "cls", "count")
 }
