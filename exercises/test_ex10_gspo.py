@@ -39,6 +39,30 @@ def test_the_whole_completion_is_clipped_together():
     assert (grad == 0).all()
 
 
+def test_clipped_marks_only_where_the_clip_takes_the_gradient_away():
+    # inside the range, on its edge (s = 1 with eps 0), or at A = 0: not clipped
+    logp = torch.tensor([[math.log(0.9)], [math.log(1.1)], [0.0], [0.0], [1.0], [-1.0]])
+    A = torch.tensor([[-1.0], [1.0], [1.0], [-1.0], [0.0], [0.0]])
+    eps = torch.tensor([0.2, 0.2, 0.0, 0.0, 0.2, 0.2])[:, None]
+    for i in range(6):
+        one = slice(i, i + 1)
+        _, clipped = objectives.gspo_surrogate(
+            logp[one], torch.zeros(1, 1), A[one], torch.ones(1, 1), eps[i, 0], eps[i, 0]
+        )
+        assert not clipped.any(), i
+
+
+def test_an_empty_completion_gets_no_nan():
+    # --overlong-filter gives a cut completion an all-zero mask
+    logp = torch.randn(2, 3).requires_grad_(True)
+    mask = torch.tensor([[0.0, 0, 0], [1, 1, 0]])
+    A = torch.tensor([[1.0], [1.0]])
+    L, _ = objectives.gspo_surrogate(logp, logp.detach(), A, mask, 0.2, 0.2)
+    assert torch.isfinite(L).all() and L[0, 0] == -1.0
+    (grad,) = torch.autograd.grad(L.sum(), logp)
+    assert torch.isfinite(grad).all() and (grad[0] == 0).all()
+
+
 def test_at_equal_policies_it_is_reinforce_per_sequence():
     g = torch.Generator().manual_seed(0)
     logp = torch.randn(3, 5, generator=g).requires_grad_(True)

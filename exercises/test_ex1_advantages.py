@@ -51,6 +51,9 @@ def test_a_group_of_equal_rewards_gets_exactly_zero(scale):
     assert torch.isfinite(A).all()
     assert (A[:4] == 0).all() and (A[8:] == 0).all()  # exactly 0, not rounding noise
     assert (A[4:8] != 0).all()
+    # three 0.9s: their float32 mean is not exactly 0.9; the group still gets exactly 0
+    A = grpo_vlm.group_advantages(torch.tensor([0.9, 0.9, 0.9, 0.0, 1.0, 0.25]), 3, scale)
+    assert (A[:3] == 0).all() and (A[3:] != 0).all()
 
 
 def test_batch_and_none_scaling():

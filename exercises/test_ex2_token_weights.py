@@ -32,6 +32,14 @@ def test_an_empty_completion_gets_no_weight_and_no_nan():
         assert torch.isfinite(tw).all() and (tw[0] == 0).all() and (tw[1, :2] > 0).all()
     assert torch.allclose(grpo_vlm.token_weights(mask, "grpo")[1], torch.tensor([0.25, 0.25, 0]))
     assert torch.allclose(grpo_vlm.token_weights(mask[1:], "grpo"), torch.tensor([[0.5, 0.5, 0]]))
+    # one token in the whole batch takes all the weight; a batch of empty completions, none
+    one = torch.tensor([[1.0, 0], [0, 0]])
+    for mode in ("grpo", "token"):
+        assert torch.equal(
+            grpo_vlm.token_weights(one, mode),
+            torch.tensor([[1.0, 0], [0, 0]]) / (2 if mode == "grpo" else 1),
+        )
+        assert torch.equal(grpo_vlm.token_weights(torch.zeros(2, 3), mode), torch.zeros(2, 3))
 
 
 def random_batch(N=8, L=7, seed=0):

@@ -55,6 +55,17 @@ def test_at_rho_one_it_is_reinforce():
     assert torch.allclose(grad, -A.expand(4, 6))
 
 
+def test_clipped_marks_only_where_the_clip_takes_the_gradient_away():
+    # on the clip's edge (rho = 1 with eps 0) or at A = 0 the gradient is not taken away
+    _, clipped = grpo_vlm.clipped_surrogate(
+        torch.zeros(1, 2), torch.zeros(1, 2), torch.tensor([[1.0], [-1.0]]), torch.ones(2, 2), 0, 0
+    )
+    assert not clipped.any()
+    L, clipped, _ = surrogate([1.5, 0.5, 0.5, 1.5, 0.9, 1.1], [0.0, 0.0, 0.5, -0.5, -1.0, 1.0])
+    assert clipped.tolist() == [False, False, False, False, False, False]
+    assert torch.allclose(L, torch.tensor([0, 0, -0.25, 0.75, 0.9, -1.1], dtype=torch.float64))
+
+
 def test_ratio_is_new_over_old():
     logp = torch.tensor([[math.log(0.3)]], dtype=torch.float64)
     logp_old = torch.tensor([[math.log(0.2)]], dtype=torch.float64)  # rho = 1.5

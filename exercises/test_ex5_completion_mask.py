@@ -37,6 +37,11 @@ def test_pad_may_equal_eos():
     assert torch.equal(vlm.completion_mask(ids, E), expected)
 
 
+def test_one_token_completions():
+    ids = torch.tensor([[E], [5]])
+    assert torch.equal(vlm.completion_mask(ids, E), torch.ones(2, 1))
+
+
 def test_lengths_on_random_rows():
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(3, 50, (20, 9), generator=g)

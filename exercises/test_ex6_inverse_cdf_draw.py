@@ -25,8 +25,8 @@ def test_hand_computed_at_temperature_one():
 
 
 def test_u_on_a_cdf_step_takes_the_next_token():
-    # cdf = [0.25, 0.5, 1.0], exact in binary: u = 0.25 is past token 0 ("exceeds", not "reaches")
-    assert draw([0.25, 0.25, 0.5], 1.0, [0.25, 0.5, 0.2499]) == [1, 2, 0]
+    # cdf = [0.25, 0.5, 0.75, 1.0], exact in binary: u = 0.25 is past token 0 ("exceeds")
+    assert draw([1.0, 1.0, 1.0, 1.0], 1.0, [0.25, 0.5, 0.2499, 0.75]) == [1, 2, 0, 3]
 
 
 def test_temperature_flattens_and_sharpens():
@@ -51,10 +51,28 @@ def test_frequencies_follow_the_tempered_softmax():
             assert (freq - p).abs().max() <= 1.5 / K
 
 
+def test_one_row_can_draw_any_token():
+    logits = torch.zeros(1, 5)  # uniform: token k for u in [k / 5, (k + 1) / 5)
+    for k in range(5):
+        u = torch.tensor([(k + 0.5) / 5], dtype=torch.float64)
+        assert grpo_vlm.inverse_cdf_draw(logits, 1.0, u).tolist() == [k]
+
+
 def test_rows_are_independent_and_masked_tokens_never_drawn():
     logits = torch.tensor([[0.0, 0.0, -float("inf")], [-float("inf"), 0.0, 0.0]])
     u = torch.tensor([0.999999, 1e-9], dtype=torch.float64)
     assert grpo_vlm.inverse_cdf_draw(logits, 1.0, u).tolist() == [1, 1]
+
+
+def test_a_masked_last_token_is_never_drawn_even_as_u_nears_one():
+    # the cdf's last entry can round below 1: u = 1 - 2**-53 exceeds it, u * cdf[-1] does not
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(64, 50, generator=g) * 3
+    logits[:, -1] = -float("inf")
+    below = (logits.double().softmax(-1).cumsum(-1)[:, -1] < 1).sum()
+    assert below > 0  # the case this test is about occurs in these rows
+    u = torch.full((64,), 1 - 2**-53, dtype=torch.float64)
+    assert (grpo_vlm.inverse_cdf_draw(logits, 1.0, u) < 49).all()
 
 
 def test_the_largest_u_still_draws_a_token_in_the_vocabulary():
