@@ -87,7 +87,11 @@ def node_mutations(node):
         yield "sign", f"negate {ast.unparse(node.value)[:60]}", negate_value
     if isinstance(node, ast.Constant) and type(node.value) in (int, float):
         for d in (1, -1):
-            yield "constant", f"{node.value!r} -> {node.value + d!r}", setter("value", node.value + d)
+            yield (
+                "constant",
+                f"{node.value!r} -> {node.value + d!r}",
+                setter("value", node.value + d),
+            )
     if isinstance(node, ast.Constant) and type(node.value) is bool:
         yield "constant", f"{node.value} -> {not node.value}", setter("value", not node.value)
     if isinstance(node, ast.Subscript):
@@ -148,6 +152,83 @@ def shift_index(d):
     return change
 
 
+# The issue's plausible wrong answers, written as a student might: each must fail its tests.
+PLAUSIBLE = [
+    (
+        1,
+        "biased std (ddof 0)",
+        "rg = r.view(-1, G)\nA = (rg - rg.mean(1, keepdim=True)) / "
+        "(rg.std(1, keepdim=True, unbiased=False) + eps)\nreturn (A * (rg.amax(1, keepdim=True) > "
+        "rg.amin(1, keepdim=True))).reshape(-1)",
+    ),
+    (
+        1,
+        "an all-equal group left to rounding",
+        "rg = r.view(-1, G)\nreturn ((rg - rg.mean(1, "
+        "keepdim=True)) / (rg.std(1, keepdim=True) + eps)).reshape(-1)",
+    ),
+    (
+        2,
+        "grpo normalised per micro-batch of 2",
+        "return mask / mask.sum(1, keepdim=True).clamp(min=1) / 2",
+    ),
+    (2, "token mean per completion", "return mask / mask.sum(1, keepdim=True).clamp(min=1)"),
+    (
+        3,
+        "max for min",
+        "rho = torch.exp(logp - logp_old)\nL = -torch.max(rho * A, torch.clamp("
+        "rho, 1 - eps_low, 1 + eps_high) * A)\nreturn L, (rho < 1 - eps_low) | (rho > 1 + eps_high)",
+    ),
+    (
+        3,
+        "a sign",
+        "rho = torch.exp(logp - logp_old)\nL = torch.min(rho * A, torch.clamp(rho, "
+        "1 - eps_low, 1 + eps_high) * A)\nreturn L, ((rho < 1 - eps_low) & (A < 0)) | ((rho > 1 + "
+        "eps_high) & (A > 0))",
+    ),
+    (4, "k1 for k3", "return logp - logp_ref"),
+    (4, "k2 for k3", "return 0.5 * (logp_ref - logp) ** 2"),
+    (
+        5,
+        "the EOS dropped from the mask",
+        "is_eos = completion_ids == eos_id\nfirst = torch.where("
+        "is_eos.any(1), is_eos.int().argmax(1), completion_ids.shape[1])\nreturn (torch.arange("
+        "completion_ids.shape[1])[None] < first[:, None]).float()",
+    ),
+    (
+        6,
+        "the temperature left out",
+        "cdf = logits.double().softmax(-1).cumsum(-1)\nreturn "
+        "torch.searchsorted(cdf, u[:, None] * cdf[:, -1:], right=True).squeeze(1)",
+    ),
+    (
+        7,
+        "the temperature left out",
+        "return logits.log_softmax(-1).gather(-1, targets[..., None]).squeeze(-1)",
+    ),
+    (
+        8,
+        "a box left in the model's coordinate space",
+        "box = parse_box(completion)\nif box is None:"
+        "\n    return 0.0\niou = box_iou(box, [float(v) for v in gt['solution']])\nreturn iou if iou"
+        " >= gt.get('iou_threshold', 0.0) else 0.0",
+    ),
+    (
+        9,
+        "search for fullmatch",
+        "return 1.0 if isinstance(completion, str) and FORMAT_RE.search(completion) else 0.0",
+    ),
+    (
+        10,
+        "the token mean over the batch",
+        "s = torch.exp(((logp - logp_old) * mask).sum(1, "
+        "keepdim=True) / mask.sum())\nL = -torch.min(s * A, torch.clamp(s, 1 - eps_low, 1 + eps_high)"
+        " * A)\nreturn L, (((s < 1 - eps_low) & (A < 0)) | ((s > 1 + eps_high) & (A > 0)))"
+        ".expand_as(logp)",
+    ),
+]
+
+
 def run_tests(module):
     """None if every test of the module passes, else the first failure's name and error."""
     for name, test in inspect.getmembers(module, inspect.isfunction):
@@ -184,8 +265,18 @@ def mutate_exercise(number, file, function, verbose):
     assert run_tests(tests) is None, f"exercise {number}: the solution fails its own tests"
     base = ast.unparse(fn)
     results, seen = [], {base}
-    for kind, desc, mutant in mutations(fn):
-        source = ast.unparse(ast.fix_missing_locations(mutant))
+    wrong = []  # the plausible wrong answers: fn's signature, the body as written above
+    for n, desc, body in PLAUSIBLE:
+        if n == number:
+            wrong.append(
+                (
+                    "plausible",
+                    desc,
+                    f"def {function}{signature(original)}:\n" + textwrap.indent(body, "    "),
+                )
+            )
+    mutants = [(k, d, ast.unparse(ast.fix_missing_locations(m))) for k, d, m in mutations(fn)]
+    for kind, desc, source in mutants + wrong:
         if source in seen:
             continue
         seen.add(source)
@@ -201,8 +292,14 @@ def mutate_exercise(number, file, function, verbose):
             setattr(module, function, original)
         results.append((kind, desc, failure))
         if verbose:
-            print(f"  ex{number} {'killed ' if failure else 'SURVIVED'} {kind:12s} {desc}", flush=True)
+            print(
+                f"  ex{number} {'killed ' if failure else 'SURVIVED'} {kind:12s} {desc}", flush=True
+            )
     return results
+
+
+def signature(fn):
+    return str(inspect.signature(fn))
 
 
 def main(argv=None):
@@ -219,6 +316,10 @@ def main(argv=None):
         if a.numbers and number not in a.numbers:
             continue
         results = mutate_exercise(number, file, function, a.verbose)
+        plausible = [r for r in results if r[0] == "plausible"]
+        results = [r for r in results if r[0] != "plausible"]
+        for _, desc, failure in plausible:
+            print(f"exercise {number}, {desc}: {'caught' if failure else 'NOT CAUGHT'} ({failure})")
         k = sum(1 for r in results if r[2])
         total, killed = total + len(results), killed + k
         survivors = [f"{kind}: {desc}" for kind, desc, failure in results if not failure]
