@@ -46,6 +46,7 @@ PROJECT = [
     "sft.py",
     "viz.py",
     "vlm.py",
+    ".gitignore",
     "pyproject.toml",
     "requirements.txt",
     "checkpoints/tiny-qwen2.5-vl-rec",
@@ -91,6 +92,9 @@ def make(out):
     """Write the student copy into `out`; returns the exercises blanked."""
     if os.path.exists(out) and (not os.path.isdir(out) or os.listdir(out)):
         sys.exit(f"error: {out} exists and is not empty; give a new or empty folder")
+    folders = [os.path.join(ROOT, p) for p in PROJECT if os.path.isdir(os.path.join(ROOT, p))]
+    if any(os.path.commonpath([os.path.abspath(out), f]) == f for f in folders):
+        sys.exit(f"error: {out} is inside a folder the copy is made from; give a folder elsewhere")
     os.makedirs(out, exist_ok=True)
     ignore = shutil.ignore_patterns(*WITHHELD)
     for rel in PROJECT:
