@@ -157,74 +157,106 @@ PLAUSIBLE = [
     (
         1,
         "biased std (ddof 0)",
-        "rg = r.view(-1, G)\nA = (rg - rg.mean(1, keepdim=True)) / "
-        "(rg.std(1, keepdim=True, unbiased=False) + eps)\nreturn (A * (rg.amax(1, keepdim=True) > "
-        "rg.amin(1, keepdim=True))).reshape(-1)",
+        """
+rg = r.view(-1, G)
+A = (rg - rg.mean(1, keepdim=True)) / (rg.std(1, keepdim=True, unbiased=False) + eps)
+return (A * (rg.amax(1, keepdim=True) > rg.amin(1, keepdim=True))).reshape(-1)
+""",
     ),
     (
         1,
         "an all-equal group left to rounding",
-        "rg = r.view(-1, G)\nreturn ((rg - rg.mean(1, "
-        "keepdim=True)) / (rg.std(1, keepdim=True) + eps)).reshape(-1)",
+        """
+rg = r.view(-1, G)
+return ((rg - rg.mean(1, keepdim=True)) / (rg.std(1, keepdim=True) + eps)).reshape(-1)
+""",
     ),
     (
         2,
         "grpo normalised per micro-batch of 2",
-        "return mask / mask.sum(1, keepdim=True).clamp(min=1) / 2",
+        """
+return mask / mask.sum(1, keepdim=True).clamp(min=1) / 2
+""",
     ),
-    (2, "token mean per completion", "return mask / mask.sum(1, keepdim=True).clamp(min=1)"),
+    (
+        2,
+        "token mean per completion",
+        """
+return mask / mask.sum(1, keepdim=True).clamp(min=1)
+""",
+    ),
     (
         3,
         "max for min",
-        "rho = torch.exp(logp - logp_old)\nL = -torch.max(rho * A, torch.clamp("
-        "rho, 1 - eps_low, 1 + eps_high) * A)\nreturn L, (rho < 1 - eps_low) | (rho > 1 + eps_high)",
+        """
+rho = torch.exp(logp - logp_old)
+L = -torch.max(rho * A, torch.clamp(rho, 1 - eps_low, 1 + eps_high) * A)
+return L, (rho < 1 - eps_low) | (rho > 1 + eps_high)
+""",
     ),
     (
         3,
         "a sign",
-        "rho = torch.exp(logp - logp_old)\nL = torch.min(rho * A, torch.clamp(rho, "
-        "1 - eps_low, 1 + eps_high) * A)\nreturn L, ((rho < 1 - eps_low) & (A < 0)) | ((rho > 1 + "
-        "eps_high) & (A > 0))",
+        """
+rho = torch.exp(logp - logp_old)
+L = torch.min(rho * A, torch.clamp(rho, 1 - eps_low, 1 + eps_high) * A)
+return L, ((rho < 1 - eps_low) & (A < 0)) | ((rho > 1 + eps_high) & (A > 0))
+""",
     ),
     (4, "k1 for k3", "return logp - logp_ref"),
     (4, "k2 for k3", "return 0.5 * (logp_ref - logp) ** 2"),
     (
         5,
         "the EOS dropped from the mask",
-        "is_eos = completion_ids == eos_id\nfirst = torch.where("
-        "is_eos.any(1), is_eos.int().argmax(1), completion_ids.shape[1])\nreturn (torch.arange("
-        "completion_ids.shape[1])[None] < first[:, None]).float()",
+        """
+is_eos = completion_ids == eos_id
+L = completion_ids.shape[1]
+first = torch.where(is_eos.any(1), is_eos.int().argmax(1), L)
+return (torch.arange(L)[None] < first[:, None]).float()
+""",
     ),
     (
         6,
         "the temperature left out",
-        "cdf = logits.double().softmax(-1).cumsum(-1)\nreturn "
-        "torch.searchsorted(cdf, u[:, None] * cdf[:, -1:], right=True).squeeze(1)",
+        """
+cdf = logits.double().softmax(-1).cumsum(-1)
+return torch.searchsorted(cdf, u[:, None] * cdf[:, -1:], right=True).squeeze(1)
+""",
     ),
     (
         7,
         "the temperature left out",
-        "return logits.log_softmax(-1).gather(-1, targets[..., None]).squeeze(-1)",
+        """
+return logits.log_softmax(-1).gather(-1, targets[..., None]).squeeze(-1)
+""",
     ),
     (
         8,
         "a box left in the model's coordinate space",
-        "box = parse_box(completion)\nif box is None:"
-        "\n    return 0.0\niou = box_iou(box, [float(v) for v in gt['solution']])\nreturn iou if iou"
-        " >= gt.get('iou_threshold', 0.0) else 0.0",
+        """
+box = parse_box(completion)
+if box is None:
+    return 0.0
+iou = box_iou(box, [float(v) for v in gt["solution"]])
+return iou if iou >= gt.get("iou_threshold", 0.0) else 0.0
+""",
     ),
     (
         9,
         "search for fullmatch",
-        "return 1.0 if isinstance(completion, str) and FORMAT_RE.search(completion) else 0.0",
+        """
+return 1.0 if isinstance(completion, str) and FORMAT_RE.search(completion) else 0.0
+""",
     ),
     (
         10,
         "the token mean over the batch",
-        "s = torch.exp(((logp - logp_old) * mask).sum(1, "
-        "keepdim=True) / mask.sum())\nL = -torch.min(s * A, torch.clamp(s, 1 - eps_low, 1 + eps_high)"
-        " * A)\nreturn L, (((s < 1 - eps_low) & (A < 0)) | ((s > 1 + eps_high) & (A > 0)))"
-        ".expand_as(logp)",
+        """
+s = torch.exp(((logp - logp_old) * mask).sum(1, keepdim=True) / mask.sum())
+L = -torch.min(s * A, torch.clamp(s, 1 - eps_low, 1 + eps_high) * A)
+clipped = ((s < 1 - eps_low) & (A < 0)) | ((s > 1 + eps_high) & (A > 0))
+return L, clipped.expand_as(logp)
+""",
     ),
 ]
 
@@ -272,7 +304,8 @@ def mutate_exercise(number, file, function, verbose):
                 (
                     "plausible",
                     desc,
-                    f"def {function}{signature(original)}:\n" + textwrap.indent(body, "    "),
+                    f"def {function}{signature(original)}:\n"
+                    + textwrap.indent(body.strip("\n"), "    "),
                 )
             )
     mutants = [(k, d, ast.unparse(ast.fix_missing_locations(m))) for k, d, m in mutations(fn)]
