@@ -206,14 +206,19 @@ class Samples(NamedTuple):
     H: torch.Tensor  # [n*G, L] the entropy of softmax(logits / T) at each of them
 
 
+def inverse_cdf_draw(logits, T, u):
+    """[N] tokens, one per row of softmax(logits [N, V] / T): the first v whose CDF exceeds u [N],
+    u in (0, 1) (exercise 6)."""
+    cdf = (logits.double() / T).softmax(-1).cumsum(-1)
+    token = torch.searchsorted(cdf, u[:, None] * cdf[:, -1:], right=True).squeeze(1)
+    return token.clamp(max=logits.shape[-1] - 1)  # u * cdf[-1] rounding up past the last entry
+
+
 def draw_token(logits, keys, position):
-    """One token per row of softmax(logits) by inverse CDF, with u in (0, 1) hashed from (key,
-    position)."""
+    """One token per row of softmax(logits) (logits already / T), u hashed from (key, position)."""
     h = infra.hash32
     u = (h(h(keys + h(torch.tensor(position, device=keys.device)))).double() + 0.5) / 2**32
-    cdf = logits.double().softmax(-1).cumsum(-1)
-    token = torch.searchsorted(cdf, u[:, None] * cdf[:, -1:], right=True).squeeze(1)
-    return token.clamp(max=logits.shape[-1] - 1)
+    return inverse_cdf_draw(logits, 1.0, u)
 
 
 @torch.no_grad()

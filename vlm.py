@@ -715,9 +715,15 @@ def prompt_lengths(family, rows):
 # --------------------------------------------------------------------------------------------- log
 # pi(o_t | q, o_<t) / T of completion tokens only, from the family's packed forward, in chunks whose
 # [chunk, vocab] logits are recomputed in backward (checkpoint): only log-probs are kept.
+def token_logps(logits, targets, T):
+    """log softmax(logits / T) at the targets: [...] from logits [..., V] and targets [...]
+    (exercise 7)."""
+    logits = logits / T
+    return logits.log_softmax(-1).gather(-1, targets[..., None]).squeeze(-1)
+
+
 def _chunk_logps(h, y, lm_head, T):
-    logits = lm_head(h).float() / T
-    return logits.log_softmax(-1).gather(-1, y[:, None]).squeeze(-1)
+    return token_logps(lm_head(h).float(), y, T)
 
 
 def completion_mask(completion_ids, eos_id):
