@@ -30,22 +30,9 @@ EXERCISES = [
     (10, "objectives.py", "gspo_surrogate", "GSPO's sequence-level ratio"),
 ]
 
-# What the exercises, the lesson and the default run need (exercises/ANSWERS.md stays behind).
-PROJECT = [
-    "coldstart.py",
-    "data.py",
-    "eval.py",
-    "evaluation.py",
-    "grpo_vlm.py",
-    "infra.py",
-    "make_tiny_model.py",
-    "objectives.py",
-    "plan.py",
-    "recipes.py",
-    "rewards.py",
-    "sft.py",
-    "viz.py",
-    "vlm.py",
+# What the exercises, the lesson and the default run need (exercises/ANSWERS.md stays behind):
+# every module of the project (so the copy imports whatever they import), and these.
+PROJECT = sorted(name for name in os.listdir(ROOT) if name.endswith(".py")) + [
     ".gitignore",
     "pyproject.toml",
     "requirements.txt",
