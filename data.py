@@ -51,15 +51,22 @@ DET_QUESTION = (
 TASKS = ("rec", "cls", "count", "det")
 
 
-def build_messages(problem, chat=None):
-    """One user turn holding the image and the problem text plus the think/answer instruction. A
-    benchmark's prompt (registry.chat) gives `chat` = {"text": the whole user text, "system": a
-    system prompt or None (the chat template's default)} instead."""
+def build_messages(problem, chat=None, images=1):
+    """One user turn holding the row's `images` images, then the problem text plus the think/answer
+    instruction (several images all come first, as VLM-R1's grpo_jsonl.py
+    make_conversation_from_jsonl builds them). A benchmark's prompt (registry.chat) gives `chat` =
+    {"text": the whole user text, "system": a system prompt or None (the chat template's default)}
+    instead."""
     text, system = (chat["text"], chat.get("system")) if chat else (problem + THINK_SUFFIX, None)
     turns = [{"role": "system", "content": [{"type": "text", "text": system}]}] if system else []
-    return turns + [
-        {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": text}]}
-    ]
+    parts = [{"type": "image"}] * images + [{"type": "text", "text": text}]
+    return turns + [{"role": "user", "content": parts}]
+
+
+def row_images(row):
+    """The image paths of a checked row, in prompt order: `image_paths` where it has several, else
+    its one `image_path`. Boxes (rec, det) and `_size` refer to the first."""
+    return row.get("image_paths") or [row["image_path"]]
 
 
 def with_prompt(rows, prompt):
@@ -110,7 +117,7 @@ class DataFlags:
     """key of the answer (empty: solution, else answer; chat rows: else the last assistant
     message)"""
     image_key: str = ""
-    """key of the image: a path, bytes, a {bytes, path} struct or a one-image list (empty: image,
+    """key of the images: a path, bytes, a {bytes, path} struct or a list of these (empty: image,
     else images)"""
 
 
@@ -250,14 +257,10 @@ def _missing(whats, keys):
     return BadInput(f"missing key{'s' * (len(whats) > 1)} " + ", ".join(names))
 
 
-def _several(n):
-    return BadInput(f"{n} images in one row; one image per row is supported for now")
-
-
 def _from_conversations(turns):
-    """(problem, solution) of VLM-R1's grpo_jsonl.py rows: the first human turn, its <image>
-    placeholder removed, and the gpt turn after it (<answer> tags and JSON text are handled by
-    check_solution)."""
+    """(problem, solution, <image> placeholders) of VLM-R1's grpo_jsonl.py rows: the first human
+    turn, its <image> placeholders removed, and the gpt turn after it (<answer> tags and JSON text
+    are handled by check_solution)."""
     if not isinstance(turns, list) or not all(isinstance(t, dict) and "value" in t for t in turns):
         raise BadInput(
             f'conversations must be a list of {{"from", "value"}} turns, got {_short(turns)}'
@@ -277,12 +280,10 @@ def _from_conversations(turns):
             f"conversations needs a human turn and a gpt turn after it, got turns from "
             f"{_short(who)}"
         )
-    problem = turns[human]["value"]
-    if isinstance(problem, str) and problem.count("<image>") > 1:
-        raise _several(problem.count("<image>"))
-    return problem.replace("<image>", "").strip() if isinstance(problem, str) else problem, turns[
-        gpt
-    ]["value"]
+    problem, solution = turns[human]["value"], turns[gpt]["value"]
+    if not isinstance(problem, str):
+        return problem, solution, 0
+    return problem.replace("<image>", "").strip(), solution, problem.count("<image>")
 
 
 def _content(content):
@@ -300,10 +301,10 @@ def _content(content):
 
 
 def _from_messages(row, key, keys):
-    """(problem, solution) of a chat row (TRL, verl, ms-swift): `messages` (or `prompt`), a list of
-    {"role", "content"}. The problem is the last user message's text (a system message is not used:
-    our prompt template applies); the solution is the `solution` field, else `answer`, else the last
-    message if it is the assistant's."""
+    """(problem, solution, image parts) of a chat row (TRL, verl, ms-swift): `messages` (or
+    `prompt`), a list of {"role", "content"}. The problem is the last user message's text (a system
+    message is not used: our prompt template applies); the solution is the `solution` field, else
+    `answer`, else the last message if it is the assistant's."""
     msgs = _value(row, key)
     if not all(isinstance(m, dict) and "role" in m and "content" in m for m in msgs):
         raise BadInput(
@@ -314,8 +315,6 @@ def _from_messages(row, key, keys):
     if not users:
         raise BadInput(f"{key} has no user message")
     problem, n = _content(users[-1]["content"])
-    if n > 1:
-        raise _several(n)
     k = _find(row, "solution", keys)
     if k is None and keys.get("solution"):
         raise BadInput(f"missing key {keys['solution']!r} (--solution-key)")
@@ -324,20 +323,25 @@ def _from_messages(row, key, keys):
             "no solution: no 'solution' or 'answer' field, and the last message is not the "
             "assistant's"
         )
-    return problem, _value(row, k) if k else _content(msgs[-1]["content"])[0]
+    return problem, _value(row, k) if k else _content(msgs[-1]["content"])[0], n
 
 
-def _one_image(value, where):
-    """(file name, None) or (None, Embedded) of a row's image: a path, bytes, a {bytes, path} struct
-    (HF's Image feature in Arrow/parquet), a PIL image, or a list holding one of these. Several
-    images are refused."""
+def _images(value, where):
+    """[(file name, None) or (None, Embedded)] of a row's images: a path, bytes, a {bytes, path}
+    struct (HF's Image feature in Arrow/parquet), a PIL image, or a list of these (several images:
+    the k-th embedded one is named "FILE:ROW#k")."""
     get = value.get if isinstance(value, Cell) else (lambda: value)
     v = get()
-    if isinstance(v, (list, tuple)):
-        if len(v) > 1:
-            raise _several(len(v))
-        if v:
-            v, get = v[0], (lambda g=get: g()[0])
+    if not isinstance(v, (list, tuple)):
+        return [_one_image(v, get, where)]
+    if not v:
+        raise BadInput("the row's image list is empty")
+    named = lambda k: where if len(v) == 1 or not where else f"{where}#{k + 1}"  # noqa: E731
+    return [_one_image(x, lambda g=get, k=k: g()[k], named(k)) for k, x in enumerate(v)]
+
+
+def _one_image(v, get, where):
+    """(file name, None) or (None, Embedded) of one image `v`, which `get` reads again."""
     if isinstance(v, dict) and ("bytes" in v or "path" in v):
         if v.get("bytes") is not None:
             return None, Embedded(where, lambda g=get: g()["bytes"])
@@ -351,42 +355,8 @@ def _one_image(value, where):
     )
 
 
-def check_row(line, image_root, task="rec", sizes=None, keys=None, where=""):
-    """One row -> the checked row with `image_path` resolved, or BadInput saying in one line what is
-    wrong. `line` is a JSONL line or a row dict of any format: problem/solution (keys: DEFAULT_KEYS
-    or the --*-key flags), VLM-R1 `conversations`, or chat `messages`/`prompt`. `sizes` caches image
-    sizes (or errors) by path, for the many rows that share an image; `where` names an embedded
-    image."""
-    if isinstance(line, (bytes, str)):
-        try:
-            line = json.loads(line)
-        except ValueError as e:  # JSONDecodeError, or bytes that are not UTF-8
-            at = f": column {e.colno}" if isinstance(e, json.JSONDecodeError) else ""
-            raise BadInput(f"not valid JSON ({getattr(e, 'msg', e)}{at})") from None
-    row, keys = line, keys or {}
-    if not isinstance(row, dict):
-        raise BadInput(f"expected a JSON object, got {_short(row)}")
-    chat = next((k for k in ("messages", "prompt") if isinstance(row.get(k), list)), None)
-    image_key = _find(row, "image", keys)
-    if "conversations" in row or chat:
-        if image_key is None:
-            raise _missing(["image"], keys)
-        problem, box = (
-            _from_conversations(_value(row, "conversations"))
-            if "conversations" in row
-            else _from_messages(row, chat, keys)
-        )
-    else:
-        found = {w: _find(row, w, keys) for w in DEFAULT_KEYS}
-        if None in found.values():
-            raise _missing([w for w, k in found.items() if k is None], keys)
-        problem, box = _value(row, found["problem"]), _value(row, found["solution"])
-    if not isinstance(problem, str) or not problem.strip():
-        raise BadInput(f"problem must be a non-empty string, got {_short(problem)}")
-    image, embedded = _one_image(row[image_key], where)
-    solution, labels = check_solution(box, task)
-    path = embedded or (image if os.path.isabs(image) else os.path.join(image_root or "", image))
-    sizes = {} if sizes is None else sizes
+def _checked_size(path, sizes):
+    """(w, h) of an image that the processor takes (cached in `sizes` by path, errors too)."""
     if path not in sizes:
         try:
             sizes[path] = image_size(path)
@@ -405,6 +375,49 @@ def check_row(line, image_root, task="rec", sizes=None, keys=None, where=""):
             f"image '{path}' is {w}x{h}; its aspect ratio {max(w, h) / min(w, h):.0f} is above "
             f"{MAX_ASPECT}, which the image processor refuses"
         )
+    return w, h
+
+
+def check_row(line, image_root, task="rec", sizes=None, keys=None, where=""):
+    """One row -> the checked row with `image_path` resolved (several images: also `image_paths`
+    and `_sizes`, all of them in order), or BadInput saying in one line what is wrong. `line` is a
+    JSONL line or a row dict of any format: problem/solution (keys: DEFAULT_KEYS or the --*-key
+    flags), VLM-R1 `conversations`, or chat `messages`/`prompt`. `sizes` caches image sizes (or
+    errors) by path, for the many rows that share an image; `where` names an embedded image."""
+    if isinstance(line, (bytes, str)):
+        try:
+            line = json.loads(line)
+        except ValueError as e:  # JSONDecodeError, or bytes that are not UTF-8
+            at = f": column {e.colno}" if isinstance(e, json.JSONDecodeError) else ""
+            raise BadInput(f"not valid JSON ({getattr(e, 'msg', e)}{at})") from None
+    row, keys = line, keys or {}
+    if not isinstance(row, dict):
+        raise BadInput(f"expected a JSON object, got {_short(row)}")
+    chat = next((k for k in ("messages", "prompt") if isinstance(row.get(k), list)), None)
+    image_key, n = _find(row, "image", keys), 0  # n: the image placeholders of a chat row
+    if "conversations" in row or chat:
+        if image_key is None:
+            raise _missing(["image"], keys)
+        problem, box, n = (
+            _from_conversations(_value(row, "conversations"))
+            if "conversations" in row
+            else _from_messages(row, chat, keys)
+        )
+    else:
+        found = {w: _find(row, w, keys) for w in DEFAULT_KEYS}
+        if None in found.values():
+            raise _missing([w for w, k in found.items() if k is None], keys)
+        problem, box = _value(row, found["problem"]), _value(row, found["solution"])
+    if not isinstance(problem, str) or not problem.strip():
+        raise BadInput(f"problem must be a non-empty string, got {_short(problem)}")
+    images = _images(row[image_key], where)
+    if n and n != len(images):
+        raise BadInput(f"{n} image placeholders but {len(images)} image(s) in the row")
+    solution, labels = check_solution(box, task)
+    paths = [e or (i if os.path.isabs(i) else os.path.join(image_root or "", i)) for i, e in images]
+    sizes = {} if sizes is None else sizes
+    all_sizes = [_checked_size(p, sizes) for p in paths]
+    (w, h), path = all_sizes[0], paths[0]  # boxes refer to the first image (README)
     for b in [solution] if task == "rec" else solution if task == "det" else []:
         if min(b[:2]) < -BOX_SLACK or b[2] > w + BOX_SLACK or b[3] > h + BOX_SLACK:
             raise BadInput(
@@ -412,14 +425,16 @@ def check_row(line, image_root, task="rec", sizes=None, keys=None, where=""):
                 f"image '{path}'"
             )
     kept = {k: v for k, v in row.items() if not isinstance(v, Cell)}
+    several = {"image_paths": paths, "_sizes": all_sizes} if len(paths) > 1 else {}
     return {
         **kept,
-        "image": image or where,
+        "image": images[0][0] or where,
         "problem": problem,
         "image_path": path,
         "solution": solution,
         "_where": where,
         "_size": (w, h),
+        **several,
         **({"labels": labels} if task == "det" else {}),
     }
 

@@ -152,6 +152,18 @@ def shared_prefix(prompt_ids, prompt_mask, copies, completion_ids, comp_mask):
     }
 
 
+def expand(text, placeholder, blocks):
+    """`text` with its first len(blocks) `placeholder`s replaced by `blocks`, in order."""
+    parts = text.split(placeholder, len(blocks))
+    return parts[0] + "".join(b + rest for b, rest in zip(blocks, parts[1:]))
+
+
+def image_range(prompt, first, last):
+    """(i0, i1): the images of prompts first..last-1 (prompt["images"] counts each prompt's)."""
+    n = prompt["images"]
+    return int(n[:first].sum()), int(n[:last].sum())
+
+
 def file_of(path, name):
     """A file of a local checkpoint folder or of a hub id (from the local cache when offline)."""
     from transformers.utils import cached_file
@@ -189,37 +201,46 @@ class Qwen2VL:
         return AutoTokenizer.from_pretrained(path, padding_side="left")
 
     def encode(self, rows, device="cpu"):
-        """Chat template + image -> left-padded prompt ids with <|image_pad|> expanded to the
-        image's tokens; sizes are (input w, input h, original w, original h)."""
-        images = [data.load_image(r["image_path"]) for r in rows]
-        vis = self.image_processor(images=images, return_tensors="pt")
+        """Chat template + a row's images -> left-padded prompt ids with each <|image_pad|>
+        expanded to its image's tokens; `images` [n] counts each prompt's images (their patches
+        follow one another in pixel_values, their grids in image_grid_thw). sizes are (input w,
+        input h, original w, original h) of each row's first image, the one boxes refer to."""
+        images = [[data.load_image(p) for p in data.row_images(r)] for r in rows]
+        vis = self.image_processor(images=[im for ims in images for im in ims], return_tensors="pt")
         grid, merge = vis["image_grid_thw"], self.image_processor.merge_size
+        counts = [len(ims) for ims in images]
+        tokens = (grid.prod(-1) // merge**2).tolist()
+        first = [sum(counts[:i]) for i in range(len(rows))]  # each row's first image
         texts = [
-            self.prompt_text(r["problem"], int(g.prod() // merge**2), r.get("_chat"))
-            for r, g in zip(rows, grid)
+            self.prompt_text(r["problem"], tokens[i : i + n], r.get("_chat"))
+            for r, i, n in zip(rows, first, counts)
         ]
         enc = self.tokenizer(
             texts, return_tensors="pt", padding=True, padding_side="left", add_special_tokens=False
         )
         patch = self.image_processor.patch_size
         sizes = [
-            (int(g[2]) * patch, int(g[1]) * patch, im.width, im.height)
-            for g, im in zip(grid, images)
+            (int(grid[i, 2]) * patch, int(grid[i, 1]) * patch, ims[0].width, ims[0].height)
+            for i, ims in zip(first, images)
         ]
         return {
             "input_ids": enc["input_ids"].to(device),
             "attention_mask": enc["attention_mask"].to(device),
             "pixel_values": vis["pixel_values"].to(device),
             "image_grid_thw": grid.to(device),
+            "images": torch.tensor(counts, device=device),
         }, sizes
 
     def prompt_text(self, problem, image_tokens, chat=None):
         """The chat-templated prompt of a problem (or of a benchmark's `chat`, data.build_messages),
-        its image placeholder expanded to `image_tokens` tokens."""
+        its image placeholder expanded to `image_tokens` tokens (a list: one placeholder per image,
+        each expanded to its count)."""
+        counts = [image_tokens] if isinstance(image_tokens, int) else list(image_tokens)
+        messages = data.build_messages(problem, chat, len(counts))
         text = self.tokenizer.apply_chat_template(
-            data.build_messages(problem, chat), tokenize=False, add_generation_prompt=True
+            messages, tokenize=False, add_generation_prompt=True
         )
-        return text.replace(self.image_token, self.image_token * image_tokens, 1)
+        return expand(text, self.image_token, [self.image_token * n for n in counts])
 
     def image_tokens(self, width, height):
         """The tokens of a width x height image: its patches after the processor's resize,
@@ -232,13 +253,15 @@ class Qwen2VL:
     def select(self, prompt, first, last):
         """Prompts first..last-1 with their images (pixel_values holds each image's patches one
         after another)."""
+        i0, i1 = image_range(prompt, first, last)
         patches = prompt["image_grid_thw"].prod(-1)
-        p0, p1 = int(patches[:first].sum()), int(patches[:last].sum())
+        p0, p1 = int(patches[:i0].sum()), int(patches[:i1].sum())
         return {
             "input_ids": prompt["input_ids"][first:last],
             "attention_mask": prompt["attention_mask"][first:last],
             "pixel_values": prompt["pixel_values"][p0:p1],
-            "image_grid_thw": prompt["image_grid_thw"][first:last],
+            "image_grid_thw": prompt["image_grid_thw"][i0:i1],
+            "images": prompt["images"][first:last],
         }
 
     def positions(self, model, ids, mask, grid):
@@ -329,13 +352,15 @@ class Qwen2VL:
     def image_embeds(self, model, p):
         """Token embeddings with each image's features (the vision tower runs once per image) in its
         placeholders, and the features themselves. A pack with `copies` has one row per completion:
-        image copies[i] in row i."""
+        the images of prompt copies[i] in row i."""
         feats = model.model.get_image_features(p["pixel_values"], p["grid"])
         merged = list(
             feats.pooler_output if hasattr(feats, "pooler_output") else feats
         )  # one tensor per image
         if "copies" in p:
-            merged = [merged[c] for c in p["copies"].tolist()]
+            ends = p["images"].cumsum(0).tolist()
+            per_prompt = [merged[e - n : e] for e, n in zip(ends, p["images"].tolist())]
+            merged = [m for c in p["copies"].tolist() for m in per_prompt[c]]
         embeds = model.get_input_embeddings()(p["ids"])
         return embeds.masked_scatter(
             p["image"][..., None], torch.cat(merged).to(embeds.dtype)
@@ -456,6 +481,7 @@ class Qwen35(Qwen2VL):
             "pos": torch.cat([pos_p[:, copies], pos_c[copies][None].expand(3, -1, -1)], 2),
             "image": ids == self.config.image_token_id,
             "copies": copies,
+            "images": prompt["images"],
             "pixel_values": prompt["pixel_values"],
             "grid": grid,
             "P": P,
@@ -495,11 +521,13 @@ class Gemma3(Qwen2VL):
         self.layer_types, self.window = sorted(set(text.layer_types)), text.sliding_window
 
     def encode(self, rows, device="cpu"):
-        images = [data.load_image(r["image_path"]) for r in rows]
-        vis = self.image_processor(images=images, return_tensors="pt")
+        images = [[data.load_image(p) for p in data.row_images(r)] for r in rows]
+        vis = self.image_processor(images=[im for ims in images for im in ims], return_tensors="pt")
         texts = [
-            self.prompt_text(r["problem"], self.config.mm_tokens_per_image, r.get("_chat"))
-            for r in rows
+            self.prompt_text(
+                r["problem"], [self.config.mm_tokens_per_image] * len(ims), r.get("_chat")
+            )
+            for r, ims in zip(rows, images)
         ]
         enc = self.tokenizer(
             texts, return_tensors="pt", padding=True, padding_side="left", add_special_tokens=False
@@ -509,19 +537,27 @@ class Gemma3(Qwen2VL):
             "input_ids": enc["input_ids"].to(device),
             "attention_mask": enc["attention_mask"].to(device),
             "pixel_values": vis["pixel_values"].to(device),
-        }, [(int(w), int(h), im.width, im.height) for im in images]
+            "images": torch.tensor([len(ims) for ims in images], device=device),
+        }, [(int(w), int(h), ims[0].width, ims[0].height) for ims in images]
 
     def prompt_text(self, problem, image_tokens, chat=None):
-        block = f"\n\n{self.boi}{self.soft * image_tokens}{self.eoi}\n\n"  # as Gemma3Processor
-        return self.tokenizer.apply_chat_template(
-            data.build_messages(problem, chat), tokenize=False, add_generation_prompt=True
-        ).replace(self.boi, block, 1)
+        counts = [image_tokens] if isinstance(image_tokens, int) else list(image_tokens)
+        blocks = [f"\n\n{self.boi}{self.soft * n}{self.eoi}\n\n" for n in counts]  # Gemma3Processor
+        messages = data.build_messages(problem, chat, len(counts))
+        text = self.tokenizer.apply_chat_template(
+            messages, tokenize=False, add_generation_prompt=True
+        )
+        return expand(text, self.boi, blocks)
 
     def image_tokens(self, width, height):
         return self.config.mm_tokens_per_image  # every image is resized to one square
 
     def select(self, prompt, first, last):
-        return {k: v[first:last] for k, v in prompt.items()}  # one image per prompt
+        i0, i1 = image_range(prompt, first, last)
+        return {
+            **{k: prompt[k][first:last] for k in ("input_ids", "attention_mask", "images")},
+            "pixel_values": prompt["pixel_values"][i0:i1],
+        }
 
     def positions(self, model, ids, mask, grid=None):
         """1-D positions of a left-padded batch: the index among the row's real tokens (as HF
@@ -703,11 +739,12 @@ def prompt_lengths(family, rows):
     text, out = {}, []
     for r in rows:
         chat = r.get("_chat")  # a benchmark's or a paper recipe's prompt (data.build_messages)
-        key = (r["problem"], *((chat["text"], chat.get("system")) if chat else ()))
+        sizes = r.get("_sizes") or [r["_size"]]
+        key = (r["problem"], len(sizes), *((chat["text"], chat.get("system")) if chat else ()))
         if key not in text:
-            prompt = family.prompt_text(r["problem"], 0, chat)
+            prompt = family.prompt_text(r["problem"], [0] * len(sizes), chat)
             text[key] = len(family.tokenizer(prompt, add_special_tokens=False)["input_ids"])
-        n = family.image_tokens(*r["_size"])
+        n = sum(family.image_tokens(*s) for s in sizes)
         out.append((text[key] + n, n))
     return out
 

@@ -374,7 +374,7 @@ def test_key_flags(tmp_path):
 
 def _bad_sources(d):
     """(format, path, the line's start, what it must say): one bad row (the second) in each format,
-    and several images in one row in each."""
+    and, in the chat formats, image placeholders that do not match the row's images."""
     ((a, png, problem, _, text),) = _items("rec", 1)
     (d / a).write_bytes(png)
     good = {"image": a, "problem": problem, "solution": text}
@@ -418,7 +418,7 @@ def _bad_sources(d):
                 d / "c2.jsonl",
                 [
                     {
-                        "image": [a, a],
+                        "image": a,
                         "conversations": [
                             {"from": "human", "value": "<image><image>" + problem},
                             {"from": "gpt", "value": text},
@@ -427,7 +427,7 @@ def _bad_sources(d):
                 ],
             ),
             1,
-            "2 images in one row; one image per row is supported for now",
+            "2 image placeholders but 1 image(s) in the row",
         ),
         (
             "several, messages",
@@ -451,7 +451,7 @@ def _bad_sources(d):
                 ],
             ),
             1,
-            "2 images in one row",
+            "2 image placeholders but 1 image(s) in the row",
         ),
     ]
     path = str(d / "corrupt.parquet")
@@ -468,18 +468,18 @@ def _bad_sources(d):
         path,
     )
     out.append(("parquet", path, 2, f"image '{path}:2' is "))
-    path = str(d / "several.parquet")
+    path = str(d / "empty-list.parquet")
     pq.write_table(
         pa.table(
             {
-                "images": pa.array([[{"bytes": png, "path": None}] * 3], pa.list_(IMAGE)),
-                "problem": [problem],
-                "solution": [text],
+                "images": pa.array([[{"bytes": png, "path": None}], []], pa.list_(IMAGE)),
+                "problem": [problem] * 2,
+                "solution": [text] * 2,
             }
         ),
         path,
     )
-    out.append(("several, parquet", path, 1, "3 images in one row"))
+    out.append(("empty list, parquet", path, 2, "the row's image list is empty"))
     path = str(d / "outside.arrow")
     table = pa.table(
         {
@@ -492,6 +492,57 @@ def _bad_sources(d):
         w.write_table(table)
     out.append(("arrow", path, 2, "lies outside the 128x128 image"))
     return out
+
+
+def test_several_images_in_each_format_load(tmp_path):
+    """Issue 32: VLM-R1's image list with its <image> placeholders, a chat row with several image
+    parts, and an HF table's image list load, for count, cls and rec, all images in order; a
+    rec box refers to the first image (one inside the second image only is refused)."""
+    from PIL import Image
+
+    for task in ("count", "cls", "rec"):
+        (a, png, problem, _, text), (b, png2, *_) = _items(task, 2)
+        (tmp_path / a).write_bytes(png)
+        (tmp_path / b).write_bytes(png2)
+        human = {"from": "human", "value": "<image><image>" + problem}
+        parts = [{"type": "image"}, {"type": "image"}, {"type": "text", "text": problem}]
+        embedded = [{"bytes": png, "path": None}, {"bytes": png2, "path": None}]
+        sources = [
+            _jsonl(
+                tmp_path / f"{task}-c.jsonl",
+                [{"image": [a, b], "conversations": [human, {"from": "gpt", "value": text}]}],
+            ),
+            _jsonl(
+                tmp_path / f"{task}-m.jsonl",
+                [
+                    {
+                        "images": [a, b],
+                        "solution": text,
+                        "messages": [{"role": "user", "content": parts}],
+                    }
+                ],
+            ),
+            str(tmp_path / f"{task}.parquet"),
+        ]
+        table = {"images": pa.array([embedded], pa.list_(IMAGE)), "problem": [problem]}
+        pq.write_table(pa.table({**table, "solution": [text]}), sources[2])
+        for path in sources:
+            (row,), bad = data.load_data(path, str(tmp_path), task)
+            assert not bad and row["problem"] == problem.replace("<image>", "").strip(), path
+            assert len(row["image_paths"]) == 2 and row["image_path"] == row["image_paths"][0]
+            opened = [data.load_image(p).tobytes() for p in data.row_images(row)]
+            assert opened == [
+                Image.open(io.BytesIO(x)).convert("RGB").tobytes() for x in (png, png2)
+            ]
+            assert row["_sizes"] == [data.image_size(p) for p in row["image_paths"]]
+            assert row["_size"] == row["_sizes"][0]
+    small = tmp_path / "small.png"
+    Image.new("RGB", (64, 64)).save(small)
+    far = {"image": [str(small), a], "problem": problem, "solution": "[70, 70, 90, 90]"}
+    with pytest.raises(data.BadInput, match=r"lies outside the 64x64 image '.*small.png'"):
+        data.check_row(json.dumps(far), str(tmp_path), "rec")
+    far["image"] = [a, str(small)]  # the box lies in the first image: accepted
+    assert data.check_row(json.dumps(far), str(tmp_path), "rec")["solution"] == [70, 70, 90, 90]
 
 
 def test_a_bad_row_in_each_format_is_one_line(tmp_path):

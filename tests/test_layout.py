@@ -124,15 +124,16 @@ def project_imports(name):
 
 
 def test_imports_flow_one_way():
-    """rewards/data (-> detection -> registry, viz) -> vlm -> plan -> infra -> recipes, objectives,
-    evaluation, coldstart -> grpo_vlm -> eval, sft: no module imports one that imports it back, and
-    grpo_vlm.py (run as __main__) never loads a second copy of itself."""
+    """rewards/data (-> detection -> registry, viz, tools) -> vlm -> plan -> infra -> recipes,
+    objectives, evaluation, coldstart -> grpo_vlm -> eval, sft: no module imports one that imports
+    it back, and grpo_vlm.py (run as __main__) never loads a second copy of itself."""
     order = [
         "rewards",
         "data",
         "detection",
         "registry",
         "viz",
+        "tools",
         "vlm",
         "plan",
         "infra",
