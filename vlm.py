@@ -188,10 +188,11 @@ class Qwen2VL:
 
         return AutoTokenizer.from_pretrained(path, padding_side="left")
 
-    def encode(self, rows, device="cpu"):
+    def encode(self, rows, device="cpu", images=None):
         """Chat template + image -> left-padded prompt ids with <|image_pad|> expanded to the
-        image's tokens; sizes are (input w, input h, original w, original h)."""
-        images = [data.load_image(r["image_path"]) for r in rows]
+        image's tokens; sizes are (input w, input h, original w, original h). `images`: other
+        images of the rows, the same sizes (a masked or distorted copy; objectives.encode_view)."""
+        images = images or [data.load_image(r["image_path"]) for r in rows]
         vis = self.image_processor(images=images, return_tensors="pt")
         grid, merge = vis["image_grid_thw"], self.image_processor.merge_size
         texts = [
@@ -493,8 +494,8 @@ class Gemma3(Qwen2VL):
         )
         self.layer_types, self.window = sorted(set(text.layer_types)), text.sliding_window
 
-    def encode(self, rows, device="cpu"):
-        images = [data.load_image(r["image_path"]) for r in rows]
+    def encode(self, rows, device="cpu", images=None):
+        images = images or [data.load_image(r["image_path"]) for r in rows]
         vis = self.image_processor(images=images, return_tensors="pt")
         texts = [self.prompt_text(r["problem"], self.config.mm_tokens_per_image) for r in rows]
         enc = self.tokenizer(
