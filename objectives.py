@@ -118,7 +118,7 @@ def sapo_surrogate(logp, logp_old, A, mask, eps_low, eps_high, tau_pos=1.0, tau_
     for A < 0 as tau_neg > tau_pos, and tending to rho (the unclipped ratio) as tau -> 0. The
     paper's tau_pos = 1.0, tau_neg = 1.05. Nothing is clipped."""
     rho = torch.exp(logp - logp_old)
-    tau = torch.where(A > 0, tau_pos, tau_neg)
+    tau = torch.full_like(A, tau_neg).masked_fill(A > 0, tau_pos)
     L = -(4 / tau) * torch.sigmoid(tau * (rho - 1)) * A
     return L, torch.zeros_like(logp, dtype=torch.bool)
 
