@@ -268,10 +268,11 @@ def papo_mask(image, gen):
 
 
 def noise_step(step, args):
-    """NoisyRollout's noise step at `step`: t0 * (1 - sigmoid(30 * (step / steps - 1/2))), the
-    official sigmoid decay (NUS-TRAIL/NoisyRollout, verl/utils/image_aug.py, decay_mode sigmoid,
-    decay_coef 30), its midpoint here half the run; rounded down, 0 (clean) at the end."""
-    decay = 1 - 1 / (1 + math.exp(-30 * (step / args.steps - 0.5)))
+    """NoisyRollout's noise step at `step` (1..steps): t0 * (1 - sigmoid(30 * (x - 1/2))), x =
+    (step - 1) / steps, the official sigmoid decay (NUS-TRAIL/NoisyRollout, verl/utils/
+    image_aug.py, decay_mode sigmoid, decay_coef 30), its midpoint here half the run; rounded down:
+    t0 at the start, 0 (the clean image) by the end."""
+    decay = 1 - 1 / (1 + math.exp(-30 * ((step - 1) / args.steps - 0.5)))
     return int(args.noisy_rollout_step * decay)
 
 

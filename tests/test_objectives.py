@@ -23,7 +23,7 @@ import objectives as ob  # noqa: E402
 # B=2, G=4, 48 tokens: the tiny model's rewards vary within a group, so A != 0
 TINY = "--prompts-per-step 2 --num-generations 4 --train-size 16 --eval-every 0 --save-every 0"
 TINY = (TINY + " --sample-every 0 --micro-batch-size 4 --lr 1e-3").split()
-OPTIONS = {  # every new option, as it trains in the 3-step runs
+OPTIONS = {  # every new option, as it trains in the 3-step runs (slow: each alone)
     "cispo": ["--policy-loss", "cispo", "--mu", "2"],
     "sapo": ["--policy-loss", "sapo", "--mu", "2"],
     "gmpo": ["--policy-loss", "gmpo", "--mu", "2"],
@@ -33,6 +33,15 @@ OPTIONS = {  # every new option, as it trains in the 3-step runs
     "noisy": ["--noisy-rollout-share", "0.5", "--noisy-rollout-step", "800"],
     "papo": ["--papo-gamma", "0.01"],
     "vppo": ["--vppo-share", "0.4"],
+}
+# the same options in three runs, for CI's time
+COMBINED = {
+    "cispo+entropy+gdpo+tis": OPTIONS["cispo"]
+    + OPTIONS["entropy"]
+    + OPTIONS["gdpo"]
+    + ["--tis-cap", "2"],
+    "sapo+noisy": OPTIONS["sapo"] + OPTIONS["noisy"],
+    "gmpo+papo+vppo": OPTIONS["gmpo"] + OPTIONS["papo"] + OPTIONS["vppo"],
 }
 
 
@@ -270,7 +279,7 @@ def test_papo_kl_is_zero_when_the_masked_image_is_the_image(tmp_path, monkeypatc
     # with the paper's mask the masked forward differs
     monkeypatch.undo()
     masked = ob.papo_mask(ob.Image.new("RGB", (56, 42), (200, 100, 50)), ob.keyed_generator(0))
-    x = torch.tensor(list(masked.getdata())).view(42, 56, 3)
+    x = torch.from_numpy(ob.np.array(masked))
     black = (x == 0).all(-1)
     assert 0 < black.float().mean() < 1  # some patches blackened, not all
     assert black[:14, :14].all() or not black[:14, :14].any()  # whole 14x14 patches
@@ -278,28 +287,23 @@ def test_papo_kl_is_zero_when_the_masked_image_is_the_image(tmp_path, monkeypatc
 
 # ---------------------------------------------------------------------------------------------
 # Every option: 3 steps on one process and on two, equal batches, logp_gap in bounds
-def train_all(out):
-    """Each option for 3 steps in this process (or these torchrun processes)."""
-    for name, flags in OPTIONS.items():
+def train_all(out, which):
+    """Each run of `which` for 3 steps in this process (or these torchrun processes)."""
+    for name, flags in which.items():
         g.train(
             g.parse_args(TINY + ["--steps", "3", *flags, "--output-dir", os.path.join(out, name)])
         )
 
 
-def test_every_option_trains_on_one_process_and_on_two(tmp_path):
-    flags = [os.path.join(ROOT, "tests", "test_objectives.py")]
+def one_and_two(tmp_path, which):
+    """`which` on 2 gloo processes and on 1, one launch each: equal batches, logp_gap in bounds."""
+    script = [os.path.join(ROOT, "tests", "test_objectives.py")]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     for launcher, name in ((runs.TWO, "two"), ([sys.executable], "one")):
-        res = subprocess.run(
-            launcher + flags + [str(tmp_path / name)],
-            capture_output=True,
-            text=True,
-            env=env,
-            cwd=ROOT,
-            timeout=600,
-        )
+        cmd = launcher + script + [str(tmp_path / name), " ".join(which)]
+        res = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
         assert res.returncode == 0, res.stderr[-3000:]
-    for opt in OPTIONS:
+    for opt in which:
         one, two = (
             [json.loads(x) for x in open(tmp_path / n / opt / "metrics.jsonl")]
             for n in ("one", "two")
@@ -313,5 +317,22 @@ def test_every_option_trains_on_one_process_and_on_two(tmp_path):
             assert abs(a["train_rollout_ratio_mean"] - 1) < 1e-4, opt
 
 
+def test_every_option_trains_on_one_process_and_on_two(tmp_path):
+    """The options in three combined runs (CI)."""
+    one_and_two(tmp_path, COMBINED)
+
+
+@pytest.mark.slow
+def test_each_option_alone_trains_on_one_process_and_on_two(tmp_path):
+    one_and_two(tmp_path, OPTIONS)
+
+
 if __name__ == "__main__":
-    train_all(sys.argv[1])
+    # one process group for the whole loop: each train() would set one up and tear it down, and
+    # torchrun's store does not take a second one
+    dist, init, destroy = torch.distributed, torch.distributed.init_process_group, None
+    dist.init_process_group = lambda *a, **k: None if dist.is_initialized() else init(*a, **k)
+    destroy, dist.destroy_process_group = dist.destroy_process_group, lambda *a, **k: None
+    train_all(sys.argv[1], {k: {**OPTIONS, **COMBINED}[k] for k in sys.argv[2].split()})
+    if dist.is_initialized():
+        destroy()
