@@ -131,8 +131,8 @@ def sapo_weight(rho, tau):
 
 
 def gmpo_surrogate(logp, logp_old, A, mask, eps_low, eps_high, eps=0.4):
-    """GMPO (arXiv 2507.20673, Eq. 4; official: callsys/GMPO, the policy loss): the geometric mean
-    of the token ratios, each clipped in log space, pessimistically for the sign of A,
+    """GMPO (Geometric-Mean Policy Optimization, arXiv 2507.20673, Eq. 4): the geometric mean of
+    the token ratios, each clipped in log space, pessimistically for the sign of A,
 
         l_t = sgn(A) * min(sgn(A) (logp_t - logp_old_t), clip(sgn(A) (logp_t - logp_old_t), -eps,
               eps))
