@@ -63,9 +63,7 @@ def test_gspo_clips_whole_sequences():
     logp = torch.zeros(2, 3, requires_grad=True)
     logp_old = torch.log(torch.tensor([[1 / 1.5] * 3, [1 / 1.1] * 3]))
     tw = g.token_weights(torch.ones(2, 3), "grpo")
-    loss, st = g.grpo_loss(
-        logp, logp_old, None, torch.tensor([1.0, 1.0]), tw, 0.2, 0.2, 0.0, sequence=True
-    )
+    loss, st = g.grpo_loss(logp, logp_old, None, torch.tensor([1.0, 1.0]), tw, GSPO)
     grad = torch.autograd.grad(loss, logp)[0]
     assert torch.equal(grad[0], torch.zeros(3))
     assert torch.allclose(grad[1], torch.full((3,), -1.1 / (3 * 2)), atol=1e-7)
