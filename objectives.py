@@ -70,8 +70,8 @@ class ObjectiveFlags:
     """VPPO (arXiv 2510.09285): the policy gradient only on this share of the batch's tokens by
     perception score (the paper's 0.4; 0: off)"""
     vppo_min_scale: float = 0.9
-    """VPPO: a trajectory's advantage is scaled into [min_scale, 1] by its mean perception score
-    (the paper's 0.9)"""
+    """VPPO: a trajectory's advantage is scaled from min_scale up by its mean perception score,
+    the scales averaging 1 (the official scripts' 0.9)"""
 
 
 PATCH, BLACK_PROB = 14, 0.6  # PAPO's mask: each 14x14 patch blackened with probability 0.6
@@ -201,20 +201,24 @@ def top_share(score, mask, share):
 
 def perception_score(logp, logp_masked):
     """VPPO's token perception score (official huaixuheqing/VPPO-RL, verl/workers/actor/
-    dp_actor.py, the k3 of aug_log_probs - old_log_probs clamped to [0, 10]): how much a token's
-    log-prob changes when the image is masked; 0 for a token that does not depend on the image."""
+    dp_actor.py lines 400-405, the k3 of aug_log_probs - old_log_probs clamped to [0, 10]; top
+    share 0.4 in examples/configs/train_vppo_7b.sh line 21): how much a token's log-prob changes
+    when the image is masked; 0 for a token that does not depend on the image."""
     d = (logp_masked - logp).clamp(-20, 20)
     return (torch.exp(d) - d - 1).clamp(0, 10)
 
 
 def trajectory_scale(score, mask, min_scale):
-    """VPPO's advantage scale per trajectory: its mean token score mapped linearly from the
-    batch's [min, max] onto [min_scale, 1] (all 1 when every trajectory scores alike)."""
+    """VPPO's advantage scale per trajectory (official dp_actor.py lines 497-520): its mean token
+    score S_i min-max normalised over the batch to n_i in [0, 1], then alpha_i = min_scale + (1 -
+    min_scale) n_i / mean(n), so the scales average 1 (the official code takes that mean over a
+    micro-batch; here over the global batch); all 1 when every trajectory scores alike."""
     S = (score * mask).sum(1) / mask.sum(1).clamp(min=1)
     span = S.max() - S.min()
-    if span <= 0:
+    if span <= 1e-6:
         return torch.ones_like(S)
-    return min_scale + (1 - min_scale) * (S - S.min()) / span
+    n = (S - S.min()) / span
+    return min_scale + (1 - min_scale) * n / n.mean()
 
 
 def shape_advantages(A, batch, logp_old, views, procs, args):
@@ -256,9 +260,9 @@ def keyed_generator(*parts):
 
 
 def papo_mask(image, gen):
-    """PAPO's masked image (official MikeWangWZHL/PAPO, verl/trainer/papo_utils.py,
-    random_patch_blackening; examples/config.yaml: patch_size 14, black_prob 0.6): each 14x14
-    patch blackened with probability 0.6."""
+    """PAPO's masked image (official MikeWangWZHL/PAPO, verl/trainer/papo_utils.py line 17,
+    random_patch_blackening; examples/config.yaml lines 41-42: patch_size 14, black_prob 0.6): each
+    14x14 patch blackened with probability 0.6."""
     x = np.array(image)
     h, w = x.shape[:2]
     black = torch.rand(math.ceil(h / PATCH), math.ceil(w / PATCH), generator=gen) < BLACK_PROB
@@ -277,9 +281,9 @@ def noise_step(step, args):
 
 
 def diffusion_noise(image, t, gen):
-    """NoisyRollout's distortion (image_aug.py, _add_gaussian_noise): the forward diffusion
-    q(x_t | x_0) = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps, betas 1e-5..5e-3 over 1000 steps on a
-    sigmoid; t = 0 leaves the image as it is."""
+    """NoisyRollout's distortion (image_aug.py lines 61-75, _add_gaussian_noise): the forward
+    diffusion q(x_t | x_0) = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps, betas 1e-5..5e-3 over 1000
+    steps on a sigmoid; t = 0 leaves the image as it is."""
     if t <= 0:
         return image
     betas = torch.sigmoid(torch.linspace(-6, 6, 1000, dtype=torch.float64)) * (5e-3 - 1e-5) + 1e-5
@@ -366,14 +370,16 @@ def seen(old, v, j, noisy, s):
 
 
 def papo_term(logp, v, j, tw, args):
-    """PAPO's terms (arXiv 2507.06448, Eq. 6 and 9; official MikeWangWZHL/PAPO,
-    verl/workers/actor/dp_actor.py, the kl_prcp and entropy losses), per token weighted by (6):
+    """PAPO's terms (arXiv 2507.06448; official MikeWangWZHL/PAPO, verl/workers/actor/dp_actor.py
+    lines 324-377, the kl_prcp and entropy losses; gamma 0.01 in examples/config.yaml line 37),
+    per token weighted by (6):
 
         J_PAPO = sum_t tw_t * ( -gamma * KL_prcp,t + eta * (H_t + H_masked,t) ),
         KL_prcp,t = k3(logp_t, logp_masked_t) clamped to 10 (verl's low_var_kl),
 
     so minimising J *maximises* the KL between pi(.|I) and pi(.|I_masked). As in the official
-    default, the masked log-probs are pi_old's (no gradient through them), and the entropies are
+    default (dp_actor.py line 46, RECOMPUTE_AUG_LOG_PROBS=False), the masked log-probs are pi_old's
+    (no gradient through them), and the entropies are
     estimated on the sampled tokens, H_t ~ -logp_t (the masked one is then a constant). 0 when
     --papo-gamma is 0."""
     if not args.papo_gamma:

@@ -203,9 +203,9 @@ def test_papo_loss_falls_as_the_kl_grows_and_vppo_scores_what_depends_on_the_ima
         torch.log(torch.tensor([[0.5, 0.5]])), masked + torch.tensor([[0, 0.3]])
     )
     assert s[0, 0] == 0 and s[0, 1] > 0
-    assert ob.trajectory_scale(
-        torch.tensor([[0.0], [1.0], [0.5]]), torch.ones(3, 1), 0.9
-    ).tolist() == pytest.approx([0.9, 1.0, 0.95])
+    # trajectory scores 0, 1, 0.5: normalised 0, 1, 0.5 (mean 0.5), alpha = 0.9 + 0.1 * n / 0.5
+    scale = ob.trajectory_scale(torch.tensor([[0.0], [1.0], [0.5]]), torch.ones(3, 1), 0.9)
+    assert scale.tolist() == pytest.approx([0.9, 1.1, 1.0]) and scale.mean() == pytest.approx(1)
 
 
 # ---------------------------------------------------------------------------------------------
