@@ -19,6 +19,8 @@ Equations (../shared/REFERENCE.md), and where each is:
   log pi(o_t | q, o_<t) / T on completion tokens only          vlm.packed_logps
   Algorithm 1 (DeepSeekMath): mu passes over each batch        policy_update, train
   GSPO's sequence ratio in place of (3)-(4)                    objectives.gspo_surrogate
+  CISPO, SAPO, GMPO in place of (3)-(4) (--policy-loss)        objectives.surrogate
+  GDPO, top-entropy tokens, TIS, NoisyRollout, PAPO, VPPO      objectives.py (README: Objectives)
   Vision-R1: the cold start                                    coldstart.cold_start
   Vision-R1: staged length (PTST) and rule refinement          stage_at; the rule acts in rewards.py
   DAPO: dynamic sampling                                       dynamic_rollout
@@ -92,7 +94,7 @@ class VariantFlags:
 
     importance_sampling: str = "token"
     """ratio: token (eq. 3) or sequence (GSPO, Zheng et al. 2025: s_i = exp(mean_t(logp -
-    logp_old)) clipped whole)"""
+    logp_old)) clipped whole; the same as --policy-loss gspo)"""
     dynamic_sampling: int = 0
     """DAPO (Yu et al. 2025): drop groups whose rewards are all equal, refill from up to N more
     rounds of B (0: off)"""
@@ -108,7 +110,13 @@ class VariantFlags:
 
 @dataclass
 class Args(
-    VisionR1Flags, VariantFlags, data.DataFlags, infra.EngineFlags, infra.RunFlags, infra.LogFlags
+    VisionR1Flags,
+    VariantFlags,
+    objectives.ObjectiveFlags,
+    data.DataFlags,
+    infra.EngineFlags,
+    infra.RunFlags,
+    infra.LogFlags,
 ):
     """GRPO: the algorithm"""
 
@@ -318,6 +326,7 @@ class Batch:
     r: torch.Tensor  # [N] rewards (1)
     components: dict  # {name: [N]} each R_k, for the logs
     dynamic: dict  # DAPO's dynamic sampling: rollouts spent and shortfall ({}: off)
+    noisy: objectives.Noisy = None  # NoisyRollout's distorted images, and who was sampled on them
 
 
 @dataclass
@@ -350,8 +359,16 @@ def sample_and_reward(run, drawn, k, step, stage, args):
     keys = infra.sample_keys(args.seed, step, run.procs.mine(range(k * B * G, (k + 1) * B * G)))
     L, T, chunk = stage.max_len, args.temperature, args.rollout_batch_size
     dec = Decoding(L, T, args.min_completion_length, chunk)
-    samples = sample_group(run.model, run.family, encoded[0], G, dec, keys)
-    return score(run, mine, encoded, samples, stage, args)
+    if args.noisy_rollout_share:  # NoisyRollout: a share of each group on a distorted image
+        decoding = (G, dec, keys)
+        samples, noisy = objectives.noisy_rollout(
+            sample_group, run, mine, encoded[0], decoding, step, args
+        )
+    else:
+        samples, noisy = sample_group(run.model, run.family, encoded[0], G, dec, keys), None
+    batch = score(run, mine, encoded, samples, stage, args)
+    batch.noisy = noisy
+    return batch
 
 
 def score(run, rows, encoded, samples, stage, args):
@@ -439,7 +456,8 @@ def grpo_loss(logp, logp_old, logp_ref, A, tw, args):
 
         J = sum_{i,t} tw_{i,t} * (L_{i,t} + beta * KL_{i,t})
 
-    L is the clipped surrogate (3)-(4) (--importance-sampling sequence: GSPO's, objectives.py),
+    L is the clipped surrogate (3)-(4) (--policy-loss: GSPO's, CISPO's, ... objectives.py), A [N]
+    or per token [N, L] (objectives.shape_advantages, tis),
     KL the k3 estimator (5), and tw the token weights (6) of --loss-agg, over the global batch of
     N_all completions, 0 on padding:
         grpo    tw = 1 / (N_all * |o_i|)   mean over each completion's tokens, then completions
@@ -450,8 +468,8 @@ def grpo_loss(logp, logp_old, logp_ref, A, tw, args):
     fires, and the gradient is REINFORCE's with group-normalised advantages, plus beta * the KL's.
     Returns J and the KL's and the clipped tokens' sums over the tokens with tw > 0."""
     mask = (tw > 0).float()
-    surrogate = objectives.SURROGATES.get(args.importance_sampling, clipped_surrogate)
-    L, clipped = surrogate(logp, logp_old, A[:, None], mask, args.eps_low, args.eps_high)
+    surrogate = objectives.surrogate(args) or clipped_surrogate  # --policy-loss
+    L, clipped = surrogate(logp, logp_old, A.view(len(A), -1), mask, args.eps_low, args.eps_high)
     kl = torch.zeros_like(logp)
     if args.beta > 0:
         kl = k3_kl(logp, logp_ref)
@@ -504,8 +522,10 @@ def policy_update(run, batch, A, tw, args):
     mbs = [slice(i, min(i + mb, N)) for i in range(0, N, mb)]
     with torch.no_grad():  # one layout per micro-batch, for every forward
         packed = [pack(run, batch, s, G) for s in mbs]
-        logp_old = [run.policy(p) for p in packed] if args.mu > 1 else None
+        logp_old = [run.policy(p) for p in packed] if args.mu > 1 or args.vppo_share else None
         logp_ref = [run.ref(p) for p in packed] if run.ref else None
+    views = objectives.views(pack, run, batch, mbs, args)  # pi_old on masked, distorted images
+    A = objectives.shape_advantages(A, batch, logp_old, views, run.procs, args)  # tokens: [N, L]
     stats = infra.Stats.zeros(A.device)
     for k in range(args.mu):
         J_pass = torch.zeros((), device=A.device)  # this pass's objective on this process
@@ -514,7 +534,10 @@ def policy_update(run, batch, A, tw, args):
                 logp = run.policy(packed[j])
                 old = logp_old[j] if logp_old else logp.detach()  # mu = 1: rho = 1
                 ref = logp_ref[j] if logp_ref else None
-                J, st = grpo_loss(logp, old, ref, A[s], tw[s], args)
+                seen = objectives.seen(old, views, j, batch.noisy, s)  # on the image sampled from
+                A_s = objectives.tis(A[s], seen, batch.logp[s], args)  # TIS: A * min(ratio, C)
+                J, st = grpo_loss(logp, old, ref, A_s, tw[s], args)
+                J = J + objectives.papo_term(logp, views, j, tw[s], args)  # PAPO's; 0 when off
                 # DDP and FSDP2 average the processes' gradients: scaled back to their sum
                 (J * run.procs.scale).backward()
             J_pass += J.detach()
@@ -522,7 +545,7 @@ def policy_update(run, batch, A, tw, args):
             stats.kl += st["kl_sum"] / args.mu
             stats.clipped += st["clip_sum"] / args.mu
             if k == 0:  # the alarm: do the sampler and the trainer agree on pi_old?
-                stats.add_gap(logp, batch.logp[s], batch.mask[s])
+                stats.add_gap(seen, batch.logp[s], batch.mask[s])
         stats.grad_norm, made = infra.optimizer_step(run.model, run.opt, J_pass, run.procs, args)
         stats.skipped += not made  # a non-finite loss or gradient: no update
     return stats
@@ -590,7 +613,8 @@ def train(args):
             batch = rollout(run, rows, rng, step, stage, args)
         # (2) advantages and (6) token weights over every process's rows; then this process's
         every = Everyone(*(procs.gather(x) for x in (batch.r, batch.mask, batch.cut)))
-        A = procs.mine(group_advantages(every.r, G, args.scale_rewards))
+        r = objectives.rewards_for_advantages(every.r, batch, weights, procs, args)  # GDPO
+        A = procs.mine(group_advantages(r, G, args.scale_rewards))
         kept = every.mask * (1 - every.cut[:, None]) if args.overlong_filter else every.mask
         L = args.max_completion_length  # Dr. GRPO's fixed normaliser, also under PTST's stages
         tw = procs.mine(token_weights(kept, args.loss_agg, L))  # DAPO's overlong filter: kept

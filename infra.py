@@ -672,18 +672,28 @@ class Stats:
     clipped: torch.Tensor
     logp_gap: torch.Tensor
     logp_gap_max: torch.Tensor
+    # the same difference as a ratio pi_train / pi_rollout: its sum, maximum, and tokens outside
+    # [0.5, 2] (what truncated importance sampling, --tis-cap, corrects)
+    ratio: torch.Tensor
+    ratio_max: torch.Tensor
+    ratio_outside: torch.Tensor
     grad_norm: torch.Tensor = None  # of the last update
     skipped: int = 0  # updates skipped for a non-finite loss or gradient
 
     @classmethod
     def zeros(cls, device):
-        return cls(*(torch.zeros((), device=device) for _ in range(5)))
+        return cls(*(torch.zeros((), device=device) for _ in range(8)))
 
     def add_gap(self, logp, logp_rollout, mask):
         """logp_gap of a micro-batch: the training forward's log-probs against the rollout's."""
-        gap = (logp.detach() - logp_rollout).abs() * mask
+        diff = logp.detach() - logp_rollout
+        gap = diff.abs() * mask
         self.logp_gap += gap.sum()
         self.logp_gap_max = torch.maximum(self.logp_gap_max, gap.max())
+        ratio = torch.exp(diff) * mask
+        self.ratio += ratio.sum()
+        self.ratio_max = torch.maximum(self.ratio_max, ratio.max())
+        self.ratio_outside += (((ratio < 0.5) | (ratio > 2)) * mask).sum()
 
 
 def optimizer_step(model, opt, J, procs, args):
@@ -1187,6 +1197,7 @@ def step_row(args, procs, step, batch, every, stats, **extra):
     r, mask, world, G = every.r, every.mask, procs.world, args.num_generations
     n_tok, rg = mask.sum().item(), r.view(-1, G)
     sums = dict(loss=stats.loss, kl=stats.kl, clipped=stats.clipped, logp_gap=stats.logp_gap)
+    sums.update(ratio=stats.ratio, ratio_outside=stats.ratio_outside)
     sums["entropy"] = (batch.H * batch.mask).sum()
     s = dict(zip(sums, all_sum(torch.stack(list(sums.values())), world).tolist()))
     gathered = {k: gather(v.to(r.device), world) for k, v in batch.components.items()}
@@ -1200,6 +1211,9 @@ def step_row(args, procs, step, batch, every, stats, **extra):
         "clip_frac": s["clipped"] / n_tok,
         "logp_gap": s["logp_gap"] / n_tok,
         "logp_gap_max": all_max(stats.logp_gap_max, world).item(),
+        "train_rollout_ratio_mean": s["ratio"] / n_tok,
+        "train_rollout_ratio_max": all_max(stats.ratio_max, world).item(),
+        "train_rollout_ratio_outside": s["ratio_outside"] / n_tok,
         "entropy": s["entropy"] / n_tok,
         "completion_len": n_tok / len(mask),
         "grad_norm": float(stats.grad_norm),

@@ -206,6 +206,11 @@ def parts(
         args.fsdp
     ):  # the root's weights (kept from forward to backward), one layer and the next one prefetched
         training["gathered layers"] = half * (a["root"] + 2 * a["layer"])
+    # PAPO and VPPO: pi_old's log-probs on the masked image, held through the update (VPPO: also
+    # pi_old's own); their no-gradient forwards run before it, below the training peak
+    kept = bool(getattr(args, "papo_gamma", 0)) + 2 * bool(getattr(args, "vppo_share", 0))
+    if kept:
+        training["PAPO/VPPO masked log-probs"] = 4 * B * G * L * min(kept, 2)
     shape = dict(P=P, L=L, rows=rows, tokens=tokens, params=N, trained=trained)
     return {"rollout": rollout, "training": training, "shape": shape}
 

@@ -126,8 +126,9 @@ def paper(args):
 
 
 def uses_gspo(args):
-    """Whether the run's objective is GSPO's sequence ratio (--importance-sampling sequence)."""
-    return args.importance_sampling == "sequence"
+    """Whether the run's objective is GSPO's sequence ratio (--policy-loss gspo, or
+    --importance-sampling sequence)."""
+    return args.importance_sampling == "sequence" or getattr(args, "policy_loss", "") == "gspo"
 
 
 CHOICES = {
@@ -136,6 +137,8 @@ CHOICES = {
     "scale_rewards": ("group", "batch", "none"),
     "lr_schedule": ("constant", "linear"),
     "importance_sampling": ("token", "sequence"),
+    "policy_loss": ("grpo", "gspo", "cispo", "sapo", "gmpo"),  # objectives.surrogate
+    "reward_norm": ("sum", "gdpo"),
     "coord_space": ("auto", "abs_resized", "norm1000", "abs_original"),
     "report_to": infra.REPORT_TO,
     **infra.ENGINE_CHOICES,
@@ -177,11 +180,13 @@ def check(args):
         sys.exit(
             f"error: --rollout-batch-size {args.rollout_batch_size} must be a multiple of G={G}"
         )
-    if args.importance_sampling == "sequence" and args.loss_agg != "grpo":
+    sequence_level = args.importance_sampling == "sequence" or args.policy_loss in ("gspo", "gmpo")
+    if sequence_level and args.loss_agg != "grpo":  # GSPO's and GMPO's L is one per completion
         sys.exit(
-            "error: --importance-sampling sequence (GSPO) aggregates per sequence: "
-            "use --loss-agg grpo"
+            "error: --importance-sampling sequence (GSPO) and --policy-loss gspo, gmpo aggregate "
+            "per sequence: use --loss-agg grpo"
         )
+    check_objectives(args)
     for name, parse in (
         ("length_schedule", int),
         ("iou_threshold_schedule", rewards.refinement_stage),
@@ -233,3 +238,27 @@ def show(args, weights, say):
         fn = rewards.function(weights, k)
         where = "flag" if k in given else f"preset {recipe}" if k in own else "task"
         say(f"  reward {k} weight {w:g}: {getattr(fn, '__name__', fn)}  ({where})")
+
+
+def check_objectives(args):
+    """The objectives' flags (objectives.ObjectiveFlags): shares in [0, 1], a NoisyRollout group
+    with completions on both images, no combination that cannot run."""
+    for name in ("entropy_top_share", "noisy_rollout_share", "vppo_share"):
+        if not 0 <= getattr(args, name) <= 1:
+            sys.exit(f"error: --{name.replace('_', '-')} must be in [0, 1]")
+    if args.tis_cap < 0 or args.papo_gamma < 0:
+        sys.exit("error: --tis-cap and --papo-gamma must be >= 0")
+    if args.importance_sampling == "sequence" and args.policy_loss not in ("grpo", "gspo"):
+        sys.exit(
+            f"error: --importance-sampling sequence is GSPO: it cannot go with --policy-loss "
+            f"{args.policy_loss}"
+        )
+    if args.noisy_rollout_share:
+        n, G = round(args.noisy_rollout_share * args.num_generations), args.num_generations
+        if not 0 < n < G:
+            sys.exit(
+                f"error: --noisy-rollout-share {args.noisy_rollout_share} puts {n} of G={G} "
+                "completions on the distorted image: it must be 1 to G-1"
+            )
+        if args.dynamic_sampling:
+            sys.exit("error: --noisy-rollout-share does not go with --dynamic-sampling")

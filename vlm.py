@@ -200,12 +200,14 @@ class Qwen2VL:
 
         return AutoTokenizer.from_pretrained(path, padding_side="left")
 
-    def encode(self, rows, device="cpu"):
+    def encode(self, rows, device="cpu", images=None):
         """Chat template + a row's images -> left-padded prompt ids with each <|image_pad|>
         expanded to its image's tokens; `images` [n] counts each prompt's images (their patches
         follow one another in pixel_values, their grids in image_grid_thw). sizes are (input w,
-        input h, original w, original h) of each row's first image, the one boxes refer to."""
-        images = [[data.load_image(p) for p in data.row_images(r)] for r in rows]
+        input h, original w, original h) of each row's first image, the one boxes refer to.
+        `images`: other images of the rows, a list per row, the same sizes (a masked or distorted
+        copy; objectives.encode_view)."""
+        images = images or [[data.load_image(p) for p in data.row_images(r)] for r in rows]
         vis = self.image_processor(images=[im for ims in images for im in ims], return_tensors="pt")
         grid, merge = vis["image_grid_thw"], self.image_processor.merge_size
         counts = [len(ims) for ims in images]
@@ -520,8 +522,8 @@ class Gemma3(Qwen2VL):
         )
         self.layer_types, self.window = sorted(set(text.layer_types)), text.sliding_window
 
-    def encode(self, rows, device="cpu"):
-        images = [[data.load_image(p) for p in data.row_images(r)] for r in rows]
+    def encode(self, rows, device="cpu", images=None):
+        images = images or [[data.load_image(p) for p in data.row_images(r)] for r in rows]
         vis = self.image_processor(images=[im for ims in images for im in ims], return_tensors="pt")
         texts = [
             self.prompt_text(

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The checks that need a GPU, in one script for the day one is lent (one GPU, under 8 minutes):
 #   1. logp_gap under bf16 autocast for each supported family's tiny model (2 GRPO steps each; + LoRA);
+#      with it the bf16 ratio pi_train / pi_rollout (mean, max, share outside [0.5, 2]; --tis-cap);
 #   2. --plan against torch.cuda.max_memory_allocated for Qwen2.5-VL-3B's architecture (random weights), two shapes;
 #   3. the 3B benchmark against TRL (one round, 2 timed steps);
 # then one table (also in $OUT/gpu_check.md). No network there: TRL and its dependencies come from

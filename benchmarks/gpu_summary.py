@@ -30,7 +30,10 @@ def main(out):
                 f"| logp_gap (bf16 on a GPU) | {arch} | {r['logp_gap']:.2e} per token, "
                 f"{r['logp_gap_max']:.2e} at worst "
                 f"(limit 0.02 / 1.0): {verdict}; max_memory_allocated "
-                f"{r.get('gpu_peak_gib', float('nan')):.2f} GiB |"
+                f"{r.get('gpu_peak_gib', float('nan')):.2f} GiB; pi_train / pi_rollout "
+                f"mean {r.get('train_rollout_ratio_mean', float('nan')):.4f}, max "
+                f"{r.get('train_rollout_ratio_max', float('nan')):.3f}, outside [0.5, 2] "
+                f"{r.get('train_rollout_ratio_outside', float('nan')):.2e} (--tis-cap) |"
             )
     for arch in sorted(
         {os.path.basename(p)[4:-4] for p in glob.glob(os.path.join(out, "gap-*.log"))}

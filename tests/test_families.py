@@ -18,6 +18,7 @@ import data  # noqa: E402
 import grpo_vlm as g  # noqa: E402
 import infra  # noqa: E402
 import make_tiny_model as mtm  # noqa: E402
+import objectives  # noqa: E402
 import rewards  # noqa: E402
 import vlm  # noqa: E402
 
@@ -86,6 +87,31 @@ def plain_inputs(family, prompt, copies, completion_ids=None, comp_mask=None):
         "pixel_values": torch.cat([images[c] for c in copies.tolist()]),
         "mm_token_type_ids": vlm.mm_types(ids, image_token),
     }
+
+
+def test_masked_and_distorted_images_go_through_the_adapters_encode(family_dir):
+    """Issue 30: PAPO's masked and NoisyRollout's noised image, encoded by the family's own adapter
+    (objectives.encode_view): the clean prompt's tokens, other pixels, and the packed forward of a
+    completion on it moves its log-probs (0 where masked == clean would not)."""
+    name, path = family_dir
+    model, family = vlm.load(path)
+    rows = data.load_rows(g.Args(train_size=4))[0][:2]
+    clean, _ = family.encode(rows)
+    key = objectives.keyed_generator
+    changes = (
+        lambda im, r: objectives.papo_mask(im, key(0, str(r["image_path"]))),
+        lambda im, r: objectives.diffusion_noise(im, 500, key(1, str(r["image_path"]))),
+    )
+    o = torch.full((2, 4), family.tokenizer.convert_tokens_to_ids("<"))
+    copies, mask = torch.arange(2), torch.ones(2, 4)
+    with torch.no_grad():
+        base = vlm.completion_logps(model, family, clean, copies, o, mask, 1.0, 64)
+        for change in changes:
+            other = objectives.encode_view(family, rows, change, "cpu")
+            assert torch.equal(other["input_ids"], clean["input_ids"]), name
+            assert not torch.equal(other["pixel_values"], clean["pixel_values"]), name
+            moved = vlm.completion_logps(model, family, other, copies, o, mask, 1.0, 64)
+            assert (moved - base).abs().max() > 0, name
 
 
 def test_rollout_equals_generate_and_packed_equals_plain(family_dir):
