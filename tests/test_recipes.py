@@ -362,7 +362,9 @@ def test_the_overlong_buffer_case_the_refusal_prevents():
 
 # ---------------------------------------------------------------------------------------------
 # python rewards.py
-def test_rewards_cli_prints_each_component_then_the_total(capsys, tmp_path):
+def test_rewards_cli_prints_each_component_then_the_total(capsys, tmp_path, monkeypatch):
+    # a plug-in loaded here registers in a copy of rewards.REWARDS, dropped after the test
+    monkeypatch.setattr(R, "REWARDS", dict(R.REWARDS))
     argv = ["--task", "det", "--preset", "vision-r1-zhan", "--image-size", "640x480"]
     argv += [
         "--coord-space",
