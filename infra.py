@@ -1200,6 +1200,7 @@ def step_row(args, procs, step, batch, every, stats, **extra):
     sums.update(ratio=stats.ratio, ratio_outside=stats.ratio_outside)
     sums["entropy"] = (batch.H * batch.mask).sum()
     s = dict(zip(sums, all_sum(torch.stack(list(sums.values())), world).tolist()))
+    gap_max, ratio_max = all_max(torch.stack([stats.logp_gap_max, stats.ratio_max]), world).tolist()
     gathered = {k: gather(v.to(r.device), world) for k, v in batch.components.items()}
     return {
         "step": step,
@@ -1210,9 +1211,9 @@ def step_row(args, procs, step, batch, every, stats, **extra):
         "kl": s["kl"] / n_tok,
         "clip_frac": s["clipped"] / n_tok,
         "logp_gap": s["logp_gap"] / n_tok,
-        "logp_gap_max": all_max(stats.logp_gap_max, world).item(),
+        "logp_gap_max": gap_max,
         "train_rollout_ratio_mean": s["ratio"] / n_tok,
-        "train_rollout_ratio_max": all_max(stats.ratio_max, world).item(),
+        "train_rollout_ratio_max": ratio_max,
         "train_rollout_ratio_outside": s["ratio_outside"] / n_tok,
         "entropy": s["entropy"] / n_tok,
         "completion_len": n_tok / len(mask),
