@@ -10,12 +10,15 @@ import random
 import torch
 
 import data
+import tools
 import vlm
 
 
 def sft_loss(model, family, rows, coord_space, task, chunk, device="cpu"):
     """Mean negative log-likelihood of the target tokens of `rows`, EOS included."""
     prompt, sizes = family.encode(rows, device)
+    if task == "zoom":  # tool traces: conversations with the crops in their tool turns
+        return trace_loss(model, family, rows, (prompt, sizes), coord_space, chunk)
     tok = family.tokenizer
     texts = [
         (r.get("response") or data.sft_target(task, r, gt))
@@ -30,6 +33,18 @@ def sft_loss(model, family, rows, coord_space, task, chunk, device="cpu"):
     copies = torch.arange(len(rows), device=device)  # one target per prompt
     logp = vlm.completion_logps(model, family, prompt, copies, ids, mask, 1.0, chunk)
     return -(logp * mask).sum() / mask.sum()
+
+
+def trace_loss(model, family, rows, encoded, coord_space, chunk):
+    """sft_loss on the zoom task's synthetic tool traces (data.zoom_turns): the assistant turns'
+    tokens are the targets; the tool turns between them (a crop of the called box) are context."""
+    env = tools.environment(family, rows, encoded, coord_space, max_calls=1)
+    traces = [data.zoom_turns(r, gt, data.zoom_uses_tool(r)) for r, gt in zip(rows, env.truths)]
+    o, _, _, turns = tools.scripted(env, traces)
+    copies = torch.arange(len(rows), device=o.device)
+    packed = tools.pack(family, model, encoded[0], copies, o, turns)
+    logp = vlm.packed_logps(model, family, packed, 1.0, chunk)
+    return -(logp * turns.gen).sum() / turns.gen.sum()
 
 
 def sft_steps(model, family, rows, coord_space, args, steps, lr, device="cpu"):

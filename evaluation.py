@@ -11,6 +11,7 @@ import torch
 import data
 import infra
 import rewards
+import tools
 import viz
 import vlm
 
@@ -25,27 +26,40 @@ def splits(task):
 
 @torch.no_grad()
 def evaluate(
-    greedy, model, family, rows, coord_space, task="rec", batch_size=64, max_new_tokens=None
+    greedy,
+    model,
+    family,
+    rows,
+    coord_space,
+    task="rec",
+    batch_size=64,
+    max_new_tokens=None,
+    calls=0,
 ):
     """Greedy-decode every row with `greedy(model, family, prompt, max_new_tokens) -> [n, L]
-    tokens`; return (summary, per-sample predictions)."""
-    preds = []
+    tokens` (calls > 0: conversations with up to `calls` zoom-tool calls, tools.py); return
+    (summary, per-sample predictions)."""
+    preds, L = [], max_new_tokens or EVAL_TOKENS[task]
     for i in range(0, len(rows), batch_size):
         batch = rows[i : i + batch_size]
         prompt, sizes = family.encode(batch, model.device.type)
-        o = greedy(model, family, prompt, max_new_tokens or EVAL_TOKENS[task])
-        texts = vlm.completion_texts(family.tokenizer, o, vlm.completion_mask(o, family.eos_id))
+        if calls:
+            encoded = (prompt, sizes)
+            texts = tools.greedy_texts(greedy, model, family, batch, encoded, coord_space, L, calls)
+        else:
+            o = greedy(model, family, prompt, L)
+            texts = vlm.completion_texts(family.tokenizer, o, vlm.completion_mask(o, family.eos_id))
         truths = data.ground_truths(batch, sizes, coord_space)
         preds += [rewards.score(task, *x) for x in zip(batch, truths, texts)]
     return rewards.summarize(task, preds), preds
 
 
-def held_out(greedy, model, family, coord_space, held, task="rec"):
+def held_out(greedy, model, family, coord_space, held, task="rec", calls=0):
     """Greedy metrics on each held-out split {name: rows} (infra.load_data), as flat
     {split_metric: v}."""
     out = {}
     for split, rows in held.items():
-        summary, _ = evaluate(greedy, model, family, rows, coord_space, task)
+        summary, _ = evaluate(greedy, model, family, rows, coord_space, task, calls=calls)
         out.update({f"{split}_{k}": v for k, v in summary.items() if k != "n"})
     return out
 
@@ -56,7 +70,8 @@ def held_out_eval(greedy, run, args, step, log, held):
     model, family, coord_space = run.model, run.family, run.coord_space
     with infra.gathered(run.policy):
         if log.main:
-            ev = held_out(greedy, model, family, coord_space, held, args.task)
+            calls = args.max_tool_calls
+            ev = held_out(greedy, model, family, coord_space, held, args.task, calls)
             log.write({"step": step, **ev}, infra.eval_line(step, ev))
             if step == args.steps:  # the end of the run: the final model's boxes on held-out images
                 viz.held_out_grid(

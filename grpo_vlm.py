@@ -58,6 +58,7 @@ import objectives
 import plan
 import recipes
 import rewards
+import tools
 import vlm
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -113,6 +114,7 @@ class Args(
     VisionR1Flags,
     VariantFlags,
     objectives.ObjectiveFlags,
+    tools.ToolFlags,
     data.DataFlags,
     infra.EngineFlags,
     infra.RunFlags,
@@ -288,8 +290,9 @@ def reward_weights(args):
     if args.task not in rewards.TASK_REWARDS:
         known = sorted(rewards.TASK_REWARDS)
         sys.exit(f"error: --task {args.task!r} is not supported; choose from {known}")
+    bonus = f",tool_bonus={args.tool_bonus}" if args.tool_bonus else ""  # DeepEyes' tool reward
     try:
-        return rewards.parse_weights(args.task, args.reward_weights, recipes.paper(args))
+        return rewards.parse_weights(args.task, args.reward_weights + bonus, recipes.paper(args))
     except ValueError as e:
         sys.exit(f"error: --reward-weights: {e}")
 
@@ -327,6 +330,7 @@ class Batch:
     components: dict  # {name: [N]} each R_k, for the logs
     dynamic: dict  # DAPO's dynamic sampling: rollouts spent and shortfall ({}: off)
     noisy: objectives.Noisy = None  # NoisyRollout's distorted images, and who was sampled on them
+    turns: tools.Turns = None  # multi-turn rollouts: the tool turns inside the completions
 
 
 @dataclass
@@ -359,30 +363,38 @@ def sample_and_reward(run, drawn, k, step, stage, args):
     keys = infra.sample_keys(args.seed, step, run.procs.mine(range(k * B * G, (k + 1) * B * G)))
     L, T, chunk = stage.max_len, args.temperature, args.rollout_batch_size
     dec = Decoding(L, T, args.min_completion_length, chunk)
+    samples, noisy, turns = None, None, None
     if args.noisy_rollout_share:  # NoisyRollout: a share of each group on a distorted image
         decoding = (G, dec, keys)
         samples, noisy = objectives.noisy_rollout(
             sample_group, run, mine, encoded[0], decoding, step, args
         )
+    elif args.max_tool_calls:  # thinking with images: conversations with the zoom tool
+        env = tools.environment(run.family, mine, encoded, run.coord_space, args.max_tool_calls)
+        env.max_context, env.widest = args.max_context_length, run.procs.widest
+        decode = tools.keyed(sample_group, run.model, run.family, dec, keys)
+        *samples, turns = tools.rollout(decode, env, encoded[0], G, L)
     else:
-        samples, noisy = sample_group(run.model, run.family, encoded[0], G, dec, keys), None
-    batch = score(run, mine, encoded, samples, stage, args)
+        samples = sample_group(run.model, run.family, encoded[0], G, dec, keys)
+    batch = score(run, mine, encoded, Samples(*samples), stage, args, turns)
     batch.noisy = noisy
     return batch
 
 
-def score(run, rows, encoded, samples, stage, args):
+def score(run, rows, encoded, samples, stage, args, turns=None):
     """(1) for the completions of `rows` (encoded: the family's (prompt, sizes)): a Batch."""
     (prompt, sizes), eos_id, G = encoded, run.family.eos_id, len(samples.o) // len(rows)
     mask = vlm.completion_mask(samples.o, eos_id)
     cut = (~(samples.o == eos_id).any(1)).float()
     texts = vlm.completion_texts(run.family.tokenizer, samples.o, mask)
+    if turns:  # multi-turn: the loss's tokens are the generated ones; the texts hold tool turns
+        mask, cut, texts = turns.gen, turns.cut, turns.texts
     truths = data.ground_truths(rows, sizes, run.coord_space, stage.rule)
     truths = [t for t in truths for _ in range(G)]
     L_cache = args.overlong_buffer
     r, components = compute_rewards(texts, truths, run.weights, mask.sum(1), stage.max_len, L_cache)
     o, logp, H = samples
-    return Batch(rows, prompt, o, logp, H, mask, cut, texts, truths, r, components, {})
+    return Batch(rows, prompt, o, logp, H, mask, cut, texts, truths, r, components, {}, None, turns)
 
 
 def dynamic_rollout(run, rows, rng, step, stage, args):
@@ -510,6 +522,8 @@ def pack(run, batch, s, G):
     first, last = s.start // G, (s.stop - 1) // G + 1  # the prompts of completions s
     copies = torch.arange(s.start, s.stop, device=batch.o.device) // G - first  # each one's prompt
     prompt = run.family.select(batch.prompt, first, last)
+    if batch.turns:  # tool turns inside the completions: context with images, no loss
+        return tools.pack(run.family, run.model, prompt, copies, batch.o[s], batch.turns[s])
     return run.family.pack(run.model, prompt, copies, batch.o[s], batch.mask[s])
 
 
@@ -583,6 +597,7 @@ def train(args):
     ckpt, state = infra.resume(args, Args, rng)  # infra: a checked resume (None, None: a new run)
     start = state["step"] if state else 0
     model, family = vlm.load(ckpt or base, procs.device)  # pi_theta in fp32, and its adapter
+    tools.check_family(model.config.model_type, args.max_tool_calls)
     coord_space = family.coord_space if args.coord_space == "auto" else args.coord_space
     if args.freeze_vision:
         family.vision(model).requires_grad_(False)

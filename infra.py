@@ -457,6 +457,10 @@ class Processes:
         n = len(rows) // self.world
         return rows[self.rank * n : (self.rank + 1) * n]
 
+    def widest(self, n):
+        """The largest n over the processes (a batch's width, so that every share gathers)."""
+        return int(all_max(torch.tensor(n, device=self.device), self.world))
+
     def round_down(self, n):
         """The most rows, up to n, that the processes can share equally."""
         return n - n % self.world
@@ -1223,9 +1227,29 @@ def step_row(args, procs, step, batch, every, stats, **extra):
         "frac_reward_zero_std": (rg.amax(1) == rg.amin(1)).float().mean().item(),
         "truncated_frac": every.cut.mean().item(),
         **batch.dynamic,  # DAPO's dynamic sampling: rollouts spent, shortfall
+        **(tool_stats(batch.turns, r, world) if batch.turns else {}),
         **rewards.rollout_stats(args.task, batch.texts, batch.truths),
         **extra,
         **({"skipped_updates": stats.skipped} if stats.skipped else {}),
+    }
+
+
+def tool_stats(turns, r, world):
+    """The zoom tool's use over every process's completions (r: their rewards): the share that
+    called it, the share of calls answered with a crop, calls per completion, the share of
+    completions whose crop held the whole target object, and the mean reward with and without a
+    call (NaN where no completion is in that group)."""
+    calls, valid, useful = (
+        gather(x.to(r.device), world) for x in (turns.calls, turns.valid, turns.useful)
+    )
+    called = calls > 0
+    return {
+        "tool_call_rate": called.float().mean().item(),
+        "tool_valid_rate": (valid.sum() / calls.sum().clamp(min=1)).item(),
+        "tool_calls_per_completion": calls.mean().item(),
+        "tool_useful_rate": (useful > 0).float().mean().item(),
+        "reward_with_call": r[called].mean().item(),
+        "reward_without_call": r[~called].mean().item(),
     }
 
 

@@ -187,6 +187,7 @@ def check(args):
             "per sequence: use --loss-agg grpo"
         )
     check_objectives(args)
+    check_tools(args)
     for name, parse in (
         ("length_schedule", int),
         ("iou_threshold_schedule", rewards.refinement_stage),
@@ -262,3 +263,24 @@ def check_objectives(args):
             )
         if args.dynamic_sampling:
             sys.exit("error: --noisy-rollout-share does not go with --dynamic-sampling")
+
+
+def check_tools(args):
+    """The zoom tool's flags (tools.ToolFlags): counts >= 0, and none of the options whose extra
+    forwards or refills do not carry tool turns (they would silently drop them)."""
+    if min(args.max_tool_calls, args.max_context_length, args.tool_bonus) < 0:
+        sys.exit("error: --max-tool-calls, --max-context-length and --tool-bonus must be >= 0")
+    if not args.max_tool_calls:
+        return
+    others = dict(
+        dynamic_sampling=args.dynamic_sampling,
+        noisy_rollout_share=args.noisy_rollout_share,
+        papo_gamma=args.papo_gamma,
+        vppo_share=args.vppo_share,
+    )
+    for name, value in others.items():
+        if value:
+            flag = name.replace("_", "-")
+            sys.exit(
+                f"error: --max-tool-calls does not go with --{flag} (not built for tool turns)"
+            )

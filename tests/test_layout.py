@@ -124,7 +124,7 @@ def project_imports(name):
 
 
 def test_imports_flow_one_way():
-    """rewards/data (-> detection -> registry, viz, tools) -> vlm -> plan -> infra -> recipes,
+    """rewards/data (-> detection -> registry, viz) -> vlm -> plan -> infra -> tools, recipes,
     objectives, evaluation, coldstart -> grpo_vlm -> eval, sft: no module imports one that imports
     it back, and grpo_vlm.py (run as __main__) never loads a second copy of itself."""
     order = [
@@ -133,10 +133,10 @@ def test_imports_flow_one_way():
         "detection",
         "registry",
         "viz",
-        "tools",
         "vlm",
         "plan",
         "infra",
+        "tools",
         "recipes",
         "objectives",
         "evaluation",
