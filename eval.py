@@ -46,6 +46,7 @@ import evaluation
 import grpo_vlm as g
 import infra
 import registry
+import tools
 import viz
 import vlm
 
@@ -135,6 +136,13 @@ def main():
         help="prompts per greedy generate call (0: 64; --benchmark: the official script's)",
     )
     p.add_argument(
+        "--max-tool-calls",
+        type=int,
+        default=0,
+        help="conversations with up to N zoom-tool calls (tools.py; 0: single-turn); the "
+        "generated tokens of all turns count toward --max-new-tokens",
+    )
+    p.add_argument(
         "--max-new-tokens",
         type=int,
         default=0,
@@ -213,6 +221,10 @@ def main():
         "(OUT-SPLIT.png)",
     )
     a = p.parse_args()
+    if a.max_tool_calls and a.benchmark:
+        p.error(
+            "--max-tool-calls: the benchmarks are scored single-turn, as the papers scored them"
+        )
     if a.benchmark:
         return benchmarks(a)
     a.n, a.batch_size = a.n or 512, a.batch_size or 64
@@ -252,6 +264,7 @@ def run(a):
     for path in a.model:
         model, family = vlm.load(path, device)
         model.eval()
+        tools.check_family(model.config.model_type, a.max_tool_calls)
         for split in splits:
             rows = rows_of[split]
             summary, preds = evaluation.evaluate(
@@ -263,8 +276,11 @@ def run(a):
                 a.task,
                 a.batch_size,
                 a.max_new_tokens,
+                a.max_tool_calls,
             )
-            summaries.append({"model": path, "split": split, **summary, "bad_rows": len(bad)})
+            calls = {"max_tool_calls": a.max_tool_calls} if a.max_tool_calls else {}
+            summary = {"model": path, "split": split, **summary, **calls, "bad_rows": len(bad)}
+            summaries.append(summary)
             all_preds += [{"model": path, "split": split, **q} for q in preds]
             print(json.dumps(summaries[-1]), flush=True)
     os.makedirs(os.path.dirname(os.path.abspath(a.json)), exist_ok=True)

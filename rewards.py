@@ -564,6 +564,8 @@ REWARDS = {
     "vr1_recall": vr1_recall_reward,
     "vr1_precision": vr1_precision_reward,
 }
+# How a multi-turn completion's text shows a tool turn that returned a crop (tools.py)
+TOOL_IMAGE = "<tool_response><image></tool_response>"
 # Reward weights w_k per task (r_i = sum_k w_k * R_k); override with --reward-weights.
 TASK_REWARDS = {
     "rec": {"iou": 1.0, "format": 1.0},

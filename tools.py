@@ -248,13 +248,13 @@ def rollout(decode, env, prompt, G, L):
     return tensors(env, paths, prompt["input_ids"].device)
 
 
-def scripted(env, conversations):
-    """(o, logp, H, Turns) of written conversations, one per prompt: conversations[j] is the list
-    of prompt j's assistant turns, each but the last ending in a tool call that the environment
-    answers (the cold start's tool traces, and the tests'). Log-probs and entropies are 0."""
+def scripted(env, conversations, G=1):
+    """(o, logp, H, Turns) of written conversations, G per prompt (prompt-major): each is the list
+    of its assistant turns, each but the last ending in a tool call that the environment answers
+    (the cold start's tool traces, and the tests'). Log-probs and entropies are 0."""
     tok, paths = env.family.tokenizer, []
-    for j, turns in enumerate(conversations):
-        path = Path(j)
+    for i, turns in enumerate(conversations):
+        path = Path(i // G)
         for k, text in enumerate(turns):
             if k:
                 tool_turn(env, path)

@@ -1,0 +1,130 @@
+"""Multi-turn rollouts with the zoom tool (issue 32, part 2, tools.py): conversations whose tool
+turns hold crops pack into the family's shared-prefix layout with the log-probs of a plain forward
+of each whole conversation; a tool-turn token carries no loss; invalid calls and a call past the
+cap get one-line error turns; untested families are refused."""
+
+import os
+import sys
+
+import pytest
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+import data  # noqa: E402
+import grpo_vlm as g  # noqa: E402
+import make_tiny_model as mtm  # noqa: E402
+import rewards  # noqa: E402
+import tools  # noqa: E402
+import vlm  # noqa: E402
+
+
+def call(box):
+    args = f'{{"bbox_2d": {box}}}'
+    return f'<tool_call>{{"name": "{tools.TOOL_NAME}", "arguments": {args}}}</tool_call>'
+
+
+# Two prompts, two conversations each: a valid call then an answer; an invalid call (bad JSON)
+# then an answer; two valid calls, the second past the cap of 1 (the error turn), then an answer;
+# no call at all. The boxes are in each family's coordinate space, inside the 128 px image.
+def conversations(space):
+    box = [10, 20, 60, 70] if space == "abs_resized" else [100, 150, 500, 600]
+    return [
+        ["<think> red </think> " + call(box), "<answer> 3 </answer>"],
+        ["<think> blue </think> <tool_call>{bad json</tool_call>", "<answer> 2 </answer>"],
+        [call(box), call(box), "<answer> 1 </answer>"],
+        ["<think> green </think> <answer> 4 </answer>"],
+    ]
+
+
+@pytest.fixture(scope="module", params=["qwen2_vl", "qwen2_5_vl", "qwen3_vl"])
+def family(request, tmp_path_factory):
+    if request.param == "qwen2_5_vl":
+        return vlm.load(g.TINY_MODEL)
+    out = str(tmp_path_factory.mktemp(request.param))
+    if request.param == "qwen2_vl":
+        tok = mtm.build_tokenizer()
+        mtm.save(mtm.build_model(tok, "qwen2_vl"), tok, mtm.build_image_processor(), out)
+    else:
+        mtm.build_family(request.param, out)
+    return vlm.load(out)
+
+
+def conversation_batch(model, family, G=2):
+    rows = data.synthetic_split("test", 2)
+    encoded = family.encode(rows)
+    env = tools.environment(family, rows, encoded, family.coord_space, max_calls=1)
+    o, _, _, turns = tools.scripted(env, conversations(family.coord_space), G)
+    return env, encoded[0], o, turns
+
+
+def plain_logps(model, family, env, o, turns, i):
+    """log pi of conversation i's tokens after its prompt: one forward of the whole conversation,
+    its prompt's images and its crops in order, positions from the model's own rope index."""
+    j, keep = i // 2, env.prompt_ids[i // 2]
+    ctx = turns.context[i].bool()
+    ids = torch.tensor(keep + o[i][ctx].tolist())[None]
+    images = env.prompt_images[j] + turns.crops[i]
+    with torch.no_grad(), vlm.precision(model):
+        logits = model(
+            input_ids=ids,
+            pixel_values=torch.cat([pv for pv, _ in images]),
+            image_grid_thw=torch.cat([grid for _, grid in images]),
+            mm_token_type_ids=vlm.mm_types(ids, family.config.image_token_id),
+        ).logits[0, len(keep) - 1 : -1]
+    return logits.float().log_softmax(-1).gather(1, o[i][ctx][:, None])[:, 0]
+
+
+def test_a_conversation_with_crops_packs_as_a_plain_forward(family):
+    model, family = family
+    env, prompt, o, turns = conversation_batch(model, family)
+    assert turns.valid.tolist() == [1, 0, 1, 0] and turns.calls.tolist() == [1, 1, 2, 0]
+    assert [len(c) for c in turns.crops] == [1, 0, 1, 0]
+    assert rewards.TOOL_IMAGE in turns.texts[0] and "not valid JSON" in turns.texts[1]
+    assert "no more tool calls" in turns.texts[2] and "tool_response" not in turns.texts[3]
+    copies = torch.arange(4) // 2
+    packed = tools.pack(family, model, prompt, copies, o, turns)
+    with torch.no_grad():
+        logp = vlm.packed_logps(model, family, packed, 1.0, 4096)
+    for i in range(4):
+        ctx = turns.context[i].bool()
+        gap = (logp[i][ctx] - plain_logps(model, family, env, o, turns, i)).abs()
+        assert gap.max() < 1e-4, (i, gap.max())  # every token, the tool turns' included
+
+
+def test_a_tool_turn_token_carries_no_loss(family):
+    model, family = family
+    env, prompt, o, turns = conversation_batch(model, family)
+    args = g.parse_args(["--num-generations", "2", "--mu", "2"])
+    tw = g.token_weights(turns.gen, "grpo")
+    A = torch.tensor([1.0, -1.0, 0.5, -0.5])
+    packed = tools.pack(family, model, prompt, torch.arange(4) // 2, o, turns)
+
+    with torch.no_grad():
+        logp_old = vlm.packed_logps(model, family, packed, 1.0, 4096) - 0.1  # rho = 1.1, unclipped
+    logp_ref = logp_old + 0.15
+
+    def loss_and_grads(targets):
+        model.zero_grad()
+        logp = vlm.packed_logps(model, family, {**packed, "targets": targets}, 1.0, 4096)
+        J, _ = g.grpo_loss(logp, logp_old, logp_ref, A, tw, args)
+        J.backward()
+        return J.detach(), [p.grad.clone() for p in model.parameters() if p.grad is not None]
+
+    J, grads = loss_and_grads(o)
+    tool = (turns.context == 1) & (turns.gen == 0)
+    assert tool.sum() > 20  # the tool turns, crops included
+    J_tool, grads_tool = loss_and_grads(torch.where(tool, (o + 7) % 50, o))
+    assert J_tool == J and all(torch.equal(a, b) for a, b in zip(grads, grads_tool))
+    generated = turns.gen == 1
+    J_gen, _ = loss_and_grads(torch.where(generated, (o + 7) % 50, o))
+    assert J_gen != J  # a generated token's target does change the loss
+
+
+def test_untested_families_are_refused_in_one_line():
+    for model_type in ("qwen3_5", "gemma3"):
+        with pytest.raises(SystemExit) as e:
+            tools.check_family(model_type, 1)
+        assert "not tested" in str(e.value) and "\n" not in str(e.value)
+        tools.check_family(model_type, 0)  # single-turn: every family
+    tools.check_family("qwen2_5_vl", 2)
