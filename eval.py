@@ -228,8 +228,8 @@ def main():
     if a.benchmark:
         return benchmarks(a)
     a.n, a.batch_size = a.n or 512, a.batch_size or 64
-    if a.visualize and a.task not in viz.TASKS:
-        p.error(f"--visualize draws boxes: --task {' or '.join(viz.TASKS)}")
+    if a.visualize and a.task not in viz.TASKS and not a.max_tool_calls:
+        p.error(f"--visualize draws boxes: --task {' or '.join(viz.TASKS)}, or --max-tool-calls")
     a.model = a.model or [g.tiny_model(a.task)]
     try:
         run(a)
@@ -289,7 +289,12 @@ def run(a):
     with open(os.path.splitext(a.json)[0] + ".jsonl", "w") as f:
         f.writelines(json.dumps(q) + "\n" for q in all_preds)
     print(markdown_table(summaries, a.task))
-    for split in splits if a.visualize else []:
+    for split in splits if a.visualize and a.max_tool_calls else []:  # the crops the model chose
+        for k, m in enumerate(a.model):
+            preds = [q for q in all_preds if q["model"] == m and q["split"] == split]
+            out = f"{os.path.splitext(a.json)[0]}-{split}-{k}-zoom.png"
+            print(f"saved {viz.tool_pictures(out, rows_of[split], preds, a.visualize)}", flush=True)
+    for split in splits if a.visualize and a.task in viz.TASKS else []:
         labels = [viz.model_label(m) for m in a.model]
         labels = (
             labels if len(set(labels)) == len(labels) else a.model

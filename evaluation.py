@@ -43,14 +43,19 @@ def evaluate(
     for i in range(0, len(rows), batch_size):
         batch = rows[i : i + batch_size]
         prompt, sizes = family.encode(batch, model.device.type)
+        boxes = [[]] * len(batch)  # the crops' boxes, of a conversation with the zoom tool
         if calls:
             encoded = (prompt, sizes)
-            texts = tools.greedy_texts(greedy, model, family, batch, encoded, coord_space, L, calls)
+            turns = tools.greedy_turns(greedy, model, family, batch, encoded, coord_space, L, calls)
+            texts, boxes = turns.texts, turns.boxes
         else:
             o = greedy(model, family, prompt, L)
             texts = vlm.completion_texts(family.tokenizer, o, vlm.completion_mask(o, family.eos_id))
         truths = data.ground_truths(batch, sizes, coord_space)
-        preds += [rewards.score(task, *x) for x in zip(batch, truths, texts)]
+        scored = [rewards.score(task, *x) for x in zip(batch, truths, texts)]
+        useful = [any(tools.holds(x, row) for x in b) for row, b in zip(batch, boxes)]
+        tool_use = [{"crops": b, "useful": u} if calls else {} for b, u in zip(boxes, useful)]
+        preds += [q | t for q, t in zip(scored, tool_use)]
     return rewards.summarize(task, preds), preds
 
 

@@ -180,6 +180,7 @@ class Path:
     logp: list = field(default_factory=list)  # the sampler's log-probs / T (0 on tool turns)
     H: list = field(default_factory=list)  # the entropy at each generated token
     crops: list = field(default_factory=list)  # (pixel_values, image_grid_thw) of each crop shown
+    boxes: list = field(default_factory=list)  # each crop's box, in original-image pixels
     text: str = ""  # what the rewards read: the turns, each tool turn written in short
     last: str = ""  # the last generated turn's text
     calls: int = 0  # tool calls made, valid or not
@@ -206,6 +207,7 @@ class Turns:
     cut: torch.Tensor  # [N] 1 where a length cap ended the conversation
     texts: list  # [N] the rewards' texts: turns, each tool turn rewards.TOOL_IMAGE or its error
     crops: list  # [N] each completion's crops, (pixel_values, image_grid_thw) in order
+    boxes: list  # [N] each completion's crop boxes, in original-image pixels
     calls: torch.Tensor  # [N] tool calls made
     valid: torch.Tensor  # [N] calls answered with a crop
     useful: torch.Tensor  # [N] crops holding the whole target object
@@ -313,6 +315,7 @@ def tool_turn(env, path):
     path.useful += bool(crops) and holds(call.box, env.rows[j])
     path.extend(ids, False)
     path.crops += crops
+    path.boxes += [call.box] if crops else []
     path.text += shown
 
 
@@ -365,6 +368,7 @@ def tensors(env, paths, device):
         count("cut"),
         [p.text for p in paths],
         [[(pv.to(device), g.to(device)) for pv, g in p.crops] for p in paths],
+        [p.boxes for p in paths],
         count("calls"),
         count("valid"),
         count("useful"),
@@ -401,12 +405,12 @@ def pack(family, model, prompt, copies, o, turns):
     return p
 
 
-def greedy_texts(greedy, model, family, rows, encoded, coord_space, L, max_calls):
-    """The held-out eval's texts of multi-turn conversations, each turn greedy (grpo_vlm's)."""
+def greedy_turns(greedy, model, family, rows, encoded, coord_space, L, max_calls):
+    """The held-out eval's multi-turn conversations (Turns), each turn greedy (grpo_vlm's)."""
     env = environment(family, rows, encoded, coord_space, max_calls)
 
     def decode(prompt, G, n, k, idx):
         o = greedy(model, family, prompt, n)
         return o, torch.zeros(o.shape), torch.zeros(o.shape)
 
-    return rollout(decode, env, encoded[0], 1, L)[3].texts
+    return rollout(decode, env, encoded[0], 1, L)[3]

@@ -189,3 +189,31 @@ def held_out_grid(args, predict, n=8):
     )
     print(f"saved {path}", flush=True)
     return path
+
+
+def tool_pictures(path, rows, preds, n=8, side=224):
+    """Thinking with images, drawn: for each of the first n rows, the image with the target's box
+    (white) and the box the model called the zoom tool on (red), the crop it was shown, and its
+    answer against the truth; preds: evaluation.evaluate's with `crops` (eval.py --max-tool-calls,
+    --visualize). Saves the PNG at `path` and returns the path."""
+    from PIL import Image, ImageDraw
+
+    n = min(n, len(rows))
+    sheet = Image.new("RGB", (2 * side, n * (side + 20)), "white")
+    draw = ImageDraw.Draw(sheet)
+    for i, (row, q) in enumerate(zip(rows[:n], preds)):
+        image, y = data.load_image(data.row_images(row)[0]), i * (side + 20)
+        sx, sy = side / image.width, side / image.height
+        scaled = lambda b: [b[0] * sx, b[1] * sy + y, b[2] * sx, b[3] * sy + y]  # noqa: E731
+        sheet.paste(image.resize((side, side)), (0, y))
+        for obj in row.get("objects", [])[:1]:
+            draw.rectangle(scaled(obj["box"]), outline="white", width=2)
+        for box in q.get("crops", []):
+            draw.rectangle(scaled(box), outline="red", width=2)
+        if q.get("crops"):
+            sheet.paste(image.crop(tuple(q["crops"][0])).resize((side, side)), (side, y))
+        answer = rewards.last_answer(q["completion"])
+        draw.text((4, y + side + 4), f"answer: {answer}   truth: {q['solution']}", fill="black")
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    sheet.save(path)
+    return path
