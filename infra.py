@@ -1237,19 +1237,19 @@ def step_row(args, procs, step, batch, every, stats, **extra):
 def tool_stats(turns, r, world):
     """The zoom tool's use over every process's completions (r: their rewards): the share that
     called it, the share of calls answered with a crop, calls per completion, the share of
-    completions whose crop held the whole target object, and the mean reward with and without a
-    call (NaN where no completion is in that group)."""
+    completions whose crop held the whole target object, and the mean reward of the completions
+    with a call and without one (each only when there are such completions: no NaN in the log)."""
     calls, valid, useful = (
         gather(x.to(r.device), world) for x in (turns.calls, turns.valid, turns.useful)
     )
     called = calls > 0
+    split = {"reward_with_call": r[called], "reward_without_call": r[~called]}
     return {
         "tool_call_rate": called.float().mean().item(),
         "tool_valid_rate": (valid.sum() / calls.sum().clamp(min=1)).item(),
         "tool_calls_per_completion": calls.mean().item(),
         "tool_useful_rate": (useful > 0).float().mean().item(),
-        "reward_with_call": r[called].mean().item(),
-        "reward_without_call": r[~called].mean().item(),
+        **{k: v.mean().item() for k, v in split.items() if len(v)},
     }
 
 
