@@ -16,6 +16,7 @@ parquet, Arrow, or a hub id), several joined by `:`.
 
 import functools
 import glob
+import hashlib
 import io
 import json
 import math
@@ -48,7 +49,10 @@ DET_QUESTION = (
     "Detect every {shape} in this image. Answer with a list of boxes with confidences: "
     '[{{"box": [x1, y1, x2, y2], "confidence": c}}].'
 )
-TASKS = ("rec", "cls", "count", "det")
+ZOOM_QUESTION = (
+    "What pattern fills the small grey square? Answer horizontal, vertical, checkered or solid."
+)
+TASKS = ("rec", "cls", "count", "det", "zoom")
 
 
 def build_messages(problem, chat=None, images=1):
@@ -472,7 +476,7 @@ def check_solution(sol, task):
     """(solution in the form the rewards take, det labels) or BadInput. Text is read first
     (solution_text). rec: [x1, y1, x2, y2] in original pixels; det: a list (maybe empty) of boxes,
     each [x1, y1, x2, y2] or {"bbox_2d" (or "bbox", "box"): [...], "label": ...} -> the boxes; cls:
-    a non-empty label; count: a number (or numeric text)."""
+    a non-empty label (zoom too: the pattern word); count: a number (or numeric text)."""
     sol = solution_text(sol, task)
     if task == "rec":
         if not _is_box(sol):
@@ -498,7 +502,7 @@ def check_solution(sol, task):
             boxes.append(b)
             labels.append(str(item.get("label", "")) if isinstance(item, dict) else "")
         return boxes, labels
-    if task == "cls":
+    if task in ("cls", "zoom"):
         if not isinstance(sol, str) or not sol.strip():
             raise BadInput(f"solution must be a non-empty label, got {_short(sol)}")
         return sol, None
@@ -784,13 +788,13 @@ def _draw(draw, shape, box, color):
         draw.polygon([((x1 + x2) / 2, y1), (x2, y2), (x1, y2)], fill=color)
 
 
-def synthetic_rows(split, n, seed=0, size=IMAGE_SIZE, task="rec"):
+def synthetic_rows(split, n, seed=0, size=None, task="rec"):
     """Yield (PIL image, row) pairs of the synthetic world of `task`; deterministic in (split, n,
-    seed)."""
+    seed). Images are `size` px square (default: ZOOM_SIZE for zoom, else IMAGE_SIZE)."""
+    size = size or (ZOOM_SIZE if task == "zoom" else IMAGE_SIZE)
     if task != "rec":
-        yield from {"cls": _cls_rows, "count": _count_rows, "det": _det_rows}[task](
-            split, n, seed, size
-        )
+        worlds = {"cls": _cls_rows, "count": _count_rows, "det": _det_rows, "zoom": _zoom_rows}
+        yield from worlds[task](split, n, seed, size)
         return
     rng = random.Random(SPLIT_SEEDS[split] + seed)
     all_pairs = [(c, s) for c in COLORS for s in SHAPES]
@@ -925,6 +929,56 @@ def _det_rows(split, n, seed, size):
         )
 
 
+# The zoom world ("thinking with images", DeepEyes, arXiv 2505.14362): a large image holding one
+# small square whose pattern only a zoom shows. The four patterns have the same mean grey, so at the
+# model's input (ZOOM_SIZE / 4 = 112 px for the tiny processor: the square is 6-10 px, the 2 px
+# stripes blur away) they look alike, while a crop of the square resized up to 112 px shows them.
+ZOOM_SIZE = 448
+PATTERNS = ("horizontal", "vertical", "checkered", "solid")
+ZOOM_SIDES = (24, 40)  # px, the square's side: a multiple of 4 (whole stripe periods) in between
+ZOOM_MARGIN = 8  # px around the square in the cold-start call's box (2 tiny-model units)
+DARK, LIGHT = 1, 255  # the stripes' greys: their mean is exactly the solid's
+GREY = (DARK + LIGHT) // 2
+
+
+@functools.lru_cache(maxsize=64)
+def _pattern(name, side):
+    """The side x side RGB square filled with pattern `name`: stripes (or checkered cells) 2 px
+    wide, period 4 px, or the solid GREY."""
+    # phase dark, light, light, dark, dark, ...: symmetric about the centre, so that the 4x
+    # reduction blurs the edges of every pattern alike; measured through the tiny processor, the
+    # patterns then differ by at most 10 grey levels at the model's input (43 with phase dark,
+    # dark, light, light; tests/test_zoom_task.py)
+    dark = [(u + 1) % 4 < 2 for u in range(side)]
+    if name == "solid":
+        return Image.new("RGB", (side, side), (GREY,) * 3)
+    is_dark = {
+        "horizontal": lambda u, v: dark[v],
+        "vertical": lambda u, v: dark[u],
+        "checkered": lambda u, v: dark[u] != dark[v],
+    }[name]
+    im = Image.new("L", (side, side))
+    im.putdata([DARK if is_dark(u, v) else LIGHT for v in range(side) for u in range(side)])
+    return im.convert("RGB")
+
+
+def _zoom_rows(split, n, seed, size):
+    """Zoom: one small square (ZOOM_SIDES) on the background, at least ZOOM_MARGIN + 1 px from the
+    border (so the cold-start crop is never clipped), filled with one of PATTERNS; the answer is
+    the pattern's name. The patterns come round-robin in every split (chance is exactly 1/4)."""
+    rng = random.Random(SPLIT_SEEDS[split] + seed + 404)
+    for i in range(n):
+        pattern = PATTERNS[i % len(PATTERNS)]
+        side = rng.randrange(ZOOM_SIDES[0], ZOOM_SIDES[1] + 1, 4)
+        lo, hi = ZOOM_MARGIN + 1, size - side - ZOOM_MARGIN - 1
+        x1, y1 = rng.randint(lo, hi), rng.randint(lo, hi)
+        box = [x1, y1, x1 + side, y1 + side]
+        im = _background(size).copy()
+        im.paste(_pattern(pattern, side), (x1, y1))
+        row = _row(split, i, size, ZOOM_QUESTION, pattern, [], [])
+        yield im, {**row, "objects": [{"label": pattern, "box": box}]}
+
+
 def make_synthetic(root, split, n, seed=0, task="rec"):
     """Write `n` synthetic images under `root/split/` and their rows to a JSONL in `root`; reuse
     them if present."""
@@ -1015,11 +1069,13 @@ def synthetic_vocab(tasks=("rec",)):
     words |= (
         set(COLORS) | set(SHAPES) | {"the", "is", "at", "left", "right", "top", "bottom", "center"}
     )
-    if set(tasks) - {"rec"}:
+    if set(tasks) & {"cls", "count", "det"}:
         words |= set(
             re.findall(r"[A-Za-z]+", CLS_QUESTION + COUNT_QUESTION + DET_QUESTION + THINK_SUFFIX)
         )
         words |= {s + "s" for s in SHAPES} | {"shapes", "box", "confidence"}
+    if "zoom" in tasks:
+        words |= set(re.findall(r"[A-Za-z]+", ZOOM_QUESTION))
     return sorted(words)
 
 
@@ -1032,7 +1088,9 @@ def sft_target(task, row, gt):
     """The supervised target of a synthetic row: a short chain of thought, then the answer, in the
     model's coordinate space. The thought lists every object left to right (dense supervision: with
     only the target named, the tiny model stayed at chance picking the right object; see README),
-    then concludes."""
+    then concludes. zoom: the direct (no tool) trace of zoom_turns, a single turn."""
+    if task == "zoom":
+        return zoom_turns(row, gt, use_tool=False)[0]
     scale = rewards.to_original_pixels([1, 1, 1, 1], gt)  # original pixels per model unit
     units = lambda b: [round(v / f) for v, f in zip(b, scale)]  # noqa: E731
     W, H = gt["width"], gt["height"]
@@ -1056,6 +1114,40 @@ def sft_target(task, row, gt):
     else:
         raise ValueError(f"unknown task {task!r}")
     return f"<think> {think} </think> <answer> {answer} </answer>"
+
+
+def zoom_turns(row, gt, use_tool=True):
+    """The assistant turns of a zoom row's cold-start trace, in the model's coordinate space. With
+    the tool, two turns: locate the square and call the zoom tool on it (its box widened by
+    ZOOM_MARGIN px, clipped to the image), then name the pattern seen in the crop; without, one
+    turn that locates the square and answers."""
+    W, H = gt["width"], gt["height"]
+    sx, sy = rewards.to_original_pixels([1, 1, 1, 1], gt)[:2]  # original pixels per model unit
+    x1, y1, x2, y2 = row["objects"][0]["box"]
+    m = ZOOM_MARGIN  # over half a model unit (4 px here): the rounded box holds the square
+    box = [
+        round(max(x1 - m, 0) / sx),
+        round(max(y1 - m, 0) / sy),
+        round(min(x2 + m, W) / sx),
+        round(min(y2 + m, H) / sy),
+    ]
+    pattern, where = row["solution"], f"<think> the square is at {box} </think>"
+    if not use_tool:
+        return [f"{where} <answer> {pattern} </answer>"]
+    # Qwen's tool-call format, as tools.find_call and tools.read_call read it (tools.TOOL_NAME)
+    call = json.dumps({"name": "image_zoom_in_tool", "arguments": {"bbox_2d": box}})
+    return [
+        f"{where} <tool_call> {call} </tool_call>",
+        f"<think> {pattern} </think> <answer> {pattern} </answer>",
+    ]
+
+
+def zoom_uses_tool(row):
+    """Whether a zoom row's cold-start trace calls the tool: 3 rows in 4, by a hash of the image
+    name (the patterns come round-robin, so a rule on the row index would give the direct trace to
+    one pattern only; CRC32's low bits follow the last digits of the name). The others answer
+    directly, so that RL starts from a model that knows both forms."""
+    return hashlib.sha256(str(row["image"]).encode()).digest()[0] % 4 != 0
 
 
 def box_words(box, width, height):

@@ -60,6 +60,7 @@ TABLE = {
         ("format", "format_rate"),
     ],
     "cls": [("accuracy", "accuracy"), ("format", "format_rate")],
+    "zoom": [("accuracy", "accuracy"), ("tool", "tool_rate"), ("format", "format_rate")],
     "count": [
         ("accuracy", "accuracy"),
         ("MAE", "mae"),

@@ -15,7 +15,7 @@ import tools
 import viz
 import vlm
 
-EVAL_TOKENS = {"rec": 64, "cls": 64, "count": 64, "det": 160}
+EVAL_TOKENS = {"rec": 64, "cls": 64, "count": 64, "det": 160, "zoom": 64}
 SPLITS = {"rec": ("test", "ood")}  # the synthetic held-out splits; the other tasks: test only
 
 

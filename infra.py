@@ -1361,6 +1361,12 @@ PANELS = {
         ("held-out mean absolute error", "mae"),
         ("completion length (tokens)", "completion_len"),
     ],
+    "zoom": [
+        REWARD_PANEL,
+        ("held-out accuracy", "accuracy"),
+        ("held-out tool rate (a crop before the answer)", "tool_rate"),
+        ("completion length (tokens)", "completion_len"),
+    ],
     "det": [
         REWARD_PANEL,
         ("held-out mAP (IoU 0.50:0.95)", "map"),

@@ -41,6 +41,14 @@ SPECIAL = [
     "<unk>",
 ]
 TAGS = ["<think>", "</think>", "<answer>", "</answer>"]
+# The zoom task's tool turns (tools.py, Qwen's format). The JSON strings are one token each, quotes
+# included: the decoder joins tokens with single spaces, which JSON allows between tokens but not
+# inside a string ('" name "' would be another key).
+TOOL_TAGS = ["<tool_call>", "</tool_call>", "<tool_response>", "</tool_response>"]
+JSON_STRINGS = ['"name"', '"arguments"', '"image_zoom_in_tool"', '"bbox_2d"']
+# The tasks whose words the shipped cls, count and det tokenizers hold (data.TASKS when they were
+# built): a later task's words must stay out of them, or their ids would change.
+SHAPE_TASKS = ("rec", "cls", "count", "det")
 # Qwen2-VL's chat template, reduced to what a single image + text turn needs.
 CHAT_TEMPLATE = (
     "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
@@ -57,10 +65,11 @@ INPUT_PIXELS = (
 
 
 def build_tokenizer(task="rec"):
-    """Word-level tokenizer: words, integers 0..1000 and punctuation are one token each. The other
-    tasks' tokenizer appends every task's words and the confidences 0.0, 0.1, ..., 1.0 (one token
-    each) to the REC vocabulary, so the REC model's embedding rows keep their ids (make_tiny_model
-    --init starts from it) and the shipped REC model rebuilds bit-identically."""
+    """Word-level tokenizer: words, integers 0..1000 and punctuation are one token each. The cls,
+    count and det tokenizer appends the words of SHAPE_TASKS and the confidences 0.0, 0.1, ..., 1.0
+    (one token each) to the REC vocabulary, so the REC model's embedding rows keep their ids
+    (make_tiny_model --init starts from it) and the shipped REC model rebuilds bit-identically. The
+    zoom tokenizer appends the zoom words, then TOOL_TAGS and JSON_STRINGS as added tokens."""
     words = data.synthetic_vocab() + ["user", "assistant", "system", "I", "a", "an"]
     tokens = SPECIAL + TAGS + [str(n) for n in range(1001)] + list("[]{}(),.:;\"'-+_/") + words
     vocab = {t: i for i, t in enumerate(tokens)}
@@ -71,13 +80,16 @@ def build_tokenizer(task="rec"):
     gaps = sorted(set(range(len(vocab))) - set(vocab.values()))
     for t, gap in zip(sorted((t for t in vocab if vocab[t] >= len(vocab)), key=vocab.get), gaps):
         vocab[t] = gap
-    if task != "rec":
-        for t in [f"{n / 10:.1f}" for n in range(11)] + ["?"] + data.synthetic_vocab(data.TASKS):
-            vocab.setdefault(t, len(vocab))
+    extra = []  # rec: the vocabulary above
+    if task == "zoom":
+        extra = ["?"] + data.synthetic_vocab(("zoom",))
+    elif task != "rec":
+        extra = [f"{n / 10:.1f}" for n in range(11)] + ["?"] + data.synthetic_vocab(SHAPE_TASKS)
+    for t in extra:
+        vocab.setdefault(t, len(vocab))
     tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    number = (
-        r"\d+" if task == "rec" else r"\d+\.\d+|\d+"
-    )  # decimals: one token when in the vocabulary
+    # decimals: one token when in the vocabulary
+    number = r"\d+" if task in ("rec", "zoom") else r"\d+\.\d+|\d+"
     tok.pre_tokenizer = pre_tokenizers.Sequence(
         [
             pre_tokenizers.WhitespaceSplit(),
@@ -86,7 +98,8 @@ def build_tokenizer(task="rec"):
     )
     tok.decoder = decoders.WordPiece(prefix="##", cleanup=False)  # joins tokens with single spaces
     tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in SPECIAL])
-    tok.add_tokens([AddedToken(t, special=False, normalized=False) for t in TAGS])
+    added = TAGS + (TOOL_TAGS + JSON_STRINGS if task == "zoom" else [])
+    tok.add_tokens([AddedToken(t, special=False, normalized=False) for t in added])
     return PreTrainedTokenizerFast(
         tokenizer_object=tok,
         eos_token="<|im_end|>",
@@ -180,8 +193,13 @@ def build_model(tokenizer, arch="qwen2_5_vl", seed=0, hidden=128, layers=3, numb
     return model
 
 
-def build_image_processor():
-    return Qwen2VLImageProcessorPil(min_pixels=56 * 56, max_pixels=INPUT_PIXELS)
+def build_image_processor(task="rec"):
+    """The tiny models' image processor: images resized to at most INPUT_PIXELS. For zoom also at
+    least INPUT_PIXELS, so that the tool's small crop is resized up to the input's 112 x 112 (a
+    square crop; tools.crop leaves the resizing to the processor)."""
+    return Qwen2VLImageProcessorPil(
+        min_pixels=INPUT_PIXELS if task == "zoom" else 56 * 56, max_pixels=INPUT_PIXELS
+    )
 
 
 def save(model, tokenizer, image_processor, out):
@@ -228,8 +246,9 @@ GEMMA_TEMPLATE = (
 
 
 def family_tokenizer(special, template, **tokens):
-    """A word-level tokenizer over every task's words, with a family's special tokens first."""
-    words = data.synthetic_vocab(data.TASKS) + [
+    """A word-level tokenizer over the words of SHAPE_TASKS, with a family's special tokens
+    first."""
+    words = data.synthetic_vocab(SHAPE_TASKS) + [
         "user",
         "assistant",
         "model",
@@ -467,7 +486,7 @@ def main():
     a = p.parse_args()
     if a.arch in ("qwen3_vl", "qwen3_5", "gemma3"):
         return build_family(a.arch, a.out or f"checkpoints/tiny-{a.arch}-random", a.seed)
-    tokenizer, image_processor = build_tokenizer(a.task), build_image_processor()
+    tokenizer, image_processor = build_tokenizer(a.task), build_image_processor(a.task)
     a.out = a.out or f"checkpoints/tiny-qwen2.5-vl-{a.task}"
     model = build_model(tokenizer, a.arch, a.seed, a.hidden, a.layers, bool(a.number_codes))
     if (

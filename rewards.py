@@ -14,6 +14,7 @@ row a completion answers; and `solution`, per task:
 
     rec    [x1, y1, x2, y2]                   the box, original pixels
     cls    "label"                            normalized exact match
+    zoom   "pattern"                          normalized exact match (multi-turn: TOOL_IMAGE)
     count  3 | 3.0 | "3"                      a number
     det    [[x1, y1, x2, y2], ...]            the true boxes, original pixels (possibly [])
 
@@ -550,6 +551,51 @@ def vr1_precision_reward(completion, gt):
     return sum(differentiation(iou, xi1, xi2) for *_, iou in matches if iou >= xi0) / len(preds)
 
 
+# ---------------------------------------------------------------------------------------------
+# The zoom task's multi-turn completions ("thinking with images", DeepEyes, arXiv 2505.14362). A
+# rollout with tool calls reaches the rewards as ONE string: the assistant turns' texts in order,
+# each tool turn written between them as TOOL_IMAGE (the call returned a crop) or
+# <tool_response>error: ...</tool_response> (an invalid call). A single-turn completion has none.
+# ---------------------------------------------------------------------------------------------
+TOOL_IMAGE = "<tool_response><image></tool_response>"
+TOOL_RESPONSE_RE = re.compile(r"<tool_response>.*?</tool_response>", re.DOTALL)
+# a tag's body: text holding no turn tag, so that one <answer> cannot swallow a second
+_BODY = r"(?:(?!</?(?:think|answer|tool_call|tool_response)>).)*"
+CALL_TURN_RE = re.compile(rf"\s*<think>{_BODY}</think>\s*<tool_call>{_BODY}</tool_call>\s*", re.S)
+ANSWER_TURN_RE = re.compile(rf"\s*<think>{_BODY}</think>\s*<answer>{_BODY}</answer>\s*", re.S)
+
+
+def zoom_accuracy(completion, gt):
+    """1 if the last <answer>...</answer> of the assistant's turns (tool responses left out),
+    normalized, equals the solution, else 0. The last, as DeepEyes reads it (Visual-Agent/DeepEyes
+    at 6c5e796, verl/utils/reward_score/vl_agent.py, compute_score)."""
+    if not isinstance(completion, str):
+        return 0.0
+    answers = ANSWER_RE.findall(TOOL_RESPONSE_RE.sub(" ", completion))
+    answer = normalize_text(answers[-1]) if answers else ""
+    return 1.0 if answer and answer == normalize_text(gt["solution"]) else 0.0
+
+
+def tool_format(completion, gt=None):
+    """1 if every assistant turn (the text between tool responses) is <think>...</think> and then
+    exactly one <tool_call>...</tool_call> (a turn a tool response follows) or <answer>...</answer>
+    (the last turn), with only whitespace around; else 0. DeepEyes' format term as 0/1 (its
+    compute_score gives 0 or -1, on tag counts only)."""
+    if not isinstance(completion, str):
+        return 0.0
+    *calls, last = TOOL_RESPONSE_RE.split(completion)
+    ok = all(CALL_TURN_RE.fullmatch(t) for t in calls) and ANSWER_TURN_RE.fullmatch(last)
+    return 1.0 if ok else 0.0
+
+
+def tool_bonus(completion, gt):
+    """1 if a tool call returned a crop (TOOL_IMAGE) and the answer is right (zoom_accuracy), else
+    0: DeepEyes pays its tool reward only then (vl_agent.py at 6c5e796, compute_score line 261:
+    `tool_reward = 1.0 if count_vision_1 > 0 and acc_reward > 0.5 else 0.0`)."""
+    used = isinstance(completion, str) and TOOL_IMAGE in completion
+    return 1.0 if used and zoom_accuracy(completion, gt) else 0.0
+
+
 REWARDS = {
     "format": format_reward,
     "iou": iou_reward,
@@ -563,15 +609,24 @@ REWARDS = {
     "vr1_format": vr1_format_reward,
     "vr1_recall": vr1_recall_reward,
     "vr1_precision": vr1_precision_reward,
+    "zoom_accuracy": zoom_accuracy,
+    "tool_format": tool_format,
+    "tool_bonus": tool_bonus,
 }
 # How a multi-turn completion's text shows a tool turn that returned a crop (tools.py)
 TOOL_IMAGE = "<tool_response><image></tool_response>"
 # Reward weights w_k per task (r_i = sum_k w_k * R_k); override with --reward-weights.
+# zoom: the answer, and the turns' format at DeepEyes' weight 0.2. DeepEyes' whole reward
+# (vl_agent.py at 6c5e796, compute_score line 266: 0.8 acc + 0.2 format + 1.2 tool, its format 0 or
+# -1) is --reward-weights only:zoom_accuracy=0.8,tool_format=0.2,tool_bonus=1.2, up to its looser
+# format check and a constant (-0.2) that the group mean removes; --tool-bonus W adds W * tool_bonus
+# to our default.
 TASK_REWARDS = {
     "rec": {"iou": 1.0, "format": 1.0},
     "cls": {"accuracy": 1.0, "format": 1.0},
     "count": {"count": 1.0, "format": 1.0},
     "det": {"det_iou": 1.0, "det_conf": 1.0, "format": 1.0},
+    "zoom": {"zoom_accuracy": 1.0, "tool_format": 0.2},
 }
 
 
@@ -1115,11 +1170,15 @@ def prompt_template(task, preset=""):
 
 # ---------------------------------------------------------------------------------------------
 # Held-out metrics, built on the same parsers as the rewards: one scored prediction per completion
-# (score), and a task's summary of them (summarize). rec:   acc50 (IoU >= 0.5), miou, center_error,
-# area_ratio, right_object, parsed_rate, format_rate cls:   accuracy (normalized exact match),
-# format_rate count: accuracy (exact numeric match), mae, parsed_rate, format_rate det:   map
-# (COCO-style, IoU 0.50:0.95, 101-point), ap50, ap75, pred_per_gt (#pred / #gt), parsed_rate,
-# format_rate
+# (score), and a task's summary of them (summarize).
+#   rec:   acc50 (IoU >= 0.5), miou, center_error, area_ratio, right_object, parsed_rate,
+#          format_rate
+#   cls:   accuracy (normalized exact match), format_rate
+#   count: accuracy (exact numeric match), mae, parsed_rate, format_rate
+#   det:   map (COCO-style, IoU 0.50:0.95, 101-point), ap50, ap75, pred_per_gt (#pred / #gt),
+#          parsed_rate, format_rate
+#   zoom:  accuracy (zoom_accuracy), tool_rate (a crop came before the answer), format_rate
+#          (tool_format)
 # ---------------------------------------------------------------------------------------------
 def box_metrics(pred, gt_box, width, height):
     """IoU, centre distance / image diagonal, and predicted area / true area."""
@@ -1143,7 +1202,7 @@ def score(task, row, gt, text):
         "problem": row["problem"],
         "completion": text,
         "solution": row["solution"],
-        "format": format_reward(text),
+        "format": tool_format(text) if task == "zoom" else format_reward(text),
     }
     if task == "rec":
         box = parse_box(text)
@@ -1166,6 +1225,8 @@ def score(task, row, gt, text):
         }
     if task == "cls":
         return {**p, "correct": accuracy_reward(text, gt)}
+    if task == "zoom":
+        return {**p, "correct": zoom_accuracy(text, gt), "tool": float(TOOL_IMAGE in text)}
     if task == "count":
         return {**p, "pred": parse_number(text), "correct": count_reward(text, gt)}
     dets = parse_detections(text)  # det
@@ -1193,8 +1254,10 @@ def summarize(task, preds):
         )
         return s
     s["format_rate"] = mean(p["format"] for p in preds)
-    if task in ("cls", "count"):
+    if task in ("cls", "count", "zoom"):
         s["accuracy"] = mean(p["correct"] for p in preds)
+    if task == "zoom":  # the share of answers that a crop came before
+        s["tool_rate"] = mean(p["tool"] for p in preds)
     if task == "count":
         parsed = [p for p in preds if p["pred"] is not None]
         s.update(
@@ -1259,7 +1322,7 @@ def read_truth(text, task):
         if all(box(b) for b in boxes):
             labels = [str(d.get("label", "")) if isinstance(d, dict) else "" for d in sol]
             return [[float(v) for v in b] for b in boxes], labels
-    if task == "cls" and str(sol).strip():
+    if task in ("cls", "zoom") and str(sol).strip():
         return str(sol), []
     if (
         task == "count"
@@ -1272,6 +1335,7 @@ def read_truth(text, task):
         "rec": "[x1, y1, x2, y2]",
         "det": 'a list of [x1, y1, x2, y2] or {"bbox_2d": [...], "label": ...}',
         "cls": "a label",
+        "zoom": "a label",
         "count": "a number",
     }
     raise ValueError(f"--truth {text[:80]!r} is not a {task} solution: expected {forms[task]}")

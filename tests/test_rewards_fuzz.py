@@ -37,6 +37,8 @@ REWARD_TASKS = {
     "vr1_format": ("rec", "det"),
     "vr1_recall": ("rec", "det"),
     "vr1_precision": ("rec", "det"),
+    "zoom_accuracy": ("cls",),  # a label, as cls
+    "tool_bonus": ("cls",),
 }
 
 # --- adversarial completions -------------------------------------------------------------------
@@ -117,6 +119,11 @@ FRAGMENTS = [
     "<ANSWER>",
     "<think></think>",
     "<answer></answer>",
+    "<tool_call>",
+    "</tool_call>",
+    "<tool_response>",
+    "</tool_response>",
+    rewards.TOOL_IMAGE,
     "[",
     "]",
     ",",

@@ -423,6 +423,7 @@ def test_task_rewards_table():
         "cls": {"accuracy": 1.0, "format": 1.0},
         "count": {"count": 1.0, "format": 1.0},
         "det": {"det_iou": 1.0, "det_conf": 1.0, "format": 1.0},
+        "zoom": {"zoom_accuracy": 1.0, "tool_format": 0.2},
     }
     assert all(k in R.REWARDS for weights in R.TASK_REWARDS.values() for k in weights)
     assert {"count", "det_iou", "det_conf", "det_iou_sum", "det_map"} <= set(R.REWARDS)
