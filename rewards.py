@@ -569,11 +569,16 @@ def zoom_accuracy(completion, gt):
     """1 if the last <answer>...</answer> of the assistant's turns (tool responses left out),
     normalized, equals the solution, else 0. The last, as DeepEyes reads it (Visual-Agent/DeepEyes
     at 6c5e796, verl/utils/reward_score/vl_agent.py, compute_score)."""
-    if not isinstance(completion, str):
-        return 0.0
-    answers = ANSWER_RE.findall(TOOL_RESPONSE_RE.sub(" ", completion))
-    answer = normalize_text(answers[-1]) if answers else ""
+    answer = normalize_text(last_answer(completion) or "")
     return 1.0 if answer and answer == normalize_text(gt["solution"]) else 0.0
+
+
+def last_answer(completion):
+    """The text of the last <answer>...</answer> outside the tool responses, or None."""
+    if not isinstance(completion, str):
+        return None
+    answers = ANSWER_RE.findall(TOOL_RESPONSE_RE.sub(" ", completion))
+    return answers[-1] if answers else None
 
 
 def tool_format(completion, gt=None):
@@ -613,8 +618,6 @@ REWARDS = {
     "tool_format": tool_format,
     "tool_bonus": tool_bonus,
 }
-# How a multi-turn completion's text shows a tool turn that returned a crop (tools.py)
-TOOL_IMAGE = "<tool_response><image></tool_response>"
 # Reward weights w_k per task (r_i = sum_k w_k * R_k); override with --reward-weights.
 # zoom: the answer, and the turns' format at DeepEyes' weight 0.2. DeepEyes' whole reward
 # (vl_agent.py at 6c5e796, compute_score line 266: 0.8 acc + 0.2 format + 1.2 tool, its format 0 or
