@@ -21,6 +21,13 @@ tool turn (the crop as an image, or the error), and the completion goes on, up t
 --max-tool-calls calls (one call past the cap gets the error turn and a last turn to answer). The
 tool turns are context, like the prompt: `pack` lays them out with their crops and the positions
 of a plain forward of the whole conversation, and their tokens get no loss (Turns.gen is 0 there).
+
+Where we depart from DeepEyes (its agent loop in verl/workers/agent/ at 522de01): its tool turn
+also repeats an instruction after the image (`self.user_prompt`); ours holds the image (or the
+error) only. Each turn
+after a call is decoded from a fresh prefill of the whole conversation so far (the prompt's image
+and the crops recomputed once per turn), not from a cache that grows in place: simpler, and the
+crops' positions come from the model's own rope index.
 """
 
 import dataclasses
@@ -122,9 +129,10 @@ class ToolFlags:
 
 
 TOOL_FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")  # tested with Qwen's tool-call format
-# Qwen's tool turn (the chat template's "tool" role), after a turn that ended <|im_end|>
+# The tool turn after a turn that ended <|im_end|>: DeepEyes' observation (visual_toolbox_v5.py
+# at 522de01, `execute`) without the instruction it repeats after the image
 TOOL_TURN = (
-    "\n<|im_start|>user\n<tool_response>\n{}\n</tool_response><|im_end|>\n<|im_start|>assistant\n"
+    "\n<|im_start|>user\n<tool_response>{}</tool_response><|im_end|>\n<|im_start|>assistant\n"
 )
 
 

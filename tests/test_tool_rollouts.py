@@ -3,16 +3,19 @@ turns hold crops pack into the family's shared-prefix layout with the log-probs 
 of each whole conversation; a tool-turn token carries no loss; invalid calls and a call past the
 cap get one-line error turns; untested families are refused."""
 
+import json
 import os
 import sys
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import data  # noqa: E402
 import grpo_vlm as g  # noqa: E402
+import infra  # noqa: E402
 import make_tiny_model as mtm  # noqa: E402
 import rewards  # noqa: E402
 import tools  # noqa: E402
@@ -128,3 +131,85 @@ def test_untested_families_are_refused_in_one_line():
         assert "not tested" in str(e.value) and "\n" not in str(e.value)
         tools.check_family(model_type, 0)  # single-turn: every family
     tools.check_family("qwen2_5_vl", 2)
+
+
+# ---------------------------------------------------------------------------------------------
+# Training with the tool, on the zoom task's tiny base (cold-started on tool traces: it calls).
+# ---------------------------------------------------------------------------------------------
+ZOOM = [
+    *("--task", "zoom", "--max-tool-calls", "1", "--prompts-per-step", "2"),
+    *("--num-generations", "4", "--train-size", "16", "--sample-every", "0", "--lr", "1e-3"),
+    *("--eval-every", "0", "--save-every", "0", "--mu", "2"),
+]
+
+
+def metrics(run_dir):
+    rows = [json.loads(x) for x in open(os.path.join(run_dir, "metrics.jsonl"))]
+    return [{k: v for k, v in r.items() if k != "seconds"} for r in rows if "loss" in r]
+
+
+def test_a_step_with_the_tool_agrees_with_its_rollout_and_logs_tool_use(tmp_path):
+    g.train(g.parse_args(ZOOM + ["--steps", "1", "--output-dir", str(tmp_path)]))
+    (m,) = metrics(tmp_path)
+    assert m["tool_call_rate"] > 0 and m["tool_valid_rate"] > 0  # the base calls the tool
+    assert m["logp_gap_max"] < 1e-4  # every generated token, in every turn
+    assert m["completion_len"] <= 64  # generated tokens only: the tool turns are not counted
+    assert "reward_with_call" in m and 0 <= m["tool_useful_rate"] <= m["tool_call_rate"]
+
+
+def test_the_logp_gap_alarm_covers_the_tool_turns(tmp_path, monkeypatch):
+    """Packing that forgets the crops (their placeholders read as text, their positions 1-D): the
+    first step's alarm stops the run."""
+    monkeypatch.setattr(
+        tools,
+        "pack",
+        lambda family, model, prompt, c, o, t: family.pack(model, prompt, c, o, t.context),
+    )
+    with pytest.raises(SystemExit, match="disagree on pi_old"):
+        g.train(g.parse_args(ZOOM + ["--steps", "1", "--output-dir", str(tmp_path)]))
+
+
+class Share(infra.Processes):
+    """Process `rank` of `world`, run alone: its share of each batch, without the collectives."""
+
+    def gather(self, x):
+        return x
+
+    def widest(self, n):
+        return n
+
+
+def test_one_and_two_processes_roll_out_the_same_conversations():
+    args = g.parse_args(ZOOM + ["--prompts-per-step", "4"])
+    model, family = vlm.load(g.tiny_model("zoom"))
+    rows = data.synthetic_split("train", 8, "zoom")[:4]
+    weights, stage = g.reward_weights(args), g.stage_at(args, 1)
+
+    def batches(world):
+        out = []
+        for rank in range(world):
+            procs = Share(rank, world, "cpu")
+            run = g.Run(model, family, None, None, None, procs, weights, family.coord_space)
+            out.append(g.sample_and_reward(run, rows, 0, 1, stage, args))
+        return out
+
+    (one,), two = batches(1), batches(2)
+    both = [b for b in two]
+    texts = [t for b in both for t in b.texts]
+    assert one.texts == texts and one.turns.calls.sum() > 0
+    assert torch.equal(one.r, torch.cat([b.r for b in both]))
+    conversations = lambda b: [o[c.bool()].tolist() for o, c in zip(b.o, b.turns.context)]  # noqa: E731
+    assert conversations(one) == [c for b in both for c in conversations(b)]
+
+
+def test_resume_in_a_run_with_the_tool_equals_an_uninterrupted_run(tmp_path):
+    flags = ZOOM + ["--save-every", "2"]
+    g.train(g.parse_args(flags + ["--steps", "4", "--output-dir", str(tmp_path / "a")]))
+    g.train(g.parse_args(flags + ["--steps", "2", "--output-dir", str(tmp_path / "b")]))
+    resume = ["--steps", "4", "--output-dir", str(tmp_path / "b"), "--resume", str(tmp_path / "b")]
+    g.train(g.parse_args(flags + resume))
+    a = load_file(str(tmp_path / "a" / "final" / "model.safetensors"))
+    b = load_file(str(tmp_path / "b" / "final" / "model.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a)  # bit for bit
+    assert metrics(tmp_path / "a") == metrics(tmp_path / "b")
+    assert any(m["tool_call_rate"] > 0 for m in metrics(tmp_path / "a")[2:])  # calls after resume
