@@ -25,13 +25,9 @@ OBJECTIVES = {
 }
 
 
-def main():
-    p = argparse.ArgumentParser()
-    p.add_argument("--rounds", type=int, default=3)
-    p.add_argument("--steps", type=int, default=5)
-    a = p.parse_args()
-    base = ["--task", "rec", "--mu", "2", "--steps", str(a.steps), "--eval-every", "0"]
-    base += ["--save-every", "0", "--sample-every", "0"]
+def measure(base, conditions, rounds):
+    """{name: [CPU seconds of each step's rollout + update]} of `base` + each condition's flags,
+    the conditions interleaved over `rounds` runs (the first step of each run left out: warm-up)."""
     rollout, update, clock = g.rollout, g.policy_update, {}
 
     def timed_rollout(*args):
@@ -47,19 +43,38 @@ def main():
         return stats
 
     g.rollout, g.policy_update = timed_rollout, timed_update
-    seconds = {k: [] for k in OBJECTIVES}
-    with tempfile.TemporaryDirectory() as out:
-        for r in range(a.rounds):
-            for name, flags in OBJECTIVES.items():
-                clock["steps"] = []
-                run_dir = os.path.join(out, f"{len(seconds[name])}-{r}")
-                g.train(g.parse_args(base + flags + ["--output-dir", run_dir]))
-                seconds[name] += clock["steps"][1:]  # the first step warms up
-    grpo = statistics.median(seconds["GRPO"])
-    print("| objective | CPU s per step | vs GRPO |\n|---|---|---|")
+    seconds = {k: [] for k in conditions}
+    try:
+        with tempfile.TemporaryDirectory() as out:
+            for r in range(rounds):
+                for name, flags in conditions.items():
+                    clock["steps"] = []
+                    run_dir = os.path.join(out, f"{len(seconds[name])}-{r}")
+                    g.train(g.parse_args(base + flags + ["--output-dir", run_dir]))
+                    seconds[name] += clock["steps"][1:]
+    finally:
+        g.rollout, g.policy_update = rollout, update
+    return seconds
+
+
+def table(seconds, what="objective"):
+    """Markdown: the median CPU seconds per step of each condition, and its ratio to the first."""
+    first = statistics.median(next(iter(seconds.values())))
+    lines = [f"| {what} | CPU s per step | vs {next(iter(seconds))} |", "|---|---|---|"]
     for name, v in seconds.items():
         m = statistics.median(v)
-        print(f"| {name} | {m:.3f} | {m / grpo:.2f} |")
+        lines.append(f"| {name} | {m:.3f} | {m / first:.2f} |")
+    return "\n".join(lines)
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--steps", type=int, default=5)
+    a = p.parse_args()
+    base = ["--task", "rec", "--mu", "2", "--steps", str(a.steps), "--eval-every", "0"]
+    base += ["--save-every", "0", "--sample-every", "0"]
+    print(table(measure(base, OBJECTIVES, a.rounds)))
 
 
 if __name__ == "__main__":
