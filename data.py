@@ -991,7 +991,11 @@ def make_synthetic(root, split, n, seed=0, task="rec"):
     with open(tmp, "w") as f:
         for im, row in synthetic_rows(split, n, seed, task=task):
             row["image"] = f"{split}/{prefix}v{WORLD_VERSION}-{seed}-{row['image'].split('/')[1]}"
-            im.save(os.path.join(root, row["image"]))
+            # another process may be writing the same split: each image lands whole (a rename)
+            target = os.path.join(root, row["image"])
+            part = f"{target}.tmp{os.getpid()}.png"
+            im.save(part)
+            os.replace(part, target)
             f.write(json.dumps(row) + "\n")
     os.replace(tmp, path)
     return path
