@@ -26,6 +26,8 @@ Equations (../shared/REFERENCE.md), and where each is:
   DAPO: dynamic sampling                                       dynamic_rollout
   DAPO: overlong filtering; soft overlong punishment           train; compute_rewards
   entropy H_t = -sum_v p_v log p_v of softmax(logits / T)      decode_group
+  thinking with images: turns with the zoom tool, whose tool     tools.rollout; tools.pack
+      turns are context with no loss (--max-tool-calls)
 
 Where we depart from the paper's plain description, and why:
   - keyed sampling: each token is an exact inverse-CDF draw whose uniform is a hash of (seed, step,
