@@ -1180,7 +1180,8 @@ def prompt_template(task, preset=""):
 #   count: accuracy (exact numeric match), mae, parsed_rate, format_rate
 #   det:   map (COCO-style, IoU 0.50:0.95, 101-point), ap50, ap75, pred_per_gt (#pred / #gt),
 #          parsed_rate, format_rate
-#   zoom:  accuracy (zoom_accuracy), tool_rate (a crop came before the answer), format_rate
+#   zoom:  accuracy (zoom_accuracy), tool_rate (a crop came before the answer), format_rate,
+#          useful_rate (with the tool: a crop held the whole target)
 #          (tool_format)
 # ---------------------------------------------------------------------------------------------
 def box_metrics(pred, gt_box, width, height):
@@ -1261,6 +1262,8 @@ def summarize(task, preds):
         s["accuracy"] = mean(p["correct"] for p in preds)
     if task == "zoom":  # the share of answers that a crop came before
         s["tool_rate"] = mean(p["tool"] for p in preds)
+    if any("useful" in p for p in preds):  # evaluation.py, with the tool: a crop held the target
+        s["useful_rate"] = mean(p.get("useful", False) for p in preds)
     if task == "count":
         parsed = [p for p in preds if p["pred"] is not None]
         s.update(

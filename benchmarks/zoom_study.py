@@ -3,8 +3,8 @@ patterned square in a large image, its pattern unreadable at the model's input r
 the zoom tool (--max-tool-calls 1) and without it (--max-tool-calls 0), from the same cold-started
 tiny base, over seeds. Each run evaluates greedily on 512 held-out images at its start and every
 --eval-every steps, the tool runs with the tool allowed, the others without. Prints the README's
-tables: accuracy at the start and the end, and the rate of useful calls (a crop that holds the
-whole square) over training.
+tables: held-out accuracy over training, and the rollouts' rates of calls and of useful calls (a
+crop that holds the whole square) over training.
 
     python benchmarks/zoom_study.py --steps 200 --seeds 0 1 2            # run, then the tables
     python benchmarks/zoom_study.py --steps 200 --seeds 0 1 2 --table    # the tables only
@@ -38,30 +38,24 @@ def command(name, seed, a):
 
 
 def summary(run_dir, steps, window):
-    """A finished run's numbers: held-out accuracy at step 0 and at the end, and the training
-    rollouts' useful-call and call rates in the first and last `window` steps."""
+    """A finished run's numbers: held-out accuracy at each eval, and the training rollouts' call
+    and useful-call rates (a crop that holds the whole square) averaged over each `window` steps."""
     path = os.path.join(run_dir, "metrics.jsonl")
     if not os.path.exists(path):
         return None
     rows = [json.loads(x) for x in open(path)]
     train = [r for r in rows if "loss" in r]
-    evals = {r["step"]: r for r in rows if "test_accuracy" in r}
+    evals = {r["step"]: r["test_accuracy"] for r in rows if "test_accuracy" in r}
     if len(train) < steps or steps not in evals:
         return None
-    mean = lambda rs, k: statistics.fmean(r.get(k, 0.0) for r in rs)  # noqa: E731
-    first, last = train[:window], train[-window:]
+    windows = [train[i : i + window] for i in range(0, steps, window)]
+    rate = lambda k: [statistics.fmean(r.get(k, 0.0) for r in w) for w in windows]  # noqa: E731
     return dict(
-        start=evals[0]["test_accuracy"],
-        end=evals[steps]["test_accuracy"],
-        calls_end=evals[steps].get("test_tool_rate", 0.0),
-        useful_end=evals[steps].get("test_useful_rate", 0.0),
-        useful_first=mean(first, "tool_useful_rate"),
-        useful_last=mean(last, "tool_useful_rate"),
-        calls_first=mean(first, "tool_call_rate"),
-        calls_last=mean(last, "tool_call_rate"),
-        seconds=mean(train, "seconds"),
-        curve={s: e["test_accuracy"] for s, e in sorted(evals.items())},
-        useful_curve={s: e.get("test_useful_rate", 0.0) for s, e in sorted(evals.items())},
+        accuracy=evals,
+        calls=rate("tool_call_rate"),
+        useful=rate("tool_useful_rate"),
+        reward_with=statistics.fmean(r.get("reward_with_call", 0.0) for r in train[-window:]),
+        seconds=statistics.fmean(r["seconds"] for r in train),
     )
 
 
@@ -71,34 +65,28 @@ def cell(values):
 
 
 def tables(results, window):
-    """Markdown: per condition, each number's seed mean and [min, max]; then the curves."""
-    keys = ("start", "end", "calls_end", "useful_end", "calls_first", "calls_last")
-    keys += ("useful_first", "useful_last", "seconds")
-    head = (
-        "| condition | seeds | test accuracy, step 0 | test accuracy, end | held-out call rate, "
-        f"end | held-out useful-call rate, end | rollout call rate, first {window} steps | "
-        f"last {window} | rollout useful-call rate, first {window} | last {window} | s/step |"
-    )
-    lines = [head, "|" + "---|" * (len(keys) + 2)]
-    for name, runs in results.items():
-        if runs:
-            cells = " | ".join(cell([r[k] for r in runs]) for k in keys)
-            lines.append(f"| {name} | {len(runs)} | {cells} |")
-    lines += ["", "| condition | metric | " + " | ".join(f"step {s}" for s in curve_steps(results))]
-    lines.append("|---|---|" + "---|" * len(curve_steps(results)))
-    for name, runs in results.items():
-        for metric in ("curve", "useful_curve"):
-            if runs:
-                steps = curve_steps(results)
-                vals = [cell([r[metric][s] for r in runs]) for s in steps]
-                label = "test accuracy" if metric == "curve" else "useful-call rate"
-                lines.append(f"| {name} | {label} | " + " | ".join(vals) + " |")
-    return "\n".join(lines)
-
-
-def curve_steps(results):
+    """Markdown: held-out accuracy at each eval step, then the rollouts' call and useful-call rates
+    per window of steps; each cell the seeds' mean [min, max]."""
     runs = [r for rs in results.values() for r in rs]
-    return sorted(set.intersection(*(set(r["curve"]) for r in runs))) if runs else []
+    if not runs:
+        return "no finished runs"
+    steps = sorted(set.intersection(*(set(r["accuracy"]) for r in runs)))
+    lines = ["| condition | seeds | " + " | ".join(f"step {s}" for s in steps) + " |"]
+    lines.append("|---|---|" + "---|" * len(steps))
+    for name, rs in results.items():
+        if rs:
+            cells = " | ".join(cell([r["accuracy"][s] for r in rs]) for s in steps)
+            lines.append(f"| {name} | {len(rs)} | {cells} |")
+    n = len(runs[0]["calls"])
+    spans = [f"steps {i * window + 1}-{(i + 1) * window}" for i in range(n)]
+    lines += ["", "| condition | rollouts | " + " | ".join(spans) + " |"]
+    lines.append("|---|---|" + "---|" * n)
+    for name, rs in results.items():
+        for key, label in (("calls", "call rate"), ("useful", "useful-call rate")):
+            if rs and any(any(r[key]) for r in rs):
+                cells = " | ".join(cell([r[key][i] for r in rs]) for i in range(n))
+                lines.append(f"| {name} | {label} | {cells} |")
+    return "\n".join(lines)
 
 
 def main():
@@ -107,7 +95,7 @@ def main():
     p.add_argument("--eval-every", type=int, default=50)
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--jobs", type=int, default=2, help="runs at once (each on one thread)")
-    p.add_argument("--window", type=int, default=25, help="steps averaged at the start and end")
+    p.add_argument("--window", type=int, default=50, help="steps per averaged window")
     p.add_argument("--out", default=os.path.join(ROOT, "runs", "zoom-study"))
     p.add_argument("--table", action="store_true", help="only print the tables of finished runs")
     a = p.parse_args()
