@@ -18,7 +18,7 @@ TASK_DEFAULTS = {
     "count": dict(steps=800, lr=5e-5, lr_schedule="linear"),
     "det": dict(steps=300, max_completion_length=128),
     # the cold-start trace with the tool: 38 + 6 tokens in its two turns (tests/test_zoom_task.py)
-    "zoom": dict(max_completion_length=64),
+    "zoom": dict(max_completion_length=64, steps=300),  # README: "Thinking with images"
 }
 # Each paper's recipe: the hyperparameters here, the reward (its functions, weights, parsers and
 # prompt) in rewards.RECIPES under the same name. Each value cites the official file and line (or
