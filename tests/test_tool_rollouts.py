@@ -213,3 +213,46 @@ def test_resume_in_a_run_with_the_tool_equals_an_uninterrupted_run(tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)  # bit for bit
     assert metrics(tmp_path / "a") == metrics(tmp_path / "b")
     assert any(m["tool_call_rate"] > 0 for m in metrics(tmp_path / "a")[2:])  # calls after resume
+
+
+def test_the_rollout_answers_each_call_until_the_cap_and_stops_at_the_length_cap():
+    """rollout() with a written decoder on the zoom tokenizer: each completion's path, the
+    continuation prompts it is asked to decode (images: the prompt's and the crops so far), the
+    error turn past the cap, and the generated-token cap over all turns."""
+    model, family = vlm.load(g.tiny_model("zoom"))
+    rows = data.synthetic_split("test", 2, "zoom")
+    encoded = family.encode(rows)
+    env = tools.environment(family, rows, encoded, family.coord_space, max_calls=1)
+    tok, eos = family.tokenizer, family.eos_id
+    box = "[10, 10, 60, 60]"
+    script = {  # completion -> its turns; G = 2, completions 0, 1 of prompt 0 and 2, 3 of prompt 1
+        0: ["<think> a </think> " + call(box), "<think> b </think> <answer> solid </answer>"],
+        1: ["<think> a </think> <answer> solid </answer>"],
+        2: [call(box), call(box), call(box)],  # past the cap, then a call that is not answered
+        3: [call("[1, 2]"), "<think> " + "c " * 120 + "</think>"],  # the length cap cuts it
+    }
+    seen = []
+
+    def decode(prompt, G, L, k, idx):
+        idx = list(range(4)) if idx is None else idx
+        seen.append((k, idx, prompt["images"].tolist(), L))
+        texts = [script[i][k] for i in idx]
+        ids = [tok(t, add_special_tokens=False)["input_ids"][:L] + [eos] for t in texts]
+        o = torch.full((len(ids), max(map(len, ids))), family.pad_id)
+        for i, x in enumerate(ids):
+            o[i, : len(x)] = torch.tensor(x)
+        return o, torch.full(o.shape, -0.5), torch.zeros(o.shape)
+
+    o, logp, H, turns = tools.rollout(decode, env, encoded[0], 2, 100)
+    assert [(k, idx, images) for k, idx, images, _ in seen] == [
+        (0, [0, 1, 2, 3], [1, 1]),  # G completions of each prompt, from one prefill each
+        (1, [0, 2, 3], [2, 2, 1]),  # after a crop: the prompt's image and the crop; an error: 1
+        (2, [2], [2]),  # the call past the cap got the error turn: no new crop
+    ]
+    assert turns.calls.tolist() == [1, 0, 2, 1] and turns.valid.tolist() == [1, 0, 1, 0]
+    assert "no more tool calls" in turns.texts[2] and turns.texts[2].endswith("</tool_call>")
+    assert "four numbers" in turns.texts[3]
+    assert turns.cut.tolist() == [0, 0, 0, 1]  # 3: the length cap; 2 ended its turn (unanswered)
+    assert turns.gen.sum(1).max() <= 100 and turns.gen[3].sum() == 100  # generated tokens only
+    assert torch.equal(logp != 0, turns.gen.bool())  # the sampler's log-probs on generated tokens
+    assert rewards.tool_bonus(turns.texts[0], {"solution": "solid"}) == 1
