@@ -1,5 +1,5 @@
-"""Shared by the tests that compare one process with two: run grpo_vlm.py both ways on the same
-flags."""
+"""Shared by the tests: run grpo_vlm.py on one process and two with the same flags, and build a
+family's tiny test checkpoint."""
 
 import os
 import subprocess
@@ -32,3 +32,16 @@ def one_and_two(flags, out_dir):
         assert res.returncode == 0, res.stderr[-3000:]
         outs[name] = res.stdout
     return outs
+
+
+def tiny_checkpoint(arch, out):
+    """Write the tiny random test checkpoint of family `arch` to `out` (make_tiny_model.py): the REC
+    tokenizer on a Qwen2-VL model, each other family's own (build_family). Returns out."""
+    import make_tiny_model as mtm
+
+    if arch == "qwen2_vl":
+        tok = mtm.build_tokenizer()
+        mtm.save(mtm.build_model(tok, "qwen2_vl"), tok, mtm.build_image_processor(), out)
+    else:
+        mtm.build_family(arch, out)
+    return out

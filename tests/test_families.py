@@ -20,6 +20,7 @@ import infra  # noqa: E402
 import make_tiny_model as mtm  # noqa: E402
 import objectives  # noqa: E402
 import rewards  # noqa: E402
+import runs  # noqa: E402
 import vlm  # noqa: E402
 
 FAMILIES = ["qwen2_vl", "qwen3_vl", "qwen3_5", "gemma3"]
@@ -34,12 +35,7 @@ COORDS = {
 @pytest.fixture(scope="module", params=FAMILIES)
 def family_dir(request, tmp_path_factory):
     out = str(tmp_path_factory.mktemp(request.param))
-    if request.param == "qwen2_vl":
-        tok = mtm.build_tokenizer()
-        mtm.save(mtm.build_model(tok, "qwen2_vl"), tok, mtm.build_image_processor(), out)
-    else:
-        mtm.build_family(request.param, out)
-    return request.param, out
+    return request.param, runs.tiny_checkpoint(request.param, out)
 
 
 def what_makes_it_differ(model):

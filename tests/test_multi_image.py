@@ -14,7 +14,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import grpo_vlm as g  # noqa: E402
 import infra  # noqa: E402
-import make_tiny_model as mtm  # noqa: E402
+import runs  # noqa: E402
 import vlm  # noqa: E402
 
 FAMILIES = ["qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_5", "gemma3"]
@@ -25,13 +25,7 @@ SIZES = [(128, 96), (96, 128), (112, 112), (140, 84), (84, 112)]  # distinct gri
 def family(request, tmp_path_factory):
     if request.param == "qwen2_5_vl":
         return vlm.load(g.TINY_MODEL)
-    out = str(tmp_path_factory.mktemp(request.param))
-    if request.param == "qwen2_vl":
-        tok = mtm.build_tokenizer()
-        mtm.save(mtm.build_model(tok, "qwen2_vl"), tok, mtm.build_image_processor(), out)
-    else:
-        mtm.build_family(request.param, out)
-    return vlm.load(out)
+    return vlm.load(runs.tiny_checkpoint(request.param, str(tmp_path_factory.mktemp("m"))))
 
 
 @pytest.fixture(scope="module")

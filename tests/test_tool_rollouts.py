@@ -16,8 +16,8 @@ sys.path.insert(0, ROOT)
 import data  # noqa: E402
 import grpo_vlm as g  # noqa: E402
 import infra  # noqa: E402
-import make_tiny_model as mtm  # noqa: E402
 import rewards  # noqa: E402
+import runs  # noqa: E402
 import tools  # noqa: E402
 import vlm  # noqa: E402
 
@@ -44,13 +44,7 @@ def conversations(space):
 def family(request, tmp_path_factory):
     if request.param == "qwen2_5_vl":
         return vlm.load(g.TINY_MODEL)
-    out = str(tmp_path_factory.mktemp(request.param))
-    if request.param == "qwen2_vl":
-        tok = mtm.build_tokenizer()
-        mtm.save(mtm.build_model(tok, "qwen2_vl"), tok, mtm.build_image_processor(), out)
-    else:
-        mtm.build_family(request.param, out)
-    return vlm.load(out)
+    return vlm.load(runs.tiny_checkpoint(request.param, str(tmp_path_factory.mktemp("m"))))
 
 
 def conversation_batch(model, family, G=2):
