@@ -6,8 +6,9 @@ tiny base, over seeds. Each run evaluates greedily on 512 held-out images at its
 tables: held-out accuracy over training, and the rollouts' rates of calls and of useful calls (a
 crop that holds the whole square) over training.
 
-    python benchmarks/zoom_study.py --steps 200 --seeds 0 1 2            # run, then the tables
-    python benchmarks/zoom_study.py --steps 200 --seeds 0 1 2 --table    # the tables only
+    python benchmarks/zoom_study.py --steps 300 --seeds 0 1 2            # run, then the tables
+    python benchmarks/zoom_study.py --steps 300 --seeds 0 1 2 --table    # the tables only
+    python benchmarks/zoom_study.py --breakdown runs/zoom-eval/tool.jsonl  # where crops fell
 
 Each run is `OMP_NUM_THREADS=1 python grpo_vlm.py --task zoom --seed S --steps N --eval-every E
 --eval-n 512 --max-tool-calls C --output-dir runs/zoom-study/NAME-sS`, --jobs of them at once (an
@@ -20,6 +21,9 @@ import os
 import statistics
 import subprocess
 import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import data  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONDITIONS = {"tool": ["--max-tool-calls", "1"], "no-tool": ["--max-tool-calls", "0"]}
@@ -89,6 +93,37 @@ def tables(results, window):
     return "\n".join(lines)
 
 
+def breakdown(path):
+    """Markdown: from eval.py's per-query JSONL (--task zoom --max-tool-calls 1 on the test split),
+    each model's accuracy by where its crop fell: holding the whole square, overlapping it, missing
+    it."""
+    preds = [json.loads(x) for x in open(path)]
+    models = list(dict.fromkeys(q["model"] for q in preds))
+    rows = data.synthetic_split("test", len(preds) // len(models), "zoom")
+    lines = ["| model | crop holds the square | overlaps it | misses it | no crop |"]
+    lines.append("|---|---|---|---|---|")
+    for m in models:
+        kinds = {"holds": [], "overlaps": [], "misses": [], "none": []}
+        for q, row in zip([q for q in preds if q["model"] == m], rows):
+            kinds[where(q, row["objects"][0]["box"])].append(q["correct"])
+        cells = [f"{statistics.fmean(v):.3f} (n={len(v)})" if v else "-" for v in kinds.values()]
+        lines.append(f"| {m} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def where(q, target):
+    """Where the first crop of a prediction fell against the target box."""
+    if not q["crops"]:
+        return "none"
+    if q["useful"]:
+        return "holds"
+    b = q["crops"][0]
+    overlap = min(b[2], target[2]) > max(b[0], target[0]) and min(b[3], target[3]) > max(
+        b[1], target[1]
+    )
+    return "overlaps" if overlap else "misses"
+
+
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--steps", type=int, default=200)
@@ -98,7 +133,10 @@ def main():
     p.add_argument("--window", type=int, default=50, help="steps per averaged window")
     p.add_argument("--out", default=os.path.join(ROOT, "runs", "zoom-study"))
     p.add_argument("--table", action="store_true", help="only print the tables of finished runs")
+    p.add_argument("--breakdown", default="", help="eval.py's JSONL: accuracy by where crops fell")
     a = p.parse_args()
+    if a.breakdown:
+        return print(breakdown(a.breakdown))
     env = dict(os.environ, OMP_NUM_THREADS="1")
     plan = [(n, s) for s in a.seeds for n in CONDITIONS]
     todo = [(n, s) for n, s in plan if not summary(f"{a.out}/{n}-s{s}", a.steps, a.window)]
