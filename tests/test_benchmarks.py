@@ -17,10 +17,10 @@ from PIL import Image
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "tests"))
-from runs import TWO  # noqa: E402
-
 import eval as ev  # noqa: E402
 import registry  # noqa: E402
+
+from runs import TWO  # noqa: E402
 
 REC = [n for n, b in registry.BENCHMARKS.items() if b.paper == "VLM-R1" and b.task == "rec"]
 VRFT = [n for n, b in registry.BENCHMARKS.items() if b.paper == "Visual-RFT" and b.task == "cls"]

@@ -20,8 +20,9 @@ import infra  # noqa: E402
 import make_tiny_model as mtm  # noqa: E402
 import objectives  # noqa: E402
 import rewards  # noqa: E402
-import runs  # noqa: E402
 import vlm  # noqa: E402
+
+import runs  # noqa: E402
 
 FAMILIES = ["qwen2_vl", "qwen3_vl", "qwen3_5", "gemma3"]
 COORDS = {

@@ -14,14 +14,14 @@ from safetensors.torch import load_file
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-import runs  # noqa: E402
-
 import data  # noqa: E402
 import grpo_vlm as g  # noqa: E402
 import infra  # noqa: E402
 import make_tiny_model as mtm  # noqa: E402
 import rewards  # noqa: E402
 import vlm  # noqa: E402
+
+import runs  # noqa: E402
 
 # short completions; a reward that differs between completions (a tiny model's task reward is often
 # all equal at this length, and then the advantages are 0 and nothing moves)

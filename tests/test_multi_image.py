@@ -14,8 +14,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import grpo_vlm as g  # noqa: E402
 import infra  # noqa: E402
-import runs  # noqa: E402
 import vlm  # noqa: E402
+
+import runs  # noqa: E402
 
 FAMILIES = ["qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_5", "gemma3"]
 SIZES = [(128, 96), (96, 128), (112, 112), (140, 84), (84, 112)]  # distinct grids per image

@@ -15,10 +15,10 @@ import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-import runs  # noqa: E402
-
 import grpo_vlm as g  # noqa: E402
 import objectives as ob  # noqa: E402
+
+import runs  # noqa: E402
 
 # B=2, G=4, 48 tokens: the tiny model's rewards vary within a group, so A != 0
 TINY = "--prompts-per-step 2 --num-generations 4 --train-size 16 --eval-every 0 --save-every 0"

@@ -13,12 +13,12 @@ from safetensors.torch import load_file
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-import runs  # noqa: E402
-
 import data  # noqa: E402
 import grpo_vlm as g  # noqa: E402
 import infra  # noqa: E402
 import vlm  # noqa: E402
+
+import runs  # noqa: E402
 
 SMALL = [
     "--prompts-per-step",

@@ -14,12 +14,14 @@ from safetensors.torch import load_file
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import data  # noqa: E402
+import evaluation  # noqa: E402
 import grpo_vlm as g  # noqa: E402
 import infra  # noqa: E402
 import rewards  # noqa: E402
-import runs  # noqa: E402
 import tools  # noqa: E402
 import vlm  # noqa: E402
+
+import runs  # noqa: E402
 
 
 def call(box):
@@ -250,3 +252,21 @@ def test_the_rollout_answers_each_call_until_the_cap_and_stops_at_the_length_cap
     assert turns.gen.sum(1).max() <= 100 and turns.gen[3].sum() == 100  # generated tokens only
     assert torch.equal(logp != 0, turns.gen.bool())  # the sampler's log-probs on generated tokens
     assert rewards.tool_bonus(turns.texts[0], {"solution": "solid"}) == 1
+
+
+def test_tool_bonus_flag_and_the_held_out_eval_with_the_tool():
+    args = g.parse_args(["--task", "zoom", "--tool-bonus", "1.2"])
+    assert dict(g.reward_weights(args)) == {
+        "zoom_accuracy": 1.0,
+        "tool_format": 0.2,
+        "tool_bonus": 1.2,
+    }
+    model, family = vlm.load(g.tiny_model("zoom"))
+    rows = data.synthetic_split("test", 4, "zoom")
+    for calls in (0, 1):  # eval.py --max-tool-calls 0 and 1
+        summary, preds = evaluation.evaluate(
+            g.greedy, model, family, rows, family.coord_space, "zoom", calls=calls
+        )
+        assert summary["n"] == 4 and summary["tool_rate"] == (1.0 if calls else 0.0)
+        assert all(("crops" in q) == bool(calls) for q in preds)
+    assert summary["useful_rate"] == sum(q["useful"] for q in preds) / 4

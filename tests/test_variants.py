@@ -11,9 +11,9 @@ from safetensors.torch import load_file
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-import runs  # noqa: E402
-
 import grpo_vlm as g  # noqa: E402
+
+import runs  # noqa: E402
 
 GSPO = g.Args(beta=0.0, importance_sampling="sequence")  # eps 0.2 / 0.2, no KL
 
