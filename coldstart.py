@@ -40,7 +40,7 @@ def trace_loss(model, family, rows, encoded, coord_space, chunk):
     tokens are the targets; the tool turns between them (a crop of the called box) are context."""
     env = tools.environment(family, rows, encoded, coord_space, max_calls=1)
     traces = [data.zoom_turns(r, gt, data.zoom_uses_tool(r)) for r, gt in zip(rows, env.truths)]
-    o, _, _, turns = tools.scripted(env, traces)
+    o, _, _, turns = tools.scripted(env, traces)  # Conversations
     copies = torch.arange(len(rows), device=o.device)
     packed = tools.pack(family, model, encoded[0], copies, o, turns)
     logp = vlm.packed_logps(model, family, packed, 1.0, chunk)

@@ -365,7 +365,7 @@ def sample_and_reward(run, drawn, k, step, stage, args):
     keys = infra.sample_keys(args.seed, step, run.procs.mine(range(k * B * G, (k + 1) * B * G)))
     L, T, chunk = stage.max_len, args.temperature, args.rollout_batch_size
     dec = Decoding(L, T, args.min_completion_length, chunk)
-    samples, noisy, turns = None, None, None
+    noisy = None
     if args.noisy_rollout_share:  # NoisyRollout: a share of each group on a distorted image
         decoding = (G, dec, keys)
         samples, noisy = objectives.noisy_rollout(
@@ -375,27 +375,29 @@ def sample_and_reward(run, drawn, k, step, stage, args):
         env = tools.environment(run.family, mine, encoded, run.coord_space, args.max_tool_calls)
         env.max_context, env.widest = args.max_context_length, run.procs.widest
         decode = tools.keyed(sample_group, run.model, run.family, dec, keys)
-        *samples, turns = tools.rollout(decode, env, encoded[0], G, L)
+        samples = tools.rollout(decode, env, encoded[0], G, L)  # tools.Conversations
     else:
         samples = sample_group(run.model, run.family, encoded[0], G, dec, keys)
-    batch = score(run, mine, encoded, Samples(*samples), stage, args, turns)
+    batch = score(run, mine, encoded, samples, stage, args)
     batch.noisy = noisy
     return batch
 
 
-def score(run, rows, encoded, samples, stage, args, turns=None):
-    """(1) for the completions of `rows` (encoded: the family's (prompt, sizes)): a Batch."""
+def score(run, rows, encoded, samples, stage, args):
+    """(1) for the completions of `rows` (encoded: the family's (prompt, sizes)): a Batch.
+    `samples`: Samples, or tools.Conversations (multi-turn, with their Turns)."""
     (prompt, sizes), eos_id, G = encoded, run.family.eos_id, len(samples.o) // len(rows)
     mask = vlm.completion_mask(samples.o, eos_id)
     cut = (~(samples.o == eos_id).any(1)).float()
     texts = vlm.completion_texts(run.family.tokenizer, samples.o, mask)
+    turns = getattr(samples, "turns", None)
     if turns:  # multi-turn: the loss's tokens are the generated ones; the texts hold tool turns
         mask, cut, texts = turns.gen, turns.cut, turns.texts
     truths = data.ground_truths(rows, sizes, run.coord_space, stage.rule)
     truths = [t for t in truths for _ in range(G)]
     L_cache = args.overlong_buffer
     r, components = compute_rewards(texts, truths, run.weights, mask.sum(1), stage.max_len, L_cache)
-    o, logp, H = samples
+    o, logp, H = samples[:3]
     return Batch(rows, prompt, o, logp, H, mask, cut, texts, truths, r, components, {}, None, turns)
 
 

@@ -36,6 +36,7 @@ import math
 import re
 import sys
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torch
 
@@ -225,6 +226,15 @@ class Turns:
         return Turns(*(getattr(self, f.name)[s] for f in dataclasses.fields(self)))
 
 
+class Conversations(NamedTuple):
+    """A multi-turn rollout: grpo_vlm.Samples' fields over whole conversations, and their Turns."""
+
+    o: torch.Tensor  # [N, W] the tokens after each prompt: generated turns and tool turns, padded
+    logp: torch.Tensor  # [N, W] the sampler's log-probs / T on generated tokens (0 elsewhere)
+    H: torch.Tensor  # [N, W] the entropy at each generated token (0 elsewhere)
+    turns: Turns  # which tokens are generated, the crops, the texts, the calls
+
+
 def keyed(sample_group, model, family, dec, keys):
     """decode(prompt, G, L, k, idx) for rollout(): turn k of the completions idx by (0)'s keyed
     draw, the keys of turn k > 0 hashed with k (so a completion still depends on its key alone)."""
@@ -238,7 +248,7 @@ def keyed(sample_group, model, family, dec, keys):
 
 
 def rollout(decode, env, prompt, G, L):
-    """(o, logp, H, Turns) of multi-turn conversations: G completions of each prompt, then, for
+    """Conversations: G completions of each prompt, then, for
     every completion whose turn ended in a tool call, a tool turn and its next turn, until each
     answers or reaches a cap. L caps each completion's generated tokens, all turns together."""
     paths = [Path(i // G) for i in range(len(prompt["input_ids"]) * G)]
@@ -259,7 +269,7 @@ def rollout(decode, env, prompt, G, L):
 
 
 def scripted(env, conversations, G=1):
-    """(o, logp, H, Turns) of written conversations, G per prompt (prompt-major): each is the list
+    """Conversations written out, G per prompt (prompt-major): each is the list
     of its assistant turns, each but the last ending in a tool call that the environment answers
     (the cold start's tool traces, and the tests'). Log-probs and entropies are 0."""
     tok, paths = env.family.tokenizer, []
@@ -359,7 +369,7 @@ def continuation(env, paths):
 
 
 def tensors(env, paths, device):
-    """(o, logp, H, Turns) of the paths, padded to the widest conversation of every process."""
+    """Conversations of the paths, padded to the widest conversation of every process."""
     N, W = len(paths), env.widest(max(len(p.ids) for p in paths))
     o = torch.full((N, W), env.family.pad_id, dtype=torch.long)
     gen, context, logp, H = (torch.zeros(N, W) for _ in range(4))
@@ -381,7 +391,7 @@ def tensors(env, paths, device):
         count("valid"),
         count("useful"),
     )
-    return o.to(device), logp.to(device), H.to(device), turns
+    return Conversations(o.to(device), logp.to(device), H.to(device), turns)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -421,4 +431,4 @@ def greedy_turns(greedy, model, family, rows, encoded, coord_space, L, max_calls
         o = greedy(model, family, prompt, n)
         return o, torch.zeros(o.shape), torch.zeros(o.shape)
 
-    return rollout(decode, env, encoded[0], 1, L)[3]
+    return rollout(decode, env, encoded[0], 1, L).turns

@@ -13,6 +13,7 @@ from safetensors.torch import load_file
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+import coldstart  # noqa: E402
 import data  # noqa: E402
 import evaluation  # noqa: E402
 import grpo_vlm as g  # noqa: E402
@@ -270,3 +271,18 @@ def test_tool_bonus_flag_and_the_held_out_eval_with_the_tool():
         assert summary["n"] == 4 and summary["tool_rate"] == (1.0 if calls else 0.0)
         assert all(("crops" in q) == bool(calls) for q in preds)
     assert summary["useful_rate"] == sum(q["useful"] for q in preds) / 4
+
+
+def test_the_cold_start_learns_the_tool_traces_with_their_crops_as_context():
+    """coldstart.trace_loss on the zoom base (cold-started on these traces) against the REC base it
+    started from, on the same rows: only the assistant turns are targets."""
+    rows = data.synthetic_split("train", 8, "zoom")
+    losses = {}
+    for name in ("zoom", "rec"):
+        model, family = vlm.load(g.tiny_model(name))
+        if name == "rec":  # the zoom vocabulary: the REC ids first (make_tiny_model --init)
+            family = vlm.load(g.tiny_model("zoom"))[1]
+            model.resize_token_embeddings(len(family.tokenizer))
+        with torch.no_grad():
+            losses[name] = coldstart.sft_loss(model, family, rows, family.coord_space, "zoom", 4096)
+    assert losses["zoom"] < 1.0 < losses["rec"], losses
