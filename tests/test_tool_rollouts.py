@@ -286,3 +286,18 @@ def test_the_cold_start_learns_the_tool_traces_with_their_crops_as_context():
         with torch.no_grad():
             losses[name] = coldstart.sft_loss(model, family, rows, family.coord_space, "zoom", 4096)
     assert losses["zoom"] < 1.0 < losses["rec"], losses
+
+
+def test_two_processes_under_torchrun_equal_one_with_the_tool(tmp_path):
+    """DDP on 2 gloo processes against 1, two steps with the tool: each process rolls out its
+    share of the conversations, pads them to the widest of both (Processes.widest) and gathers."""
+    flags = ZOOM + ["--steps", "2", "--micro-batch-size", "4"]
+    out = runs.one_and_two(flags, tmp_path)
+    assert "processes=2" in out["two"] and "processes=1" in out["one"]
+    one = load_file(str(tmp_path / "one" / "final" / "model.safetensors"))
+    two = load_file(str(tmp_path / "two" / "final" / "model.safetensors"))
+    assert all(torch.allclose(one[k], two[k], rtol=0, atol=1e-6) for k in one)
+    m1, m2 = metrics(tmp_path / "one"), metrics(tmp_path / "two")
+    for key in ("reward", "loss", "tool_call_rate", "tool_valid_rate", "completion_len"):
+        assert [r[key] for r in m1] == pytest.approx([r[key] for r in m2], abs=1e-6), key
+    assert m1[0]["tool_call_rate"] > 0
