@@ -9,6 +9,7 @@ import sys
 
 import pytest
 import torch
+from PIL import Image
 from safetensors.torch import load_file
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -20,6 +21,7 @@ import grpo_vlm as g  # noqa: E402
 import infra  # noqa: E402
 import rewards  # noqa: E402
 import tools  # noqa: E402
+import viz  # noqa: E402
 import vlm  # noqa: E402
 
 import runs  # noqa: E402
@@ -255,7 +257,7 @@ def test_the_rollout_answers_each_call_until_the_cap_and_stops_at_the_length_cap
     assert rewards.tool_bonus(turns.texts[0], {"solution": "solid"}) == 1
 
 
-def test_tool_bonus_flag_and_the_held_out_eval_with_the_tool():
+def test_tool_bonus_flag_and_the_held_out_eval_with_the_tool(tmp_path):
     args = g.parse_args(["--task", "zoom", "--tool-bonus", "1.2"])
     assert dict(g.reward_weights(args)) == {
         "zoom_accuracy": 1.0,
@@ -271,6 +273,8 @@ def test_tool_bonus_flag_and_the_held_out_eval_with_the_tool():
         assert summary["n"] == 4 and summary["tool_rate"] == (1.0 if calls else 0.0)
         assert all(("crops" in q) == bool(calls) for q in preds)
     assert summary["useful_rate"] == sum(q["useful"] for q in preds) / 4
+    picture = Image.open(viz.tool_pictures(str(tmp_path / "zoom.png"), rows, preds, 3))
+    assert picture.size == (2 * 224, 3 * (224 + 20))  # image and crop side by side, 3 rows
 
 
 def test_the_cold_start_learns_the_tool_traces_with_their_crops_as_context():
