@@ -375,9 +375,10 @@ def watch_peers(rank, world, seconds, output_dir):
 
     thread = threading.Thread(target=beat, daemon=True, name="grpo-vlm-heartbeat")
     thread.start()
-    # stopped before the interpreter's teardown: a daemon thread caught there inside the store's C++
-    # call could abort the process
-    atexit.register(lambda: (done.set(), thread.join(timeout=2 * BEAT)))
+    # stopped before the interpreter's teardown (by finish, else at exit): a daemon thread caught
+    # there inside the store's C++ call could abort the process
+    PEERS["stop"] = lambda: (done.set(), thread.join(timeout=2 * BEAT))
+    atexit.register(PEERS["stop"])
     previous = sys.excepthook
 
     def hook(kind, error, tb):
@@ -1336,6 +1337,7 @@ def finish(args, run, log, bad_rows):
             print(f"saved {final}-merged (the adapters merged into fp32 weights)", flush=True)
     if world > 1:
         torch.distributed.barrier()
+        PEERS.pop("stop", lambda: None)()  # the heartbeat ends before the process group does
         torch.distributed.destroy_process_group()
     return final
 
