@@ -43,7 +43,6 @@ def evaluate(
     for i in range(0, len(rows), batch_size):
         batch = rows[i : i + batch_size]
         prompt, sizes = family.encode(batch, model.device.type)
-        boxes = [[]] * len(batch)  # the crops' boxes, of a conversation with the zoom tool
         if calls:
             encoded = (prompt, sizes)
             turns = tools.greedy_turns(greedy, model, family, batch, encoded, coord_space, L, calls)
@@ -53,9 +52,10 @@ def evaluate(
             texts = vlm.completion_texts(family.tokenizer, o, vlm.completion_mask(o, family.eos_id))
         truths = data.ground_truths(batch, sizes, coord_space)
         scored = [rewards.score(task, *x) for x in zip(batch, truths, texts)]
-        useful = [any(tools.holds(x, row) for x in b) for row, b in zip(batch, boxes)]
-        tool_use = [{"crops": b, "useful": u} if calls else {} for b, u in zip(boxes, useful)]
-        preds += [q | t for q, t in zip(scored, tool_use)]
+        if calls:  # where each conversation's crops fell
+            for q, row, b in zip(scored, batch, boxes):
+                q.update(crops=b, useful=any(tools.holds(x, row) for x in b))
+        preds += scored
     return rewards.summarize(task, preds), preds
 
 

@@ -372,8 +372,9 @@ def sample_and_reward(run, drawn, k, step, stage, args):
             sample_group, run, mine, encoded[0], decoding, step, args
         )
     elif args.max_tool_calls:  # thinking with images: conversations with the zoom tool
-        env = tools.environment(run.family, mine, encoded, run.coord_space, args.max_tool_calls)
-        env.max_context, env.widest = args.max_context_length, run.procs.widest
+        limits = (args.max_tool_calls, args.max_context_length)
+        env = tools.environment(run.family, mine, encoded, run.coord_space, *limits)
+        env.widest = run.procs.widest  # the conversations' width over every process
         decode = tools.keyed(sample_group, run.model, run.family, dec, keys)
         samples = tools.rollout(decode, env, encoded[0], G, L)  # tools.Conversations
     else:
@@ -387,12 +388,13 @@ def score(run, rows, encoded, samples, stage, args):
     """(1) for the completions of `rows` (encoded: the family's (prompt, sizes)): a Batch.
     `samples`: Samples, or tools.Conversations (multi-turn, with their Turns)."""
     (prompt, sizes), eos_id, G = encoded, run.family.eos_id, len(samples.o) // len(rows)
-    mask = vlm.completion_mask(samples.o, eos_id)
-    cut = (~(samples.o == eos_id).any(1)).float()
-    texts = vlm.completion_texts(run.family.tokenizer, samples.o, mask)
     turns = getattr(samples, "turns", None)
     if turns:  # multi-turn: the loss's tokens are the generated ones; the texts hold tool turns
         mask, cut, texts = turns.gen, turns.cut, turns.texts
+    else:
+        mask = vlm.completion_mask(samples.o, eos_id)
+        cut = (~(samples.o == eos_id).any(1)).float()
+        texts = vlm.completion_texts(run.family.tokenizer, samples.o, mask)
     truths = data.ground_truths(rows, sizes, run.coord_space, stage.rule)
     truths = [t for t in truths for _ in range(G)]
     L_cache = args.overlong_buffer

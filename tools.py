@@ -158,6 +158,7 @@ class Env:
     max_calls: int  # --max-tool-calls
     max_context: int = 0  # --max-context-length (0: no cap)
     widest: object = int  # the widest conversation of every process (int: this one's; Processes)
+    originals: dict = field(default_factory=dict)  # the first image of each prompt a call crops
 
 
 def environment(family, rows, encoded, coord_space, max_calls, max_context=0):
@@ -320,8 +321,9 @@ def tool_turn(env, path):
     if call.box is None:
         content, shown, crops = call.error, f"<tool_response>{call.error}</tool_response>", []
     else:
-        image = data.load_image(data.row_images(env.rows[j])[0])
-        vis = family.image_processor(images=[crop(image, call)], return_tensors="pt")
+        if j not in env.originals:  # read once per prompt, not once per call
+            env.originals[j] = data.load_image(data.row_images(env.rows[j])[0])
+        vis = family.image_processor(images=[crop(env.originals[j], call)], return_tensors="pt")
         n = int(vis["image_grid_thw"].prod()) // family.image_processor.merge_size**2
         content = "<|vision_start|>" + family.image_token * n + "<|vision_end|>"
         shown, crops = rewards.TOOL_IMAGE, [(vis["pixel_values"], vis["image_grid_thw"])]
